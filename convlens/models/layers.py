@@ -1,0 +1,558 @@
+"""Keras layer semantics in jnp: one entry per supported Keras class.
+
+Each entry knows three things about a Keras layer class:
+
+* ``parse``: turn the layer's Keras config into the few options convlens needs,
+  refusing options it cannot honour (``channels_first``, unknown activations)
+  with an `UnsupportedLayerError` that names the layer;
+* ``variables``: the layer's variables in Keras's own order (``layer.weights``),
+  with Keras's variable names, given the input shapes;
+* ``apply``: the layer's inference-time computation on NHWC float32 arrays.
+
+Keeping the order and names identical to Keras is what lets every weight file
+format be loaded by position or by name without per-format tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from convlens.errors import UnsupportedLayerError
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------
+# Activations (Keras 3 definitions)
+
+def _hard_sigmoid(x):
+    return jax.nn.relu6(x + 3.0) / 6.0
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "linear": lambda x: x,
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "sigmoid": jax.nn.sigmoid,
+    "softmax": lambda x: jax.nn.softmax(x, axis=-1),
+    "log_softmax": lambda x: jax.nn.log_softmax(x, axis=-1),
+    "swish": jax.nn.silu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "elu": jax.nn.elu,
+    "selu": jax.nn.selu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "softplus": jax.nn.softplus,
+    "softsign": jax.nn.soft_sign,
+    "hard_sigmoid": _hard_sigmoid,
+    "hard_silu": lambda x: x * _hard_sigmoid(x),
+    "hard_swish": lambda x: x * _hard_sigmoid(x),
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.2),
+    "exponential": jnp.exp,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+}
+
+# Activations after which the layer's input is the "logit" an explanation wants.
+SQUASHING = ("softmax", "sigmoid", "log_softmax")
+
+
+def parse_activation(value: Any, layer: str) -> str:
+    """Keras serialises built-in activations as a name, or (rarely) a dict."""
+    if value is None:
+        return "linear"
+    if isinstance(value, dict):
+        if value.get("registered_name") not in (None, "function") or (
+            value.get("module") not in (None, "keras.activations", "builtins")):
+            raise UnsupportedLayerError(
+                f"layer {layer!r} uses a custom activation {value!r}; convlens never runs "
+                f"code from a file. Supported activations: {', '.join(sorted(ACTIVATIONS))}")
+        value = value.get("config", value.get("class_name"))
+    if not isinstance(value, str) or value not in ACTIVATIONS:
+        raise UnsupportedLayerError(
+            f"layer {layer!r} uses activation {value!r}, which convlens does not support; "
+            f"supported: {', '.join(sorted(ACTIVATIONS))}")
+    return value
+
+
+# --------------------------------------------------------------------------
+# Variables
+
+@dataclasses.dataclass(frozen=True)
+class Var:
+    """One Keras variable of a layer: name, shape, initialiser, trainability."""
+
+    name: str
+    shape: tuple[int, ...]
+    init: str  # "glorot", "zeros" or "ones"
+    trainable: bool = True
+
+
+def init_var(var: Var, key: Array) -> Array:
+    if var.init == "zeros":
+        return jnp.zeros(var.shape, jnp.float32)
+    if var.init == "ones":
+        return jnp.ones(var.shape, jnp.float32)
+    # Keras's default kernel initialiser; the receptive field counts towards fan-in/out.
+    return jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1)(key, var.shape, jnp.float32)
+
+
+# --------------------------------------------------------------------------
+# Helpers
+
+def _pair(v, layer, what) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) != 2:
+        raise UnsupportedLayerError(f"layer {layer!r}: {what} {v!r} is not a pair")
+    return (int(v[0]), int(v[1]))
+
+
+def _channels_last(cfg, layer, cls):
+    fmt = cfg.get("data_format") or "channels_last"
+    if fmt != "channels_last":
+        raise UnsupportedLayerError(
+            f"layer {layer!r} ({cls}) uses data_format={fmt!r}; convlens supports channels_last "
+            "(NHWC) models only: rebuild the model with channels_last")
+
+
+def _padding(cfg, layer, cls):
+    p = str(cfg.get("padding", "valid")).lower()
+    if p not in ("same", "valid"):
+        raise UnsupportedLayerError(f"layer {layer!r} ({cls}) uses padding={p!r}; supported: same, valid")
+    return p.upper()
+
+
+def _conv(x, k, strides, padding, dilation, groups=1):
+    return lax.conv_general_dilated(
+        x, k, window_strides=strides, padding=padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        precision=lax.Precision.HIGHEST)
+
+
+def _axis_list(axis, layer, cls) -> tuple[int, ...]:
+    if isinstance(axis, int):
+        return (axis,)
+    if axis is None:
+        return ()
+    return tuple(int(a) for a in axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerType:
+    """How convlens computes one Keras layer class."""
+
+    parse: Callable[[dict, str], dict]
+    variables: Callable[[dict, Sequence[tuple]], list[Var]]
+    apply: Callable[..., Array]
+    n_inputs: int | None = 1  # None: any number >= 1
+    activation_key: str | None = None  # cfg key holding a fused activation
+
+
+def _no_vars(cfg, shapes):
+    return []
+
+
+def _act(cfg, x, logits):
+    name = cfg["activation"]
+    if logits and name in SQUASHING:
+        return x
+    return ACTIVATIONS[name](x)
+
+
+# --------------------------------------------------------------------------
+# Layer types
+
+def _parse_conv(cfg, name):
+    _channels_last(cfg, name, "Conv2D")
+    return dict(filters=int(cfg["filters"]), kernel_size=_pair(cfg["kernel_size"], name, "kernel_size"),
+                strides=_pair(cfg.get("strides", 1), name, "strides"), padding=_padding(cfg, name, "Conv2D"),
+                dilation=_pair(cfg.get("dilation_rate", 1), name, "dilation_rate"),
+                groups=int(cfg.get("groups", 1) or 1), use_bias=bool(cfg.get("use_bias", True)),
+                activation=parse_activation(cfg.get("activation"), name))
+
+
+def _vars_conv(cfg, shapes):
+    cin = shapes[0][-1]
+    if cin % cfg["groups"]:
+        raise UnsupportedLayerError(f"Conv2D with groups={cfg['groups']} needs input channels ({cin}) divisible by groups")
+    v = [Var("kernel", (*cfg["kernel_size"], cin // cfg["groups"], cfg["filters"]), "glorot")]
+    if cfg["use_bias"]:
+        v.append(Var("bias", (cfg["filters"],), "zeros"))
+    return v
+
+
+def _apply_conv(cfg, v, xs, logits=False):
+    y = _conv(xs[0], v["kernel"], cfg["strides"], cfg["padding"], cfg["dilation"], cfg["groups"])
+    if cfg["use_bias"]:
+        y = y + v["bias"]
+    return _act(cfg, y, logits)
+
+
+def _parse_depthwise(cfg, name):
+    _channels_last(cfg, name, "DepthwiseConv2D")
+    return dict(kernel_size=_pair(cfg["kernel_size"], name, "kernel_size"),
+                strides=_pair(cfg.get("strides", 1), name, "strides"),
+                padding=_padding(cfg, name, "DepthwiseConv2D"),
+                dilation=_pair(cfg.get("dilation_rate", 1), name, "dilation_rate"),
+                depth_multiplier=int(cfg.get("depth_multiplier", 1)), use_bias=bool(cfg.get("use_bias", True)),
+                activation=parse_activation(cfg.get("activation"), name))
+
+
+def _vars_depthwise(cfg, shapes):
+    cin = shapes[0][-1]
+    v = [Var("kernel", (*cfg["kernel_size"], cin, cfg["depth_multiplier"]), "glorot")]
+    if cfg["use_bias"]:
+        v.append(Var("bias", (cin * cfg["depth_multiplier"],), "zeros"))
+    return v
+
+
+def _depthwise(x, k, cfg):
+    kh, kw, cin, m = k.shape
+    return _conv(x, k.reshape(kh, kw, 1, cin * m), cfg["strides"], cfg["padding"], cfg["dilation"], cin)
+
+
+def _apply_depthwise(cfg, v, xs, logits=False):
+    y = _depthwise(xs[0], v["kernel"], cfg)
+    if cfg["use_bias"]:
+        y = y + v["bias"]
+    return _act(cfg, y, logits)
+
+
+def _parse_separable(cfg, name):
+    out = _parse_depthwise(cfg, name)
+    out["filters"] = int(cfg["filters"])
+    return out
+
+
+def _vars_separable(cfg, shapes):
+    cin = shapes[0][-1]
+    m = cfg["depth_multiplier"]
+    v = [Var("depthwise_kernel", (*cfg["kernel_size"], cin, m), "glorot"),
+         Var("pointwise_kernel", (1, 1, cin * m, cfg["filters"]), "glorot")]
+    if cfg["use_bias"]:
+        v.append(Var("bias", (cfg["filters"],), "zeros"))
+    return v
+
+
+def _apply_separable(cfg, v, xs, logits=False):
+    y = _depthwise(xs[0], v["depthwise_kernel"], cfg)
+    y = _conv(y, v["pointwise_kernel"], (1, 1), "VALID", (1, 1))
+    if cfg["use_bias"]:
+        y = y + v["bias"]
+    return _act(cfg, y, logits)
+
+
+def _parse_dense(cfg, name):
+    return dict(units=int(cfg["units"]), use_bias=bool(cfg.get("use_bias", True)),
+                activation=parse_activation(cfg.get("activation"), name))
+
+
+def _vars_dense(cfg, shapes):
+    v = [Var("kernel", (shapes[0][-1], cfg["units"]), "glorot")]
+    if cfg["use_bias"]:
+        v.append(Var("bias", (cfg["units"],), "zeros"))
+    return v
+
+
+def _apply_dense(cfg, v, xs, logits=False):
+    y = jnp.matmul(xs[0], v["kernel"], precision=lax.Precision.HIGHEST)
+    if cfg["use_bias"]:
+        y = y + v["bias"]
+    return _act(cfg, y, logits)
+
+
+def _parse_pool(cls):
+    def parse(cfg, name):
+        _channels_last(cfg, name, cls)
+        size = _pair(cfg.get("pool_size", 2), name, "pool_size")
+        strides = cfg.get("strides")
+        return dict(pool_size=size, strides=size if strides is None else _pair(strides, name, "strides"),
+                    padding=_padding(cfg, name, cls))
+    return parse
+
+
+def _window(cfg):
+    return (1, *cfg["pool_size"], 1), (1, *cfg["strides"], 1)
+
+
+def _apply_maxpool(cfg, v, xs, logits=False):
+    win, st = _window(cfg)
+    return lax.reduce_window(xs[0], -jnp.inf, lax.max, win, st, cfg["padding"])
+
+
+def _apply_avgpool(cfg, v, xs, logits=False):
+    win, st = _window(cfg)
+    x = xs[0]
+    total = lax.reduce_window(x, 0.0, lax.add, win, st, cfg["padding"])
+    if cfg["padding"] == "VALID":
+        return total / math.prod(cfg["pool_size"])
+    # Keras (like TF) divides by the number of real pixels under the window at the borders.
+    ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+    count = lax.reduce_window(ones, 0.0, lax.add, win, st, cfg["padding"])
+    return total / count
+
+
+def _parse_global_pool(cls):
+    def parse(cfg, name):
+        _channels_last(cfg, name, cls)
+        return dict(keepdims=bool(cfg.get("keepdims", False)))
+    return parse
+
+
+def _apply_gap(cfg, v, xs, logits=False):
+    return jnp.mean(xs[0], axis=(1, 2), keepdims=cfg["keepdims"])
+
+
+def _apply_gmp(cfg, v, xs, logits=False):
+    return jnp.max(xs[0], axis=(1, 2), keepdims=cfg["keepdims"])
+
+
+def _parse_batchnorm(cfg, name):
+    axes = _axis_list(cfg.get("axis", -1), name, "BatchNormalization")
+    if axes not in ((-1,), (3,)):
+        raise UnsupportedLayerError(
+            f"layer {name!r} (BatchNormalization) normalises axis {cfg.get('axis')!r}; "
+            "convlens supports the channel axis (-1) of NHWC tensors only")
+    if cfg.get("renorm"):
+        raise UnsupportedLayerError(f"layer {name!r} (BatchNormalization) uses renorm, which convlens does not support")
+    return dict(epsilon=float(cfg.get("epsilon", 1e-3)), center=bool(cfg.get("center", True)),
+                scale=bool(cfg.get("scale", True)))
+
+
+def _vars_batchnorm(cfg, shapes):
+    c = (shapes[0][-1],)
+    v = []
+    if cfg["scale"]:
+        v.append(Var("gamma", c, "ones"))
+    if cfg["center"]:
+        v.append(Var("beta", c, "zeros"))
+    v += [Var("moving_mean", c, "zeros", False), Var("moving_variance", c, "ones", False)]
+    return v
+
+
+def _apply_batchnorm(cfg, v, xs, logits=False):
+    inv = lax.rsqrt(v["moving_variance"] + cfg["epsilon"])
+    if cfg["scale"]:
+        inv = inv * v["gamma"]
+    y = (xs[0] - v["moving_mean"]) * inv
+    if cfg["center"]:
+        y = y + v["beta"]
+    return y
+
+
+def _parse_activation_layer(cfg, name):
+    return dict(activation=parse_activation(cfg.get("activation"), name))
+
+
+def _apply_activation_layer(cfg, v, xs, logits=False):
+    return _act(cfg, xs[0], logits)
+
+
+def _parse_relu(cfg, name):
+    mv = cfg.get("max_value")
+    return dict(max_value=None if mv is None else float(mv),
+                negative_slope=float(cfg.get("negative_slope", 0.0) or 0.0),
+                threshold=float(cfg.get("threshold", 0.0) or 0.0))
+
+
+def _apply_relu(cfg, v, xs, logits=False):
+    x = xs[0]
+    t = cfg["threshold"]
+    y = jnp.where(x >= t, x, cfg["negative_slope"] * (x - t)) if (t or cfg["negative_slope"]) else jax.nn.relu(x)
+    if cfg["max_value"] is not None:
+        y = jnp.minimum(y, cfg["max_value"])
+    return y
+
+
+def _parse_leaky(cfg, name):
+    slope = cfg.get("negative_slope", cfg.get("alpha", 0.3))
+    return dict(negative_slope=float(slope))
+
+
+def _apply_leaky(cfg, v, xs, logits=False):
+    return jax.nn.leaky_relu(xs[0], cfg["negative_slope"])
+
+
+def _parse_softmax(cfg, name):
+    axes = _axis_list(cfg.get("axis", -1), name, "Softmax")
+    return dict(axis=axes, activation="softmax")
+
+
+def _apply_softmax(cfg, v, xs, logits=False):
+    if logits:
+        return xs[0]
+    return jax.nn.softmax(xs[0], axis=cfg["axis"])
+
+
+def _parse_nothing(cfg, name):
+    return {}
+
+
+def _identity(cfg, v, xs, logits=False):
+    return xs[0]
+
+
+def _parse_zeropad(cfg, name):
+    _channels_last(cfg, name, "ZeroPadding2D")
+    p = cfg.get("padding", 1)
+    if isinstance(p, int):
+        p = ((p, p), (p, p))
+    elif all(isinstance(a, int) for a in p):
+        p = ((p[0], p[0]), (p[1], p[1]))
+    return dict(padding=tuple(tuple(int(b) for b in a) for a in p))
+
+
+def _apply_zeropad(cfg, v, xs, logits=False):
+    (t, b), (l, r) = cfg["padding"]
+    return jnp.pad(xs[0], ((0, 0), (t, b), (l, r), (0, 0)))
+
+
+def _parse_crop(cfg, name):
+    _channels_last(cfg, name, "Cropping2D")
+    return {"cropping": _parse_zeropad({"padding": cfg.get("cropping", 0)}, name)["padding"]}
+
+
+def _apply_crop(cfg, v, xs, logits=False):
+    (t, b), (l, r) = cfg["cropping"]
+    x = xs[0]
+    return x[:, t:x.shape[1] - b, l:x.shape[2] - r, :]
+
+
+def _parse_rescaling(cfg, name):
+    def f(a):
+        return tuple(float(b) for b in a) if isinstance(a, (list, tuple)) else float(a)
+    return dict(scale=f(cfg.get("scale", 1.0)), offset=f(cfg.get("offset", 0.0)))
+
+
+def _apply_rescaling(cfg, v, xs, logits=False):
+    return xs[0] * jnp.asarray(cfg["scale"], jnp.float32) + jnp.asarray(cfg["offset"], jnp.float32)
+
+
+def _parse_normalization(cfg, name):
+    axes = _axis_list(cfg.get("axis", -1), name, "Normalization")
+    if axes not in ((-1,), (3,)):
+        raise UnsupportedLayerError(
+            f"layer {name!r} (Normalization) normalises axis {cfg.get('axis')!r}; convlens supports the channel axis only")
+    mean, var = cfg.get("mean"), cfg.get("variance")
+
+    def f(a):
+        return None if a is None else tuple(float(b) for b in (a if isinstance(a, (list, tuple)) else [a]))
+    return dict(mean=f(mean), variance=f(var), invert=bool(cfg.get("invert", False)))
+
+
+def _vars_normalization(cfg, shapes):
+    if cfg["mean"] is not None:
+        return []  # statistics live in the config, not in variables
+    c = (shapes[0][-1],)
+    return [Var("mean", c, "zeros", False), Var("variance", c, "ones", False), Var("count", (), "zeros", False)]
+
+
+def _apply_normalization(cfg, v, xs, logits=False):
+    if cfg["mean"] is not None:
+        mean, var = jnp.asarray(cfg["mean"]), jnp.asarray(cfg["variance"])
+    else:
+        mean, var = v["mean"], v["variance"]
+    # Same floor as Keras: a zero-variance channel is divided by epsilon, not zero.
+    std = jnp.maximum(jnp.sqrt(var), 1e-7)
+    if cfg["invert"]:
+        return xs[0] * std + mean
+    return (xs[0] - mean) / std
+
+
+def _parse_reshape(cfg, name):
+    return dict(target_shape=tuple(int(a) for a in cfg["target_shape"]))
+
+
+def _apply_reshape(cfg, v, xs, logits=False):
+    return xs[0].reshape(xs[0].shape[0], *cfg["target_shape"])
+
+
+def _apply_flatten(cfg, v, xs, logits=False):
+    return xs[0].reshape(xs[0].shape[0], -1)
+
+
+def _merge(fn):
+    def apply(cfg, v, xs, logits=False):
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        return out
+    return apply
+
+
+def _apply_average(cfg, v, xs, logits=False):
+    return _merge(jnp.add)(cfg, v, xs) / len(xs)
+
+
+def _apply_subtract(cfg, v, xs, logits=False):
+    return xs[0] - xs[1]
+
+
+def _parse_concat(cfg, name):
+    return dict(axis=int(cfg.get("axis", -1)))
+
+
+def _apply_concat(cfg, v, xs, logits=False):
+    return jnp.concatenate(xs, axis=cfg["axis"])
+
+
+def _parse_input(cfg, name):
+    shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
+    if shape is None and cfg.get("input_shape") is not None:
+        shape = [None, *cfg["input_shape"]]
+    return dict(shape=None if shape is None else tuple(None if s is None else int(s) for s in shape[1:]))
+
+
+LAYER_TYPES: dict[str, LayerType] = {
+    "InputLayer": LayerType(_parse_input, _no_vars, _identity, n_inputs=0),
+    "Conv2D": LayerType(_parse_conv, _vars_conv, _apply_conv, activation_key="activation"),
+    "DepthwiseConv2D": LayerType(_parse_depthwise, _vars_depthwise, _apply_depthwise, activation_key="activation"),
+    "SeparableConv2D": LayerType(_parse_separable, _vars_separable, _apply_separable, activation_key="activation"),
+    "Dense": LayerType(_parse_dense, _vars_dense, _apply_dense, activation_key="activation"),
+    "MaxPooling2D": LayerType(_parse_pool("MaxPooling2D"), _no_vars, _apply_maxpool),
+    "AveragePooling2D": LayerType(_parse_pool("AveragePooling2D"), _no_vars, _apply_avgpool),
+    "GlobalAveragePooling2D": LayerType(_parse_global_pool("GlobalAveragePooling2D"), _no_vars, _apply_gap),
+    "GlobalMaxPooling2D": LayerType(_parse_global_pool("GlobalMaxPooling2D"), _no_vars, _apply_gmp),
+    "Flatten": LayerType(lambda c, n: (_channels_last(c, n, "Flatten"), {})[1], _no_vars, _apply_flatten),
+    "Reshape": LayerType(_parse_reshape, _no_vars, _apply_reshape),
+    "BatchNormalization": LayerType(_parse_batchnorm, _vars_batchnorm, _apply_batchnorm),
+    "Activation": LayerType(_parse_activation_layer, _no_vars, _apply_activation_layer, activation_key="activation"),
+    "ReLU": LayerType(_parse_relu, _no_vars, _apply_relu),
+    "LeakyReLU": LayerType(_parse_leaky, _no_vars, _apply_leaky),
+    "Softmax": LayerType(_parse_softmax, _no_vars, _apply_softmax, activation_key="activation"),
+    "Add": LayerType(_parse_nothing, _no_vars, _merge(jnp.add), n_inputs=None),
+    "Subtract": LayerType(_parse_nothing, _no_vars, _apply_subtract, n_inputs=2),
+    "Multiply": LayerType(_parse_nothing, _no_vars, _merge(jnp.multiply), n_inputs=None),
+    "Average": LayerType(_parse_nothing, _no_vars, _apply_average, n_inputs=None),
+    "Maximum": LayerType(_parse_nothing, _no_vars, _merge(jnp.maximum), n_inputs=None),
+    "Minimum": LayerType(_parse_nothing, _no_vars, _merge(jnp.minimum), n_inputs=None),
+    "Concatenate": LayerType(_parse_concat, _no_vars, _apply_concat, n_inputs=None),
+    "ZeroPadding2D": LayerType(_parse_zeropad, _no_vars, _apply_zeropad),
+    "Cropping2D": LayerType(_parse_crop, _no_vars, _apply_crop),
+    "Rescaling": LayerType(_parse_rescaling, _no_vars, _apply_rescaling),
+    "Normalization": LayerType(_parse_normalization, _vars_normalization, _apply_normalization),
+    # Layers that only act while training are the identity at inference.
+    "Dropout": LayerType(_parse_nothing, _no_vars, _identity),
+    "SpatialDropout2D": LayerType(_parse_nothing, _no_vars, _identity),
+    "GaussianNoise": LayerType(_parse_nothing, _no_vars, _identity),
+    "GaussianDropout": LayerType(_parse_nothing, _no_vars, _identity),
+    "AlphaDropout": LayerType(_parse_nothing, _no_vars, _identity),
+    "ActivityRegularization": LayerType(_parse_nothing, _no_vars, _identity),
+    # A nested model appears as an identity node on its own output (see keras_graph).
+    "Sequential": LayerType(_parse_nothing, _no_vars, _identity),
+    "Functional": LayerType(_parse_nothing, _no_vars, _identity),
+}
+
+# Classes whose output is a spatial feature map of the layer's own making.
+CONV_TYPES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
+
+# Classes Keras refuses to deserialise safely and convlens refuses outright.
+CODE_LAYERS = ("Lambda", "TFOpLambda", "SlicingOpLambda")

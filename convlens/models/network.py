@@ -1,0 +1,297 @@
+"""A convnet as a graph of Keras layers, run by one Flax module.
+
+Every model in convlens, built-in or imported, is a `Graph`: Keras layers
+(`Node`) named as in Keras, in topological order. `Network` (Flax linen) runs a
+graph; `Model` wraps it with the model's preprocessing and label names and is
+what the rest of convlens uses.
+
+Three things any explanation needs fall out of running a graph with a *feed*
+(values given for some nodes) and a list of *outputs*:
+
+* named activations without hooks: ask for them as outputs;
+* gradients at a layer: add a zero ``perturb`` array to that layer's output and
+  differentiate with respect to it (works on any graph, residual ones included);
+* a split at a layer: ``features`` = outputs up to it, ``head`` = the rest fed
+  from it (only where every path to the output passes through the layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from convlens.errors import ConvlensError
+from convlens.models.layers import CONV_TYPES, LAYER_TYPES, SQUASHING, init_var
+
+Array = jax.Array
+Params = dict[str, dict[str, Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One Keras layer call.
+
+    Attributes:
+      name: the Keras layer name (unique in the graph).
+      cls: the Keras class name (``"Conv2D"``).
+      cfg: the parsed options, as sorted ``(key, value)`` pairs so nodes hash.
+      inputs: names of the nodes feeding this one, in call order.
+      scope: names of the nested Keras models enclosing the layer, outermost first.
+      keras_name: the name inside its own (nested) Keras model, when ``name`` had to
+        be prefixed to stay unique.
+    """
+
+    name: str
+    cls: str
+    cfg: tuple[tuple[str, Any], ...]
+    inputs: tuple[str, ...]
+    scope: tuple[str, ...] = ()
+    keras_name: str = ""
+
+    @property
+    def kname(self) -> str:
+        return self.keras_name or self.name
+
+    @functools.cached_property
+    def config(self) -> dict[str, Any]:
+        return dict(self.cfg)
+
+    @property
+    def layer_type(self):
+        return LAYER_TYPES[self.cls]
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """A single-input, single-output graph of Keras layers in topological order."""
+
+    name: str
+    nodes: tuple[Node, ...]
+    input: str
+    output: str
+
+    @functools.cached_property
+    def by_name(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes}
+
+    @functools.cached_property
+    def order(self) -> dict[str, int]:
+        return {n.name: i for i, n in enumerate(self.nodes)}
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        """Shape of one input image, ``(H, W, C)``; ``None`` where any size is accepted."""
+        return self.by_name[self.input].config["shape"]
+
+    def node(self, name: str) -> Node:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise ConvlensError(
+                f"model {self.name!r} has no layer {name!r}; its layers are: "
+                + ", ".join(n.name for n in self.nodes)) from None
+
+    @functools.lru_cache(maxsize=256)
+    def plan(self, outputs: tuple[str, ...], fed: frozenset[str]) -> tuple[Node, ...]:
+        """The nodes to compute, in order, to get ``outputs`` from the ``fed`` nodes."""
+        need: set[str] = set()
+        stack = [self.node(o).name for o in outputs]
+        while stack:
+            name = stack.pop()
+            if name in need or name in fed:
+                continue
+            need.add(name)
+            node = self.by_name[name]
+            if name == self.input:
+                raise ConvlensError(
+                    f"cannot compute {', '.join(outputs)} of model {self.name!r} from layer(s) "
+                    f"{', '.join(sorted(fed))} alone: other paths from the input bypass them "
+                    "(skip connections); run the whole model and use perturb instead")
+            stack.extend(node.inputs)
+        return tuple(n for n in self.nodes if n.name in need)
+
+
+def _init_layer(node: Node, shapes: Sequence[tuple[int, ...]]):
+    specs = node.layer_type.variables(node.config, shapes)
+
+    def init(key):
+        keys = jax.random.split(key, max(len(specs), 1))
+        return {v.name: init_var(v, k) for v, k in zip(specs, keys)}
+    return specs, init
+
+
+class Network(nn.Module):
+    """Runs a `Graph`. Variables live in the ``params`` collection as
+    ``params[layer_name][keras_variable_name]`` (moving statistics included), so a
+    params tree reads like the Keras model's ``layer.weights``."""
+
+    graph: Graph
+
+    @nn.compact
+    def __call__(self, feed: Mapping[str, Array], outputs: tuple[str, ...],
+                 perturb: Mapping[str, Array] | None = None, logits: bool = False) -> dict[str, Array]:
+        values: dict[str, Array] = dict(feed)
+        perturb = perturb or {}
+        for node in self.graph.plan(tuple(outputs), frozenset(feed)):
+            xs = [values[i] for i in node.inputs]
+            if node.cls == "InputLayer":
+                continue
+            specs, init = _init_layer(node, [x.shape for x in xs])
+            v = self.param(node.name, init) if specs else {}
+            y = node.layer_type.apply(node.config, v, xs, logits=logits and node.name == self.graph.output)
+            if node.name in perturb:
+                y = y + perturb[node.name]
+            values[node.name] = y
+        return {o: values[o] for o in outputs}
+
+
+class Model:
+    """A convnet ready for explanation: graph, preprocessing and labels.
+
+    Args:
+      graph: the layers.
+      preprocess: how uint8 RGB pixels become the graph's input (see `preprocess`).
+      class_names: label of each output unit, or ``None``.
+      default_size: ``(H, W)`` used where the graph accepts any size.
+    """
+
+    def __init__(self, graph: Graph, *, preprocess=None, class_names: Sequence[str] | None = None,
+                 default_size: tuple[int, int] = (224, 224)):
+        from convlens.models.preprocess import Preprocess
+        self.graph = graph
+        self.name = graph.name
+        self.module = Network(graph)
+        self.preprocess_spec = preprocess if preprocess is not None else Preprocess("none")
+        self.class_names = None if class_names is None else tuple(class_names)
+        h, w, c = graph.input_shape
+        self.input_size = (h or default_size[0], w or default_size[1])
+        self.channels = c
+        self.source: str | None = None
+        self.weights_sha256: str | None = None
+
+    # ---------------------------------------------------------------- structure
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Every layer but the input, in topological order."""
+        return tuple(n.name for n in self.graph.nodes if n.name != self.graph.input)
+
+    @property
+    def conv_layer_names(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.graph.nodes if n.cls in CONV_TYPES)
+
+    @property
+    def output_activation(self) -> str | None:
+        """``"softmax"``/``"sigmoid"`` when the model squashes its scores at the end."""
+        act = self.graph.by_name[self.graph.output].config.get("activation")
+        return act if act in SQUASHING else None
+
+    def dummy_input(self, batch: int = 1, size: tuple[int, int] | None = None) -> jax.ShapeDtypeStruct:
+        h, w = size or self.input_size
+        return jax.ShapeDtypeStruct((batch, h, w, self.channels), jnp.float32)
+
+    @functools.cached_property
+    def param_shapes(self) -> Params:
+        """Shapes of every variable, without computing any (``jax.eval_shape``)."""
+        x = self.dummy_input()
+        out = jax.eval_shape(
+            lambda k: self.module.init(k, {self.graph.input: jnp.zeros(x.shape, x.dtype)}, (self.graph.output,)),
+            jax.ShapeDtypeStruct((2,), jnp.uint32))
+        return dict(out.get("params", {}))
+
+    def variable_specs(self) -> dict[str, list]:
+        """Per layer, its `Var` list in Keras order (names, shapes, trainability)."""
+        shapes = self.output_shapes()
+        specs = {}
+        for node in self.graph.nodes:
+            if node.cls == "InputLayer":
+                continue
+            ins = [shapes[i] for i in node.inputs]
+            v = node.layer_type.variables(node.config, ins)
+            if v:
+                specs[node.name] = v
+        return specs
+
+    def output_shapes(self, batch: int = 1, size: tuple[int, int] | None = None) -> dict[str, tuple[int, ...]]:
+        """Output shape of every layer for a batch of ``batch`` images, input included."""
+        x = self.dummy_input(batch, size)
+        names = tuple(n.name for n in self.graph.nodes)
+        out = jax.eval_shape(lambda p, x: self.module.apply({"params": p}, {self.graph.input: x}, names),
+                             self.param_shapes, x)
+        return {k: tuple(v.shape) for k, v in out.items()}
+
+    # ---------------------------------------------------------------- computing
+
+    def init(self, seed: int) -> Params:
+        """Random variables (Keras's default initialisers) from an integer seed."""
+        x = jnp.zeros(self.dummy_input().shape, jnp.float32)
+        return dict(self.module.init(jax.random.key(seed), {self.graph.input: x}, (self.graph.output,))["params"])
+
+    def preprocess(self, images: Array) -> Array:
+        """Pixels ``[B, H, W, C]`` in 0..255 (uint8 or float) to the model's input space."""
+        return self.preprocess_spec(images)
+
+    def apply(self, params: Params, x: Array, *, layers: Sequence[str] | str = (),
+              perturb: Mapping[str, Array] | None = None, logits: bool = False) -> tuple[Array, dict[str, Array]]:
+        """Runs the model on preprocessed input.
+
+        Args:
+          params: variables, ``params[layer][variable]``.
+          x: preprocessed images ``[B, H, W, C]`` float32.
+          layers: layer names whose outputs to return, or ``"all"`` / ``"conv"``.
+          perturb: arrays added to the named layers' outputs (zeros to take gradients there).
+          logits: return the scores before a final softmax/sigmoid.
+
+        Returns:
+          ``(outputs [B, K], {layer: activation})``.
+        """
+        layers = self.resolve_layers(layers)
+        want = tuple(dict.fromkeys((self.graph.output, *layers)))
+        out = self.module.apply({"params": params}, {self.graph.input: x}, want, perturb, logits)
+        y = out[self.graph.output]
+        if logits and self.graph.output in layers:
+            # The captured output layer keeps its Keras meaning (post-activation).
+            out[self.graph.output] = self.module.apply({"params": params}, {self.graph.input: x},
+                                                       (self.graph.output,))[self.graph.output]
+        return y, {name: out[name] for name in layers}
+
+    def features(self, params: Params, x: Array, layer: str) -> Array:
+        """Output of ``layer`` for preprocessed input ``x`` ``[B, H, W, C]``."""
+        return self.module.apply({"params": params}, {self.graph.input: x}, (self.graph.node(layer).name,))[layer]
+
+    def head(self, params: Params, a: Array, layer: str, *, logits: bool = False) -> Array:
+        """The rest of the model fed from ``layer``'s output ``a``; raises where skip
+        connections bypass the layer."""
+        return self.module.apply({"params": params}, {self.graph.node(layer).name: a}, (self.graph.output,),
+                                 None, logits)[self.graph.output]
+
+    def resolve_layers(self, layers: Sequence[str] | str) -> tuple[str, ...]:
+        if isinstance(layers, str):
+            if layers == "all":
+                return self.layer_names
+            if layers == "conv":
+                return self.conv_layer_names
+            layers = [s for s in layers.split(",") if s]
+        return tuple(self.graph.node(name).name for name in layers)
+
+    def count_params(self) -> tuple[int, int]:
+        """``(trainable, non_trainable)`` variable counts, as Keras reports them."""
+        t = nt = 0
+        for specs in self.variable_specs().values():
+            for v in specs:
+                n = math.prod(v.shape)
+                if v.trainable:
+                    t += n
+                else:
+                    nt += n
+        return t, nt
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, layers={len(self.graph.nodes)}, input={self.graph.input_shape})"

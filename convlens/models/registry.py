@@ -1,0 +1,122 @@
+"""Built-in models, and the one entry point that turns a user's MODEL argument
+(a built-in name or a Keras file) into a `Model` and its params."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from convlens.errors import ConvlensError
+from convlens.models import smallnets, vgg
+from convlens.models.labels import imagenet_class_names
+from convlens.models.network import Graph, Model, Params
+from convlens.models.preprocess import Preprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A built-in architecture.
+
+    Attributes:
+      name: the CLI name.
+      build: ``build(include_top=..., input_shape=...) -> Graph``.
+      preprocess: the preprocessing its weights expect.
+      class_names: ``() -> labels`` for the full classifier, or ``None``.
+      default_size: ``(H, W)`` the weights were trained at.
+      description: one line for ``convlens models``.
+      headless: whether ``include_top=False`` is meaningful.
+    """
+
+    name: str
+    build: Callable[..., Graph]
+    preprocess: Preprocess
+    class_names: Callable[[], tuple[str, ...]] | None
+    default_size: tuple[int, int]
+    description: str
+    headless: bool = True
+
+
+def _binary(*names):
+    return lambda: names
+
+
+MODELS: dict[str, ModelSpec] = {
+    "vgg16": ModelSpec("vgg16", vgg.vgg16, Preprocess("caffe"), imagenet_class_names, (224, 224),
+                       "VGG16 (Keras layer names; ImageNet weights via --weights)"),
+    "vgg19": ModelSpec("vgg19", vgg.vgg19, Preprocess("caffe"), imagenet_class_names, (224, 224),
+                       "VGG19 (Keras layer names; ImageNet weights via --weights)"),
+    "smallcnn": ModelSpec("smallcnn", lambda include_top=True, input_shape=None: smallnets.smallcnn(
+                              **({} if input_shape is None else {"input_shape": input_shape})),
+                          Preprocess("rescale"), _binary("cat", "dog"), (150, 150),
+                          "Deep Learning with Python cats-vs-dogs convnet, 150x150, sigmoid output",
+                          headless=False),
+    "vgg_tiny": ModelSpec("vgg_tiny", vgg.vgg_tiny, Preprocess("caffe"), None, (32, 32),
+                          "VGG16's structure at 1/16 width, 32x32, 1000 outputs (for tests)"),
+}
+
+
+def build_model(name: str, *, include_top: bool = True, input_shape=None) -> Model:
+    """A built-in `Model` (no params: see `load_model`)."""
+    if name not in MODELS:
+        raise ConvlensError(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}, "
+                            "or give a path to a .keras / .h5 file")
+    spec = MODELS[name]
+    if not include_top and not spec.headless:
+        raise ConvlensError(f"model {name!r} has no headless variant; drop --no-top")
+    kw = {"include_top": include_top}
+    if name == "vgg_tiny" and include_top and input_shape is None:
+        input_shape = (*spec.default_size, 3)
+    if input_shape is not None:
+        kw["input_shape"] = tuple(input_shape)
+    graph = spec.build(**kw)
+    names = spec.class_names() if (spec.class_names and include_top) else None
+    return Model(graph, preprocess=spec.preprocess, class_names=names, default_size=spec.default_size)
+
+
+def load_model(name_or_path: str, *, weights: str | None = None, random_init: int | None = None,
+               include_top: bool = True, input_shape=None, preprocess: str | None = None,
+               class_names=None) -> tuple[Model, Params]:
+    """Resolves a MODEL argument to ``(model, params)``.
+
+    Args:
+      name_or_path: a built-in name (`MODELS`) or a ``.keras`` / full-model ``.h5`` path.
+      weights: a Keras weights file (any format) for a built-in model.
+      random_init: a seed, to explain random weights on purpose (built-ins only).
+      include_top: built-ins only: with or without the classifier.
+      input_shape: built-ins only: ``(H, W, 3)``.
+      preprocess: override the preprocessing mode (files default to ``none``).
+      class_names: labels for a model read from a file.
+    """
+    from convlens.models import keras_io
+
+    if name_or_path in MODELS:
+        model = build_model(name_or_path, include_top=include_top, input_shape=input_shape)
+        if preprocess:
+            model.preprocess_spec = Preprocess(preprocess)
+        if weights is not None and random_init is not None:
+            raise ConvlensError("give either --weights or --random-init, not both")
+        if weights is not None:
+            return model, keras_io.load_weights(model, weights)
+        if random_init is not None:
+            model.source = f"random-init:{random_init}"
+            return model, model.init(random_init)
+        raise ConvlensError(
+            f"model {name_or_path!r} needs weights: pass --weights FILE (a Keras .h5/.keras file), or "
+            "--random-init SEED to use random weights on purpose")
+    path = Path(name_or_path)
+    if not path.exists():
+        raise ConvlensError(f"{name_or_path!r} is neither a built-in model ({', '.join(MODELS)}) nor an "
+                            "existing file")
+    if random_init is not None:
+        raise ConvlensError("--random-init applies to built-in models; a model file brings its own weights")
+    model, params = keras_io.load_model_file(
+        path, preprocess=Preprocess(preprocess or "none"),
+        class_names=class_names)
+    if weights is not None:
+        params = keras_io.load_weights(model, weights)
+    if model.class_names is None and (model.graph.by_name[model.graph.output].config.get("units") == 1000):
+        model.class_names = imagenet_class_names()
+    return model, params
+
+

@@ -1,0 +1,30 @@
+"""Shared fixtures. Keras (test-only) runs on the JAX backend: set before any import."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    # Keep test output free of TensorFlow-less tfds chatter and absl warnings.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def photo_batch(size, names=("chelsea", "coffee", "astronaut", "rocket")) -> np.ndarray:
+    """Real photos bundled with scikit-image, resized to ``size`` (H, W): uint8 [B, H, W, 3]."""
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for n in names:
+        img = getattr(data, n)()
+        out.append(np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR)))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="session")
+def photos224():
+    return photo_batch((224, 224))
