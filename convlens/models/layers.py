@@ -59,6 +59,35 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
 }
 
+@jax.custom_vjp
+def guided_relu(x):
+    """ReLU whose gradient also drops negative incoming gradients (Springenberg et al. 2015)."""
+    return jax.nn.relu(x)
+
+
+def _guided_fwd(x):
+    return jax.nn.relu(x), x
+
+
+def _guided_bwd(x, g):
+    return (jnp.where(x > 0, jax.nn.relu(g), 0.0),)
+
+
+guided_relu.defvjp(_guided_fwd, _guided_bwd)
+
+
+@jax.custom_vjp
+def deconv_relu(x):
+    """ReLU whose gradient is ReLU of the incoming gradient, ignoring the input (Zeiler & Fergus 2014)."""
+    return jax.nn.relu(x)
+
+
+deconv_relu.defvjp(lambda x: (jax.nn.relu(x), None), lambda _, g: (jax.nn.relu(g),))
+
+# How ReLUs backpropagate: the model is the same, only the gradient rule changes.
+RELU_RULES: dict[str, Callable[[Array], Array]] = {
+    "standard": jax.nn.relu, "guided": guided_relu, "deconvnet": deconv_relu}
+
 # Activations after which the layer's input is the "logit" an explanation wants.
 SQUASHING = ("softmax", "sigmoid", "log_softmax")
 
@@ -103,6 +132,19 @@ def init_var(var: Var, key: Array) -> Array:
     return jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1)(key, var.shape, jnp.float32)
 
 
+def init_var_np(var: Var, rng) -> "np.ndarray":
+    """`init_var` on the host: Keras's glorot-uniform (receptive field counted) or constants."""
+    import numpy as np
+    if var.init == "zeros":
+        return np.zeros(var.shape, np.float32)
+    if var.init == "ones":
+        return np.ones(var.shape, np.float32)
+    receptive = math.prod(var.shape[:-2]) if len(var.shape) > 2 else 1
+    fan_in, fan_out = var.shape[-2] * receptive, var.shape[-1] * receptive
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, var.shape).astype(np.float32)
+
+
 # --------------------------------------------------------------------------
 # Helpers
 
@@ -134,7 +176,7 @@ def _conv(x, k, strides, padding, dilation, groups=1):
     return lax.conv_general_dilated(
         x, k, window_strides=strides, padding=padding, rhs_dilation=dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-        precision=lax.Precision.HIGHEST)
+        )
 
 
 def _axis_list(axis, layer, cls) -> tuple[int, ...]:
@@ -160,10 +202,15 @@ def _no_vars(cfg, shapes):
     return []
 
 
-def _act(cfg, x, logits):
+def _act(cfg, x, logits, relu=jax.nn.relu):
+    """The layer's activation; ``relu`` stands in for ReLU (guided backprop swaps it)."""
     name = cfg["activation"]
     if logits and name in SQUASHING:
         return x
+    if name == "relu":
+        return relu(x)
+    if name == "relu6":
+        return jnp.minimum(relu(x), 6.0)
     return ACTIVATIONS[name](x)
 
 
@@ -189,11 +236,11 @@ def _vars_conv(cfg, shapes):
     return v
 
 
-def _apply_conv(cfg, v, xs, logits=False):
+def _apply_conv(cfg, v, xs, logits=False, relu=jax.nn.relu):
     y = _conv(xs[0], v["kernel"], cfg["strides"], cfg["padding"], cfg["dilation"], cfg["groups"])
     if cfg["use_bias"]:
         y = y + v["bias"]
-    return _act(cfg, y, logits)
+    return _act(cfg, y, logits, relu)
 
 
 def _parse_depthwise(cfg, name):
@@ -219,11 +266,11 @@ def _depthwise(x, k, cfg):
     return _conv(x, k.reshape(kh, kw, 1, cin * m), cfg["strides"], cfg["padding"], cfg["dilation"], cin)
 
 
-def _apply_depthwise(cfg, v, xs, logits=False):
+def _apply_depthwise(cfg, v, xs, logits=False, relu=jax.nn.relu):
     y = _depthwise(xs[0], v["kernel"], cfg)
     if cfg["use_bias"]:
         y = y + v["bias"]
-    return _act(cfg, y, logits)
+    return _act(cfg, y, logits, relu)
 
 
 def _parse_separable(cfg, name):
@@ -242,12 +289,12 @@ def _vars_separable(cfg, shapes):
     return v
 
 
-def _apply_separable(cfg, v, xs, logits=False):
+def _apply_separable(cfg, v, xs, logits=False, relu=jax.nn.relu):
     y = _depthwise(xs[0], v["depthwise_kernel"], cfg)
     y = _conv(y, v["pointwise_kernel"], (1, 1), "VALID", (1, 1))
     if cfg["use_bias"]:
         y = y + v["bias"]
-    return _act(cfg, y, logits)
+    return _act(cfg, y, logits, relu)
 
 
 def _parse_dense(cfg, name):
@@ -262,11 +309,11 @@ def _vars_dense(cfg, shapes):
     return v
 
 
-def _apply_dense(cfg, v, xs, logits=False):
-    y = jnp.matmul(xs[0], v["kernel"], precision=lax.Precision.HIGHEST)
+def _apply_dense(cfg, v, xs, logits=False, relu=jax.nn.relu):
+    y = jnp.matmul(xs[0], v["kernel"])
     if cfg["use_bias"]:
         y = y + v["bias"]
-    return _act(cfg, y, logits)
+    return _act(cfg, y, logits, relu)
 
 
 def _parse_pool(cls):
@@ -283,12 +330,12 @@ def _window(cfg):
     return (1, *cfg["pool_size"], 1), (1, *cfg["strides"], 1)
 
 
-def _apply_maxpool(cfg, v, xs, logits=False):
+def _apply_maxpool(cfg, v, xs, logits=False, relu=jax.nn.relu):
     win, st = _window(cfg)
     return lax.reduce_window(xs[0], -jnp.inf, lax.max, win, st, cfg["padding"])
 
 
-def _apply_avgpool(cfg, v, xs, logits=False):
+def _apply_avgpool(cfg, v, xs, logits=False, relu=jax.nn.relu):
     win, st = _window(cfg)
     x = xs[0]
     total = lax.reduce_window(x, 0.0, lax.add, win, st, cfg["padding"])
@@ -307,11 +354,11 @@ def _parse_global_pool(cls):
     return parse
 
 
-def _apply_gap(cfg, v, xs, logits=False):
+def _apply_gap(cfg, v, xs, logits=False, relu=jax.nn.relu):
     return jnp.mean(xs[0], axis=(1, 2), keepdims=cfg["keepdims"])
 
 
-def _apply_gmp(cfg, v, xs, logits=False):
+def _apply_gmp(cfg, v, xs, logits=False, relu=jax.nn.relu):
     return jnp.max(xs[0], axis=(1, 2), keepdims=cfg["keepdims"])
 
 
@@ -338,7 +385,7 @@ def _vars_batchnorm(cfg, shapes):
     return v
 
 
-def _apply_batchnorm(cfg, v, xs, logits=False):
+def _apply_batchnorm(cfg, v, xs, logits=False, relu=jax.nn.relu):
     inv = lax.rsqrt(v["moving_variance"] + cfg["epsilon"])
     if cfg["scale"]:
         inv = inv * v["gamma"]
@@ -352,8 +399,8 @@ def _parse_activation_layer(cfg, name):
     return dict(activation=parse_activation(cfg.get("activation"), name))
 
 
-def _apply_activation_layer(cfg, v, xs, logits=False):
-    return _act(cfg, xs[0], logits)
+def _apply_activation_layer(cfg, v, xs, logits=False, relu=jax.nn.relu):
+    return _act(cfg, xs[0], logits, relu)
 
 
 def _parse_relu(cfg, name):
@@ -363,10 +410,10 @@ def _parse_relu(cfg, name):
                 threshold=float(cfg.get("threshold", 0.0) or 0.0))
 
 
-def _apply_relu(cfg, v, xs, logits=False):
+def _apply_relu(cfg, v, xs, logits=False, relu=jax.nn.relu):
     x = xs[0]
     t = cfg["threshold"]
-    y = jnp.where(x >= t, x, cfg["negative_slope"] * (x - t)) if (t or cfg["negative_slope"]) else jax.nn.relu(x)
+    y = jnp.where(x >= t, x, cfg["negative_slope"] * (x - t)) if (t or cfg["negative_slope"]) else relu(x)
     if cfg["max_value"] is not None:
         y = jnp.minimum(y, cfg["max_value"])
     return y
@@ -377,7 +424,7 @@ def _parse_leaky(cfg, name):
     return dict(negative_slope=float(slope))
 
 
-def _apply_leaky(cfg, v, xs, logits=False):
+def _apply_leaky(cfg, v, xs, logits=False, relu=jax.nn.relu):
     return jax.nn.leaky_relu(xs[0], cfg["negative_slope"])
 
 
@@ -386,7 +433,7 @@ def _parse_softmax(cfg, name):
     return dict(axis=axes, activation="softmax")
 
 
-def _apply_softmax(cfg, v, xs, logits=False):
+def _apply_softmax(cfg, v, xs, logits=False, relu=jax.nn.relu):
     if logits:
         return xs[0]
     return jax.nn.softmax(xs[0], axis=cfg["axis"])
@@ -396,7 +443,7 @@ def _parse_nothing(cfg, name):
     return {}
 
 
-def _identity(cfg, v, xs, logits=False):
+def _identity(cfg, v, xs, logits=False, relu=jax.nn.relu):
     return xs[0]
 
 
@@ -410,7 +457,7 @@ def _parse_zeropad(cfg, name):
     return dict(padding=tuple(tuple(int(b) for b in a) for a in p))
 
 
-def _apply_zeropad(cfg, v, xs, logits=False):
+def _apply_zeropad(cfg, v, xs, logits=False, relu=jax.nn.relu):
     (t, b), (l, r) = cfg["padding"]
     return jnp.pad(xs[0], ((0, 0), (t, b), (l, r), (0, 0)))
 
@@ -420,7 +467,7 @@ def _parse_crop(cfg, name):
     return {"cropping": _parse_zeropad({"padding": cfg.get("cropping", 0)}, name)["padding"]}
 
 
-def _apply_crop(cfg, v, xs, logits=False):
+def _apply_crop(cfg, v, xs, logits=False, relu=jax.nn.relu):
     (t, b), (l, r) = cfg["cropping"]
     x = xs[0]
     return x[:, t:x.shape[1] - b, l:x.shape[2] - r, :]
@@ -432,7 +479,7 @@ def _parse_rescaling(cfg, name):
     return dict(scale=f(cfg.get("scale", 1.0)), offset=f(cfg.get("offset", 0.0)))
 
 
-def _apply_rescaling(cfg, v, xs, logits=False):
+def _apply_rescaling(cfg, v, xs, logits=False, relu=jax.nn.relu):
     return xs[0] * jnp.asarray(cfg["scale"], jnp.float32) + jnp.asarray(cfg["offset"], jnp.float32)
 
 
@@ -455,7 +502,7 @@ def _vars_normalization(cfg, shapes):
     return [Var("mean", c, "zeros", False), Var("variance", c, "ones", False), Var("count", (), "zeros", False)]
 
 
-def _apply_normalization(cfg, v, xs, logits=False):
+def _apply_normalization(cfg, v, xs, logits=False, relu=jax.nn.relu):
     if cfg["mean"] is not None:
         mean, var = jnp.asarray(cfg["mean"]), jnp.asarray(cfg["variance"])
     else:
@@ -471,16 +518,16 @@ def _parse_reshape(cfg, name):
     return dict(target_shape=tuple(int(a) for a in cfg["target_shape"]))
 
 
-def _apply_reshape(cfg, v, xs, logits=False):
+def _apply_reshape(cfg, v, xs, logits=False, relu=jax.nn.relu):
     return xs[0].reshape(xs[0].shape[0], *cfg["target_shape"])
 
 
-def _apply_flatten(cfg, v, xs, logits=False):
+def _apply_flatten(cfg, v, xs, logits=False, relu=jax.nn.relu):
     return xs[0].reshape(xs[0].shape[0], -1)
 
 
 def _merge(fn):
-    def apply(cfg, v, xs, logits=False):
+    def apply(cfg, v, xs, logits=False, relu=jax.nn.relu):
         out = xs[0]
         for x in xs[1:]:
             out = fn(out, x)
@@ -488,11 +535,11 @@ def _merge(fn):
     return apply
 
 
-def _apply_average(cfg, v, xs, logits=False):
+def _apply_average(cfg, v, xs, logits=False, relu=jax.nn.relu):
     return _merge(jnp.add)(cfg, v, xs) / len(xs)
 
 
-def _apply_subtract(cfg, v, xs, logits=False):
+def _apply_subtract(cfg, v, xs, logits=False, relu=jax.nn.relu):
     return xs[0] - xs[1]
 
 
@@ -500,7 +547,7 @@ def _parse_concat(cfg, name):
     return dict(axis=int(cfg.get("axis", -1)))
 
 
-def _apply_concat(cfg, v, xs, logits=False):
+def _apply_concat(cfg, v, xs, logits=False, relu=jax.nn.relu):
     return jnp.concatenate(xs, axis=cfg["axis"])
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from convlens.errors import ConvlensError
-from convlens.models.layers import CONV_TYPES, LAYER_TYPES, SQUASHING, init_var
+from convlens.models.layers import CONV_TYPES, LAYER_TYPES, RELU_RULES, SQUASHING, init_var, init_var_np
 
 Array = jax.Array
 Params = dict[str, dict[str, Array]]
@@ -136,8 +136,10 @@ class Network(nn.Module):
 
     @nn.compact
     def __call__(self, feed: Mapping[str, Array], outputs: tuple[str, ...],
-                 perturb: Mapping[str, Array] | None = None, logits: bool = False) -> dict[str, Array]:
+                 perturb: Mapping[str, Array] | None = None, logits: bool = False,
+                 relu_rule: str = "standard") -> dict[str, Array]:
         values: dict[str, Array] = dict(feed)
+        relu = RELU_RULES[relu_rule]
         perturb = perturb or {}
         for node in self.graph.plan(tuple(outputs), frozenset(feed)):
             xs = [values[i] for i in node.inputs]
@@ -145,7 +147,8 @@ class Network(nn.Module):
                 continue
             specs, init = _init_layer(node, [x.shape for x in xs])
             v = self.param(node.name, init) if specs else {}
-            y = node.layer_type.apply(node.config, v, xs, logits=logits and node.name == self.graph.output)
+            y = node.layer_type.apply(node.config, v, xs, logits=logits and node.name == self.graph.output,
+                                      relu=relu)
             if node.name in perturb:
                 y = y + perturb[node.name]
             values[node.name] = y
@@ -230,16 +233,24 @@ class Model:
     # ---------------------------------------------------------------- computing
 
     def init(self, seed: int) -> Params:
-        """Random variables (Keras's default initialisers) from an integer seed."""
-        x = jnp.zeros(self.dummy_input().shape, jnp.float32)
-        return dict(self.module.init(jax.random.key(seed), {self.graph.input: x}, (self.graph.output,))["params"])
+        """Random variables (Keras's default initialisers) from an integer seed.
+
+        Drawn on the host with numpy: compiling a threefry draw per variable costs
+        XLA:CPU seconds even for a tiny model."""
+        import numpy as np
+        rng = np.random.default_rng(seed)
+        out: Params = {}
+        for layer, specs in self.variable_specs().items():
+            out[layer] = {v.name: jnp.asarray(init_var_np(v, rng)) for v in specs}
+        return out
 
     def preprocess(self, images: Array) -> Array:
         """Pixels ``[B, H, W, C]`` in 0..255 (uint8 or float) to the model's input space."""
         return self.preprocess_spec(images)
 
     def apply(self, params: Params, x: Array, *, layers: Sequence[str] | str = (),
-              perturb: Mapping[str, Array] | None = None, logits: bool = False) -> tuple[Array, dict[str, Array]]:
+              perturb: Mapping[str, Array] | None = None, logits: bool = False,
+              relu_rule: str = "standard") -> tuple[Array, dict[str, Array]]:
         """Runs the model on preprocessed input.
 
         Args:
@@ -248,13 +259,15 @@ class Model:
           layers: layer names whose outputs to return, or ``"all"`` / ``"conv"``.
           perturb: arrays added to the named layers' outputs (zeros to take gradients there).
           logits: return the scores before a final softmax/sigmoid.
+          relu_rule: how ReLUs backpropagate: ``standard``, ``guided`` or ``deconvnet``
+            (forward values are the same for all three).
 
         Returns:
           ``(outputs [B, K], {layer: activation})``.
         """
         layers = self.resolve_layers(layers)
         want = tuple(dict.fromkeys((self.graph.output, *layers)))
-        out = self.module.apply({"params": params}, {self.graph.input: x}, want, perturb, logits)
+        out = self.module.apply({"params": params}, {self.graph.input: x}, want, perturb, logits, relu_rule)
         y = out[self.graph.output]
         if logits and self.graph.output in layers:
             # The captured output layer keeps its Keras meaning (post-activation).

@@ -110,6 +110,7 @@ def test_vgg16_headless_any_size(folder):
 
 
 def test_smallcnn_builtin(folder):
+    keras.backend.clear_session()  # fresh auto-names, as in a new Keras session
     keras.utils.set_random_seed(4)
     kmodel = keras.Sequential([
         keras.Input((150, 150, 3)),
