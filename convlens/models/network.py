@@ -224,11 +224,15 @@ class Model:
 
     def output_shapes(self, batch: int = 1, size: tuple[int, int] | None = None) -> dict[str, tuple[int, ...]]:
         """Output shape of every layer for a batch of ``batch`` images, input included."""
+        cache = self.__dict__.setdefault("_shape_cache", {})
+        if (batch, size) in cache:
+            return cache[(batch, size)]
         x = self.dummy_input(batch, size)
         names = tuple(n.name for n in self.graph.nodes)
         out = jax.eval_shape(lambda p, x: self.module.apply({"params": p}, {self.graph.input: x}, names),
                              self.param_shapes, x)
-        return {k: tuple(v.shape) for k, v in out.items()}
+        cache[(batch, size)] = {k: tuple(v.shape) for k, v in out.items()}
+        return cache[(batch, size)]
 
     # ---------------------------------------------------------------- computing
 

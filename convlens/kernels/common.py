@@ -1,0 +1,108 @@
+"""Pieces every gradient method shares: target choice, one forward pass with
+gradients for many targets, and resizing maps to the input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from convlens.errors import ConvlensError
+from convlens.models.layers import CONV_TYPES
+from convlens.models.network import Model
+
+Array = jax.Array
+Targets = Array | int
+
+POOL_TYPES = ("MaxPooling2D", "AveragePooling2D")
+
+
+def select_targets(logits: Array, targets: Targets) -> Array:
+    """``[B, T]`` class indices: given, or the top-``targets`` classes of ``logits``."""
+    if isinstance(targets, int):
+        if logits.shape[-1] == 1:
+            return jnp.zeros((logits.shape[0], 1), jnp.int32)
+        return jax.lax.top_k(logits, targets)[1].astype(jnp.int32)
+    return targets.astype(jnp.int32)
+
+
+def per_target(pull: Callable[[Array], Array], targets: Array, n_classes: int) -> Array:
+    """Runs a pullback once per target column: cotangent one-hot ``[B, K]`` -> ``[B, T, ...]``."""
+    cot = jax.nn.one_hot(targets, n_classes, dtype=jnp.float32)  # [B, T, K]
+    return jax.vmap(pull, in_axes=1, out_axes=1)(cot)
+
+
+def layer_gradients(model: Model, params, images: Array, layer: str, targets: Targets,
+                    relu_rule: str = "standard"):
+    """One forward pass; the activation at ``layer`` and the gradient of each target's
+    logit with respect to it.
+
+    Returns:
+      ``(logits [B, K], targets [B, T], acts [B, h, w, c], grads [B, T, h, w, c])``.
+    """
+    x = model.preprocess(images)
+    shape = jax.eval_shape(lambda: model.features(params, x, layer))
+
+    def f(delta):
+        logits, acts = model.apply(params, x, layers=[layer], perturb={layer: delta}, logits=True,
+                                   relu_rule=relu_rule)
+        return logits, acts[layer]
+
+    (logits, acts), pull = jax.vjp(f, jnp.zeros(shape.shape, shape.dtype))
+    t = select_targets(logits, targets)
+    grads = per_target(lambda c: pull((c, jnp.zeros_like(acts)))[0], t, logits.shape[-1])
+    return logits, t, acts, grads
+
+
+def input_gradients(model: Model, params, images: Array, targets: Targets, relu_rule: str = "standard"):
+    """Gradient of each target's logit with respect to the pixels, from one forward pass.
+
+    Args:
+      images: pixels ``[N, H, W, C]``; targets: ``[N, T]`` or top-k as an int.
+
+    Returns:
+      ``(logits [N, K], targets [N, T], grads [N, T, H, W, C])``.
+    """
+    def f(px):
+        return model.apply(params, model.preprocess(px), logits=True, relu_rule=relu_rule)[0]
+
+    logits, pull = jax.vjp(f, images)
+    t = select_targets(logits, targets)
+    return logits, t, per_target(lambda c: pull(c)[0], t, logits.shape[-1])
+
+
+def forward_logits(model: Model, params, images: Array) -> Array:
+    return model.apply(params, model.preprocess(images), logits=True)[0]
+
+
+def upsample(maps: Array, size: tuple[int, int]) -> Array:
+    """Bilinear resize of ``[..., h, w]`` maps to ``[..., H, W]`` (half-pixel centres, as
+    OpenCV's ``resize``)."""
+    return jax.image.resize(maps, (*maps.shape[:-2], *size), method="bilinear")
+
+
+def default_layer(model: Model) -> str:
+    """The last layer with a spatial output that is not a pooling layer: for VGG16
+    ``block5_conv3`` (Keras's Grad-CAM example), for ResNet50 ``conv5_block3_out``."""
+    shapes = model.output_shapes()
+    for node in reversed(model.graph.nodes):
+        s = shapes[node.name]
+        if len(s) == 4 and node.cls not in POOL_TYPES and node.cls != "InputLayer" and s[1] * s[2] > 1:
+            return node.name
+    raise ConvlensError(f"model {model.name!r} has no spatial layer (4-D output) to explain")
+
+
+def check_spatial_layer(model: Model, layer: str, method: str) -> str:
+    node = model.graph.node(layer)
+    shape = model.output_shapes()[node.name]
+    if len(shape) != 4:
+        spatial = [n for n, s in model.output_shapes().items() if len(s) == 4 and n != model.graph.input]
+        raise ConvlensError(
+            f"{method} needs a spatial layer (output [B, h, w, c]); {layer!r} ({node.cls}) outputs "
+            f"{list(shape[1:])}. Spatial layers: {', '.join(spatial[-8:])}")
+    return node.name
+
+
+def is_conv(model: Model, layer: str) -> bool:
+    return model.graph.node(layer).cls in CONV_TYPES

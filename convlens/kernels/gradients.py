@@ -1,0 +1,204 @@
+"""Gradient saliency: vanilla gradients, gradient x input, SmoothGrad, integrated
+gradients, guided backpropagation and deconvnet.
+
+All attributions are with respect to the pixels (0..255, before the model's
+preprocessing), for each target's logit. Noise samples (SmoothGrad) and path steps
+(integrated gradients) are evaluated ``chunk`` at a time inside one compiled loop, so
+memory follows the chunk size; sample ``s`` of image ``b`` always draws its noise from
+``fold_in(keys[b], s)``, so results do not depend on the chunk or batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convlens.errors import ConvlensError
+from convlens.kernels import common
+from convlens.kernels.registry import INPUT_ATTR, INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output, register
+from convlens.models.network import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientConfig:
+    """Plain gradient methods take no options."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothGradConfig:
+    """SmoothGrad (Smilkov et al. 2017).
+
+    Attributes:
+      samples: noisy copies per image.
+      noise: noise standard deviation as a fraction of the pixel range (255).
+      chunk: copies evaluated at once (memory, not results).
+    """
+
+    samples: int = 50
+    noise: float = 0.15
+    chunk: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegratedGradientsConfig:
+    """Integrated gradients (Sundararajan et al. 2017).
+
+    Attributes:
+      steps: points on the path from the baseline to the image.
+      baseline: a pixel value for every pixel (0 = black), or ``"mean"`` (each
+        image's per-channel mean colour).
+      rule: ``gausslegendre`` (Captum's default), ``trapezoid`` or ``midpoint``.
+      chunk: path points evaluated at once.
+    """
+
+    steps: int = 64
+    baseline: float | str = 0.0
+    rule: str = "gausslegendre"
+    chunk: int = 16
+
+
+def _saliency_map(attr):
+    return jnp.max(jnp.abs(attr), axis=-1)
+
+
+def _clean_forward(model, params, images, targets):
+    """Logits of the images themselves and the targets chosen from them."""
+    logits = common.forward_logits(model, params, images)
+    return logits, common.select_targets(logits, targets)
+
+
+def gradient(model: Model, params, images, targets, cfg=None, keys=None):
+    """Vanilla gradients (Simonyan et al. 2014): ``attribution [B, T, H, W, C]`` and
+    ``heatmap [B, T, H, W]`` = max |gradient| over channels."""
+    logits, t, g = common.input_gradients(model, params, images, targets)
+    return {"attribution": g, "heatmap": _saliency_map(g), "targets": t, "logits": logits}
+
+
+def gradient_x_input(model: Model, params, images, targets, cfg=None, keys=None):
+    """Gradient times pixel value: ``attribution [B, T, H, W, C]``, ``heatmap`` = channel sum."""
+    out = gradient(model, params, images, targets)
+    attr = out["attribution"] * images[:, None]
+    return {**out, "attribution": attr, "heatmap": jnp.sum(attr, axis=-1)}
+
+
+def guided_input_gradients(model: Model, params, images, targets):
+    return common.input_gradients(model, params, images, targets, relu_rule="guided")[2]
+
+
+def _rule_gradient(rule):
+    def explain(model: Model, params, images, targets, cfg=None, keys=None):
+        # The forward values are the standard ones; only the backward rule differs.
+        logits, t, g = common.input_gradients(model, params, images, targets, relu_rule=rule)
+        return {"attribution": g, "heatmap": _saliency_map(g), "targets": t, "logits": logits}
+    return explain
+
+
+def _chunked_sum(fn, n: int, chunk: int, weights: np.ndarray, init):
+    """``sum_s weights[s] * fn(s)`` over ``s < n``, ``chunk`` values of ``s`` at a time
+    (padded with zero weights), in one `lax.scan`."""
+    chunk = max(1, min(chunk, n))
+    m = -(-n // chunk)
+    idx = np.arange(m * chunk).reshape(m, chunk)
+    w = np.zeros(m * chunk, np.float32)
+    w[:n] = weights
+    w = w.reshape(m, chunk)
+
+    def body(acc, xs):
+        s, ws = xs
+        vals = jax.vmap(fn)(s)  # [chunk, ...]
+        return acc + jnp.tensordot(ws, vals, axes=1), None
+
+    total, _ = jax.lax.scan(body, init, (jnp.asarray(idx), jnp.asarray(w)))
+    return total
+
+
+def smoothgrad(model: Model, params, images, targets, cfg: SmoothGradConfig, keys):
+    """Mean gradient over noisy copies: ``attribution [B, T, H, W, C]``, ``heatmap``
+    = max |mean gradient| over channels."""
+    if cfg.samples < 1 or cfg.noise < 0:
+        raise ConvlensError("smoothgrad needs samples >= 1 and noise >= 0")
+    logits, t = _clean_forward(model, params, images, targets)
+    sigma = cfg.noise * 255.0
+
+    def one(s):
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, s), images.shape[1:]))(keys)
+        return common.input_gradients(model, params, images + sigma * noise, t)[2]
+
+    init = jnp.zeros((*t.shape, *images.shape[1:]), jnp.float32)
+    g = _chunked_sum(one, cfg.samples, cfg.chunk, np.full(cfg.samples, 1.0 / cfg.samples), init)
+    return {"attribution": g, "heatmap": _saliency_map(g), "targets": t, "logits": logits}
+
+
+def path_points(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """Points ``alpha`` in [0, 1] and weights for integrating along the path."""
+    if steps < 1:
+        raise ConvlensError("integrated gradients need steps >= 1")
+    if rule == "gausslegendre":
+        x, w = np.polynomial.legendre.leggauss(steps)
+        return (x + 1) / 2, w / 2
+    if rule == "trapezoid":
+        if steps < 2:
+            raise ConvlensError("the trapezoid rule needs steps >= 2")
+        a = np.linspace(0, 1, steps)
+        w = np.full(steps, 1.0 / (steps - 1))
+        w[[0, -1]] /= 2
+        return a, w
+    if rule == "midpoint":
+        return (np.arange(steps) + 0.5) / steps, np.full(steps, 1.0 / steps)
+    raise ConvlensError(f"unknown integration rule {rule!r}; choose gausslegendre, trapezoid or midpoint")
+
+
+def baseline_images(images, baseline):
+    if isinstance(baseline, str):
+        if baseline != "mean":
+            raise ConvlensError(f"unknown baseline {baseline!r}: give a pixel value (e.g. 0) or 'mean'")
+        return jnp.broadcast_to(jnp.mean(images, axis=(1, 2), keepdims=True), images.shape)
+    return jnp.full_like(images, float(baseline))
+
+
+def integrated_gradients(model: Model, params, images, targets, cfg: IntegratedGradientsConfig, keys=None):
+    """``(x - x0) * integral of the gradient along x0 -> x``: ``attribution [B, T, H, W, C]``,
+    ``heatmap`` = channel sum, and ``delta [B, T]`` = sum(attribution) - (f(x) - f(x0)),
+    the integration error (Captum's convergence delta)."""
+    alphas, weights = path_points(cfg.steps, cfg.rule)
+    logits, t = _clean_forward(model, params, images, targets)
+    x0 = baseline_images(images, cfg.baseline)
+    diff = images - x0
+    alphas_j = jnp.asarray(alphas, jnp.float32)
+
+    def one(s):
+        return common.input_gradients(model, params, x0 + alphas_j[s] * diff, t)[2]
+
+    init = jnp.zeros((*t.shape, *images.shape[1:]), jnp.float32)
+    avg = _chunked_sum(one, cfg.steps, cfg.chunk, weights, init)
+    attr = avg * diff[:, None]
+    f = jnp.take_along_axis(logits, t, axis=1)
+    f0 = jnp.take_along_axis(common.forward_logits(model, params, x0), t, axis=1)
+    delta = jnp.sum(attr, axis=(2, 3, 4)) - (f - f0)
+    return {"attribution": attr, "heatmap": jnp.sum(attr, axis=-1), "delta": delta, "targets": t,
+            "logits": logits}
+
+
+_ATTR = (Output("attribution", INPUT_ATTR, "per-pixel, per-channel attribution"),)
+register(MethodSpec("gradient", "gradient", GradientConfig, gradient,
+                    _ATTR + (Output("heatmap", INPUT_MAP, "max |gradient| over channels"),), False, False,
+                    "vanilla gradient of the target logit w.r.t. the pixels"))
+register(MethodSpec("gradient_x_input", "gradient", GradientConfig, gradient_x_input,
+                    _ATTR + (Output("heatmap", INPUT_MAP, "channel sum of the attribution"),), False, False,
+                    "gradient x pixel value"))
+register(MethodSpec("smoothgrad", "gradient", SmoothGradConfig, smoothgrad,
+                    _ATTR + (Output("heatmap", INPUT_MAP, "max |mean gradient| over channels"),), False, True,
+                    "SmoothGrad: gradient averaged over noisy copies"))
+register(MethodSpec("integrated_gradients", "gradient", IntegratedGradientsConfig, integrated_gradients,
+                    _ATTR + (Output("heatmap", INPUT_MAP, "channel sum of the attribution"),
+                             Output("delta", (SAMPLE, TARGET), "sum(attribution) - (f(x) - f(baseline))")),
+                    False, False, "integrated gradients from a baseline image"))
+register(MethodSpec("guided_backprop", "gradient", GradientConfig, _rule_gradient("guided"),
+                    _ATTR + (Output("heatmap", INPUT_MAP, "max |attribution| over channels"),), False, False,
+                    "guided backpropagation (ReLU gradient rule)"))
+register(MethodSpec("deconvnet", "gradient", GradientConfig, _rule_gradient("deconvnet"),
+                    _ATTR + (Output("heatmap", INPUT_MAP, "max |attribution| over channels"),), False, False,
+                    "deconvnet (Zeiler & Fergus ReLU gradient rule)"))

@@ -1,0 +1,38 @@
+"""Small test networks written as Keras configs (no Keras needed to build them)."""
+
+from convlens.models.keras_graph import graph_from_config
+from convlens.models.network import Model
+from convlens.models.preprocess import Preprocess
+
+
+def layer(cls, name, inbound, **cfg):
+    cfg["name"] = name
+    return {"class_name": cls, "name": name, "config": cfg,
+            "inbound_nodes": [] if inbound is None else [[[inbound, 0, 0, {}]]]}
+
+
+def functional(name, layers, size):
+    layers = [layer("InputLayer", "img", None, batch_shape=[None, *size])] + layers
+    return Model(graph_from_config({"class_name": "Functional", "config": {
+        "name": name, "layers": layers, "input_layers": [["img", 0, 0]],
+        "output_layers": [[layers[-1]["name"], 0, 0]]}}), preprocess=Preprocess("rescale"))
+
+
+def gap_net(classes=6):
+    """conv -> conv -> GAP -> dense softmax: the structure CAM needs."""
+    return functional("gapnet", [
+        layer("Conv2D", "c1", "img", filters=8, kernel_size=[3, 3], padding="same", activation="relu"),
+        layer("MaxPooling2D", "p1", "c1", pool_size=[2, 2], strides=[2, 2], padding="valid"),
+        layer("Conv2D", "c2", "p1", filters=12, kernel_size=[3, 3], padding="same", activation="relu"),
+        layer("GlobalAveragePooling2D", "gap", "c2"),
+        layer("Dense", "pred", "gap", units=classes, activation="softmax"),
+    ], (16, 16, 3))
+
+
+def mlp(classes=5):
+    """flatten -> dense relu -> dense: small enough for a hand-written backward pass."""
+    return functional("mlp", [
+        layer("Flatten", "flat", "img"),
+        layer("Dense", "hidden", "flat", units=16, activation="relu"),
+        layer("Dense", "out", "hidden", units=classes, activation="linear"),
+    ], (4, 4, 3))
