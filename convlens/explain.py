@@ -165,7 +165,7 @@ def explain(model: Model, params, images, method: str = "gradcam", *, target="to
     cfg = resolve_config(model, spec, options)
     top_k = tgt if isinstance(tgt, int) else None
     fn = compiled(model, method, cfg, top_k)
-    bs = batch_size or len(x)
+    bs = min(batch_size or len(x), len(x))
     pieces = []
     for start in range(0, len(x), bs):
         chunk = x[start:start + bs]

@@ -60,3 +60,81 @@ def test_corrupt_file_via_subprocess(tmp_path):
 def test_models_lists_builtins(capsys):
     code, out, _ = run(["models"], capsys)
     assert code == 0 and "vgg16" in out and "smallcnn" in out
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    from PIL import Image
+    from skimage import data
+    d = tmp_path_factory.mktemp("imgs")
+    for name in ("chelsea", "coffee", "rocket"):
+        Image.fromarray(getattr(data, name)()).save(d / f"{name}.jpg")
+    return d
+
+
+def test_explain_writes_store_matching_api(capsys, image_dir, tmp_path):
+    import numpy as np
+    import zarr
+
+    import convlens
+    from convlens.engine import sources, store
+    out = tmp_path / "run.zarr"
+    code, stdout, err = run(["explain", "vgg_tiny", "--random-init", "0", str(image_dir), "-m", "gradcam",
+                             "-m", "integrated_gradients", "-o", "steps=8", "--target", "top2",
+                             "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "gradcam @ block5_conv3: targets" in stdout and f"wrote {out}" in stdout
+    root = zarr.open_group(str(out), mode="r")
+    arrays = store.describe(root)
+    assert arrays["gradcam/heatmap"]["dims"] == ("sample", "target", "y", "x")
+    assert arrays["gradcam/heatmap"]["shape"] == (3, 2, 32, 32)
+    assert arrays["integrated_gradients/attribution"]["dims"] == ("sample", "target", "y", "x", "channel")
+    assert root.attrs["methods"]["integrated_gradients"]["config"]["steps"] == 8
+    assert root.attrs["schema_version"] == store.SCHEMA_VERSION and root.attrs["model"] == "vgg_tiny"
+    # The stored maps are the single-call API's maps for the same images.
+    model, params = convlens.load_model("vgg_tiny", random_init=0)
+    x, ids = sources.load_images([str(image_dir)], model.input_size)
+    assert list(root["ids"][:]) == ids
+    e = convlens.explain(model, params, x, "gradcam", target="top2")
+    np.testing.assert_allclose(root["gradcam/heatmap"][:], e["heatmap"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(root["predictions/topk_index"][:, :2], e.targets)
+    # Never overwritten silently.
+    code, _, err = run(["explain", "vgg_tiny", "--random-init", "0", str(image_dir), "--out", str(out)], capsys)
+    assert code == 1 and "already exists; pass --overwrite" in err
+
+
+def test_activations_and_weights_commands(capsys, image_dir, tmp_path):
+    import zarr
+    code, stdout, err = run(["activations", "vgg_tiny", "--random-init", "0", str(image_dir / "chelsea.jpg"),
+                             "--layers", "block1_conv1,fc1", "--out", str(tmp_path / "a.zarr")], capsys)
+    assert code == 0, err
+    root = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")
+    assert root["activations/block1_conv1"].shape == (1, 32, 32, 4)
+    assert root["activations/fc1"].metadata.dimension_names == ("sample", "d1")
+    code, stdout, err = run(["weights", "vgg_tiny", "--random-init", "0", "--layer", "block1_conv1",
+                             "--layer", "block2_conv1", "--out", str(tmp_path / "w.zarr")], capsys)
+    assert code == 0, err
+    w = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")
+    rgb = w["weights/block1_conv1/filters"][:]
+    assert rgb.shape == (4, 3, 3, 3) and rgb.min() == 0.0 and rgb.max() == 1.0
+    assert w["weights/block2_conv1/filters"].shape == (8, 4, 3, 3)
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["explain", "vgg_tiny", "--random-init", "0", "nowhere/*.jpg"], "no such file, folder or matching files"),
+    (["explain", "vgg_tiny", "--random-init", "0", "IMG", "--layer", "fc1"], "needs a spatial layer"),
+    (["explain", "vgg_tiny", "--random-init", "0", "IMG", "--target", "5000"], "out of range"),
+    (["explain", "vgg_tiny", "--random-init", "0", "IMG", "-m", "nosuch"], "Invalid value for '--method'"),
+    (["weights", "vgg_tiny", "--random-init", "0", "--layer", "fc1"], "not a convolution"),
+])
+def test_explain_errors_one_line(capsys, image_dir, argv, text):
+    argv = [str(image_dir / "chelsea.jpg") if a == "IMG" else a for a in argv]
+    code, _, err = run(argv, capsys)
+    assert code in (1, 2) and text in err and err.count("\n") == 1, err
+
+
+def test_unreadable_image_is_a_clear_error(capsys, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    code, _, err = run(["explain", "vgg_tiny", "--random-init", "0", str(bad)], capsys)
+    assert code == 1 and err.startswith(f"error: cannot read image {bad}")

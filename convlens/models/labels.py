@@ -29,3 +29,14 @@ def decode_topk(scores, class_names, k: int = 5) -> list[list[tuple[int, str, fl
     names = class_names or tuple(str(i) for i in range(scores.shape[-1]))
     return [[(int(i), names[i] if i < len(names) else str(i), float(s[i])) for i in row]
             for row, s in zip(idx, scores)]
+
+
+def probabilities(logits, activation: str | None) -> np.ndarray:
+    """Scores as the model reports them: softmax or sigmoid of the logits (host arrays)."""
+    z = np.asarray(logits, np.float64)
+    if activation == "softmax":
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    if activation == "sigmoid":
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+    return z.astype(np.float32)
