@@ -19,45 +19,13 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+sys.path.insert(0, str(HERE))
+from common import best_time as _time, load_arrays as _arrays, torch_model, weights_file  # noqa: E402
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"  # convlens's choice, see convlens/_xla.py
 MODELS = {"vgg16": ((224, 224), (1, 8, 32)), "smallcnn": ((150, 150), (1, 8, 64))}
-
-
-def _time(fn, reps):
-    fn()  # warm-up: compile
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def weights_file(model_name: str) -> Path:
-    """One set of random weights (convlens's init, seed 0) that every framework loads,
-    so all of them compute the same numbers."""
-    path = HERE / "results" / f".{model_name}_weights.npz"
-    if not path.exists():
-        from convlens.models.registry import load_model
-        _, params = load_model(model_name, random_init=0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        import numpy as np
-        np.savez(path, **{f"{k}/{v}": np.asarray(a) for k, vs in params.items() for v, a in vs.items()})
-    return path
-
-
-def _arrays(model_name):
-    import numpy as np
-    flat = np.load(weights_file(model_name))
-    out: dict[str, dict] = {}
-    for key in flat.files:
-        layer, var = key.split("/")
-        out.setdefault(layer, {})[var] = flat[key]
-    return out
 
 
 def _probe(size):
@@ -108,43 +76,8 @@ def worker(framework: str, model_name: str, batches: list[int], reps: int) -> di
         return out
     if framework == "torch":
         import torch
-        from torch import nn
         torch.set_grad_enabled(False)
-        if model_name == "vgg16":
-            layers, c = [], 3
-            for n, w in zip((2, 2, 3, 3, 3), (64, 128, 256, 512, 512)):
-                for _ in range(n):
-                    layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(inplace=True)]
-                    c = w
-                layers.append(nn.MaxPool2d(2))
-            layers += [nn.Flatten(), nn.Linear(25088, 4096), nn.ReLU(True), nn.Linear(4096, 4096), nn.ReLU(True),
-                       nn.Linear(4096, 1000), nn.Softmax(-1)]
-        else:
-            layers, c = [], 3
-            for w in (32, 64, 128, 128):
-                layers += [nn.Conv2d(c, w, 3), nn.ReLU(True), nn.MaxPool2d(2)]
-                c = w
-            layers += [nn.Flatten(), nn.Dropout(0.5), nn.Linear(6272, 512), nn.ReLU(True), nn.Linear(512, 1),
-                       nn.Sigmoid()]
-        net = nn.Sequential(*layers).eval()
-        from convlens.models.registry import build_model
-        names = [n for n in build_model(model_name).layer_names if n in weights]
-        mods = [m for m in net if isinstance(m, (nn.Conv2d, nn.Linear))]
-        last_conv = None
-        for name, mod in zip(names, mods):
-            w = torch.from_numpy(weights[name]["kernel"])
-            if isinstance(mod, nn.Conv2d):
-                mod.weight.copy_(w.permute(3, 2, 0, 1))
-                last_conv = mod
-            else:
-                if last_conv is not None:
-                    # Keras flattens (H, W, C); torch flattens (C, H, W): reorder fc1's rows.
-                    c = last_conv.out_channels
-                    hw = w.shape[0] // c
-                    w = w.reshape(hw, c, -1).permute(1, 0, 2).reshape(w.shape[0], -1)
-                    last_conv = None
-                mod.weight.copy_(w.T)
-            mod.bias.copy_(torch.from_numpy(weights[name]["bias"]))
+        net = torch_model(model_name, weights)
         net = net.to(memory_format=torch.channels_last)
         probe = torch.from_numpy(_probe(size).transpose(0, 3, 1, 2).copy()).contiguous(memory_format=torch.channels_last)
         out["probe"] = net(probe).numpy().ravel()[:10].tolist()
@@ -184,8 +117,9 @@ def main():
     ap.add_argument("--batches")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "results" / "forward_throughput.json"))
+    ap.add_argument("--out", help="JSON results (default: results/forward_throughput[_quick].json)")
     a = ap.parse_args()
+    a.out = a.out or str(HERE / "results" / ("forward_throughput_quick.json" if a.quick else "forward_throughput.json"))
     if a.worker:
         res = worker(a.worker, a.model, [int(b) for b in a.batches.split(",")], a.reps)
         print(json.dumps(res))

@@ -1,11 +1,14 @@
 """XLA settings convlens applies before JAX starts its backend.
 
-On XLA:CPU (jaxlib 0.10), the YNNPACK library fusions that are on by default make
-convnets several times slower than plain XLA: VGG16's forward pass at batch 8 takes
-2.6 s with them and 1.0 s without (ResNet50: 0.52 s vs 0.36 s; see
-``benchmarks/forward_throughput.py``). convlens therefore turns them off with
-``--xla_cpu_experimental_ynn_fusion_type=`` unless the user set that flag already
-or sets ``CONVLENS_XLA_DEFAULTS=0``. XLA reads ``XLA_FLAGS`` when the first backend is
+On XLA:CPU (jaxlib 0.10), the YNNPACK library fusions that are on by default
+(``dot``, ``eltwise``, ``reduce``) make convnets several times slower than plain XLA:
+VGG16's forward pass at batch 8 takes 2.6 s with them and 1.0 s without (ResNet50:
+0.52 s vs 0.36 s; see ``benchmarks/forward_throughput.py``). YNNPACK's *individual*
+dots, on the other hand, are what make backward passes through large Dense layers
+fast: the input gradient of VGG16's fc1 (``g @ W.T``, W 25088x4096) takes 188 ms with
+XLA's own dot and 25 ms with YNNPACK's. convlens therefore sets
+``--xla_cpu_experimental_ynn_fusion_type=individual_dot`` unless the user set that
+flag already or sets ``CONVLENS_XLA_DEFAULTS=0``. XLA reads ``XLA_FLAGS`` when the first backend is
 created, so this only takes effect if convlens is imported before the first JAX
 computation; `status()` says whether it did.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
 _applied: bool | None = None
 
 
@@ -47,5 +50,5 @@ def apply_defaults() -> None:
 def status() -> str:
     """One line on the XLA flags convlens set (for benchmark and run metadata)."""
     if _applied:
-        return f"convlens set {YNN_FLAG} (YNNPACK fusions off)"
+        return f"convlens set {YNN_FLAG} (YNNPACK fusions off, YNNPACK dots on)"
     return "convlens left XLA_FLAGS as they were: " + (os.environ.get("XLA_FLAGS") or "(empty)")

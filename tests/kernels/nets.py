@@ -36,3 +36,15 @@ def mlp(classes=5):
         layer("Dense", "hidden", "flat", units=16, activation="relu"),
         layer("Dense", "out", "hidden", units=classes, activation="linear"),
     ], (4, 4, 3))
+
+
+def with_random_biases(model, seed):
+    """Random init with random biases too, so no unit is silent by construction."""
+    import jax.numpy as jnp
+    import numpy as np
+    params = model.init(seed)
+    rng = np.random.default_rng(seed)
+    for name in params:
+        if "bias" in params[name]:
+            params[name]["bias"] = jnp.asarray(rng.normal(0, 0.2, params[name]["bias"].shape), jnp.float32)
+    return params

@@ -11,7 +11,7 @@ import pytest
 import convlens
 from convlens.explain import image_keys
 from convlens.kernels.registry import METHODS, all_outputs
-from tests.kernels.nets import gap_net
+from tests.kernels.nets import gap_net, with_random_biases
 
 FAST = {"smoothgrad": {"samples": 6}, "integrated_gradients": {"steps": 8}}
 
@@ -19,10 +19,7 @@ FAST = {"smoothgrad": {"samples": 6}, "integrated_gradients": {"steps": 8}}
 @pytest.fixture(scope="module")
 def net():
     model = gap_net()
-    params = model.init(5)
-    rng = np.random.default_rng(5)
-    for name in params:
-        params[name]["bias"] = jnp.asarray(rng.normal(0, 0.2, params[name]["bias"].shape), jnp.float32)
+    params = with_random_biases(model, 5)
     x = np.random.default_rng(6).uniform(0, 255, (3, 16, 16, 3)).astype("float32")
     return model, params, x
 

@@ -1,0 +1,134 @@
+"""Explanation throughput on VGG16 (224x224): Grad-CAM, guided Grad-CAM and SmoothGrad,
+as a ratio to the same model's plain forward throughput in the same run, and against
+Captum (LayerGradCam, GuidedGradCam, NoiseTunnel over Saliency) on identical weights
+where PyTorch and Captum are installed. Captum's maps are checked against convlens's
+(same weights, same images) before anything is timed.
+
+    python benchmarks/explain_throughput.py          # batch 8 and 32 (~15 min on 2 cores)
+    python benchmarks/explain_throughput.py --quick  # batch 8, Grad-CAM only
+
+Timing: warm-up (compilation) excluded, best of --reps, block_until_ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import convlens  # noqa: E402  - sets convlens's XLA flags before JAX starts
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from common import best_time, load_arrays, torch_model  # noqa: E402
+
+from convlens.explain import compiled, image_keys, resolve_config  # noqa: E402
+from convlens.kernels.registry import METHODS  # noqa: E402
+from convlens.models.registry import build_model  # noqa: E402
+
+SMOOTH_SAMPLES = 8
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    batches = (8,) if a.quick else (8, 32)
+    methods = [("gradcam", {})] if a.quick else [
+        ("gradcam", {}), ("guided_gradcam", {}), ("smoothgrad", {"samples": SMOOTH_SAMPLES, "chunk": SMOOTH_SAMPLES})]
+    weights = load_arrays("vgg16")
+    model = build_model("vgg16")
+    params = jax.tree.map(jnp.asarray, weights)
+    try:
+        import captum.attr as ca
+        import torch
+        torch.set_num_threads(2)
+        tnet = torch_model("vgg16", weights, inplace=False, squash=False).to(memory_format=torch.channels_last)
+        for p in tnet.parameters():
+            p.requires_grad_(False)
+    except ImportError:
+        ca = None
+        print("PyTorch/Captum not installed: convlens only")
+    fwd = jax.jit(lambda p, x: model.apply(p, model.preprocess(x))[0])
+    results = {"smoothgrad_samples": SMOOTH_SAMPLES, "batches": {}}
+    for b in batches:
+        x_np = np.random.default_rng(0).uniform(0, 255, (b, 224, 224, 3)).astype("float32")
+        x = jnp.asarray(x_np)
+        rows = {}
+        t_fwd = best_time(lambda: fwd(params, x).block_until_ready(), a.reps)
+        rows["forward"] = b / t_fwd
+        print(f"\nbatch {b}: forward {b / t_fwd:.2f} images/s", flush=True)
+        if ca is not None:
+            xt = torch.from_numpy(((x_np[..., ::-1] - np.array([103.939, 116.779, 123.68])).astype("float32")
+                                   ).transpose(0, 3, 1, 2).copy()).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                targets = tnet(xt).argmax(-1)
+        for method, opts in methods:
+            if method == "smoothgrad" and b > 8:
+                continue  # 8 noisy copies of 32 images: minutes per call, same ratio as batch 8
+            cfg = resolve_config(model, METHODS[method], opts)
+            fn = compiled(model, method, cfg, 1)
+            keys = image_keys(0, 0, b)
+            out = fn(params, x, None, keys)
+            t = best_time(lambda: jax.block_until_ready(fn(params, x, None, keys)), a.reps)
+            rows[method] = b / t
+            line = f"  {method:16s} convlens {b / t:6.2f} images/s = {t_fwd / t:.2f} x forward"
+            if ca is not None:
+                ref_t, agree = captum_time(ca, torch, tnet, xt, targets, method, out, a.reps)
+                rows[f"captum_{method}"] = b / ref_t
+                line += f" | Captum {b / ref_t:6.2f} images/s -> convlens {ref_t / t:.2f}x faster ({agree})"
+                if method == "gradcam":
+                    # Captum as most users run it: default NCHW memory format.
+                    nchw = torch_model("vgg16", weights, inplace=False, squash=False)
+                    ref2, _ = captum_time(ca, torch, nchw, xt.contiguous(), targets, method, out, a.reps)
+                    rows["captum_gradcam_nchw"] = b / ref2
+                    line += f"; Captum NCHW {b / ref2:6.2f} -> {ref2 / t:.2f}x"
+            print(line, flush=True)
+        results["batches"][b] = rows
+    path = HERE / "results" / ("explain_throughput_quick.json" if a.quick else "explain_throughput.json")
+    path.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {path}")
+
+
+def captum_time(ca, torch, net, xt, targets, method, ours, reps):
+    """Captum's time for the same explanation, and how well its map agrees with ours."""
+    relu_idx = 29  # the ReLU after the 13th conv: Keras's block5_conv3 output
+    if method == "gradcam":
+        algo = ca.LayerGradCam(net, net[relu_idx])
+
+        def run():
+            return algo.attribute(xt, target=targets, relu_attributions=True)
+        theirs = run().detach().numpy()[:, 0]
+        agree = _corr(theirs, ours["cam"][:, 0])
+    elif method == "guided_gradcam":
+        algo = ca.GuidedGradCam(net, net[relu_idx])
+
+        def run():
+            return algo.attribute(xt, target=targets)
+        # Captum upsamples the CAM with its own interpolation: compare map structure only.
+        theirs = np.abs(run().detach().numpy()).max(1)
+        agree = _corr(theirs, ours["heatmap"][:, 0])
+    else:
+        algo = ca.NoiseTunnel(ca.Saliency(net))
+
+        def run():
+            return algo.attribute(xt, target=targets, nt_type="smoothgrad", nt_samples=SMOOTH_SAMPLES,
+                                  stdevs=0.15 * 255, abs=False)
+        theirs = None
+        agree = "noise differs: not compared"
+    t = best_time(run, reps)
+    return t, agree if isinstance(agree, str) else f"map correlation {agree:.4f}"
+
+
+def _corr(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+if __name__ == "__main__":
+    main()
