@@ -83,3 +83,21 @@ def best_time(fn, reps: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def machine() -> dict:
+    """Where a benchmark ran: figures differ between the machines of one kind (AVX-512 or not)."""
+    import os
+    import platform
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
+        simd = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags)
+    except (OSError, StopIteration):
+        simd = ""
+    return {"cpu": cpu, "simd": simd, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}

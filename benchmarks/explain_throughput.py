@@ -24,7 +24,7 @@ import convlens  # noqa: E402  - sets convlens's XLA flags before JAX starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import best_time, load_arrays, torch_model  # noqa: E402
+from common import best_time, load_arrays, machine, torch_model  # noqa: E402
 
 from convlens.explain import compiled, image_keys, resolve_config  # noqa: E402
 from convlens.kernels.registry import METHODS  # noqa: E402
@@ -55,7 +55,7 @@ def main():
         ca = None
         print("PyTorch/Captum not installed: convlens only")
     fwd = jax.jit(lambda p, x: model.apply(p, model.preprocess(x))[0])
-    results = {"smoothgrad_samples": SMOOTH_SAMPLES, "batches": {}}
+    results = {"machine": machine(), "smoothgrad_samples": SMOOTH_SAMPLES, "batches": {}}
     for b in batches:
         x_np = np.random.default_rng(0).uniform(0, 255, (b, 224, 224, 3)).astype("float32")
         x = jnp.asarray(x_np)
@@ -88,6 +88,33 @@ def main():
                     ref2, _ = captum_time(ca, torch, nchw, xt.contiguous(), targets, method, out, a.reps)
                     rows["captum_gradcam_nchw"] = b / ref2
                     line += f"; Captum NCHW {b / ref2:6.2f} -> {ref2 / t:.2f}x"
+                    # pytorch-grad-cam backpropagates from the loss to the layer, so its model
+                    # keeps requires_grad on its weights, as its users have it.
+                    pnet = torch_model("vgg16", weights, inplace=False, squash=False).to(
+                        memory_format=torch.channels_last)
+                    ref3 = pgc_time(pnet, xt, targets, out, a.reps)
+                    if ref3 is not None:
+                        rows["pytorch_grad_cam_gradcam"] = b / ref3[0]
+                        line += f"; pytorch-grad-cam {b / ref3[0]:6.2f} -> {ref3[0] / t:.2f}x ({ref3[1]})"
+            print(line, flush=True)
+        if b == 8:
+            # Three classes per image: one forward and three backward passes (vmap over the
+            # cotangents) against three calls of the PyTorch tools.
+            cfg = resolve_config(model, METHODS["gradcam"], {})
+            fn3 = compiled(model, "gradcam", cfg, 3)
+            keys = image_keys(0, 0, b)
+            out3 = fn3(params, x, None, keys)
+            t3 = best_time(lambda: jax.block_until_ready(fn3(params, x, None, keys)), a.reps)
+            rows["gradcam_top3"] = b / t3
+            line = f"  {'gradcam top-3':16s} convlens {b / t3:6.2f} images/s = {t_fwd / t3:.2f} x forward"
+            if ca is not None:
+                with torch.no_grad():
+                    top3 = tnet(xt).topk(3, -1).indices
+                algo = ca.LayerGradCam(tnet, tnet[29])
+                ref = best_time(lambda: [algo.attribute(xt, target=top3[:, j], relu_attributions=True)
+                                         for j in range(3)], a.reps)
+                rows["captum_gradcam_top3"] = b / ref
+                line += f" | Captum (3 calls) {b / ref:6.2f} images/s -> convlens {ref / t3:.2f}x faster"
             print(line, flush=True)
         results["batches"][b] = rows
     path = HERE / "results" / ("explain_throughput_quick.json" if a.quick else "explain_throughput.json")
@@ -123,6 +150,25 @@ def captum_time(ca, torch, net, xt, targets, method, ours, reps):
         agree = "noise differs: not compared"
     t = best_time(run, reps)
     return t, agree if isinstance(agree, str) else f"map correlation {agree:.4f}"
+
+
+def pgc_time(net, xt, targets, ours, reps):
+    """pytorch-grad-cam's GradCAM (its own cv2 resizing and per-image normalisation
+    included, as its users get it), or None where it is not installed."""
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        return None
+    cam = GradCAM(model=net, target_layers=[net[29]])
+    tg = [ClassifierOutputTarget(int(c)) for c in targets]
+
+    def run():
+        return cam(input_tensor=xt, targets=tg)
+    theirs = run()
+    ours_map = np.asarray(ours["heatmap"][:, 0])
+    ours_map = ours_map / np.maximum(ours_map.max(axis=(1, 2), keepdims=True), 1e-12)
+    return best_time(run, reps), f"map correlation {_corr(theirs, ours_map):.4f}"
 
 
 def _corr(a, b):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import best_time as _time, load_arrays as _arrays, torch_model, weights_file  # noqa: E402
+from common import machine, best_time as _time, load_arrays as _arrays, torch_model, weights_file  # noqa: E402
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"  # convlens's choice, see convlens/_xla.py
 MODELS = {"vgg16": ((224, 224), (1, 8, 32)), "smallcnn": ((150, 150), (1, 8, 64))}
 
@@ -135,8 +135,7 @@ def main():
                ("keras-jax", "Keras 3 on JAX (convlens's XLA flags)", YNN_OFF)]
     if have_torch:
         configs.append(("torch", "PyTorch channels_last (oneDNN)", ""))
-    results = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                           "python": platform.python_version()}, "models": {}}
+    results = {"machine": machine(), "models": {}}
     for model_name, (size, batches) in MODELS.items():
         weights_file(model_name)
         if a.quick:

@@ -78,100 +78,216 @@ def summary(model, weights, random_init, top, input_size, preprocess):
                + (f" (sha256 {m.weights_sha256[:12]})" if m.weights_sha256 else ""))
 
 
-def _parse_options(pairs) -> dict:
-    out = {}
+def _parse_options(pairs, methods) -> dict[str, dict]:
+    """``-o KEY=VALUE`` (every method with that option) and ``-o METHOD.KEY=VALUE``."""
+    import dataclasses as dc
+
+    from convlens.kernels.registry import METHODS
+
+    per = {m: {} for m in methods}
     for pair in pairs:
         if "=" not in pair:
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--option")
-        k, v = pair.split("=", 1)
+        k, v = (a.strip() for a in pair.split("=", 1))
         for cast in (int, float):
             try:
                 v = cast(v)
                 break
             except ValueError:
                 pass
-        out[k.strip().replace("-", "_")] = v
+        target, _, key = k.rpartition(".")
+        key = key.replace("-", "_")
+        if target:
+            if target not in per:
+                raise click.BadParameter(f"{pair!r}: {target!r} is not one of the methods run "
+                                         f"({', '.join(methods)})", param_hint="--option")
+            per[target][key] = v
+            continue
+        takers = [m for m in methods if key in {f.name for f in dc.fields(METHODS[m].config)}]
+        if not takers:
+            raise click.BadParameter(f"{pair!r}: no method run here has an option {key!r}", param_hint="--option")
+        for m in takers:
+            per[m][key] = v
+    return per
+
+
+def _methods(values) -> list[str]:
+    from convlens.kernels.registry import METHODS
+
+    out = []
+    for v in values:
+        for name in (p.strip() for p in v.split(",")):
+            if not name:
+                continue
+            if name not in METHODS:
+                raise click.BadParameter(f"{name!r} is not a method; choose from {', '.join(sorted(METHODS))}",
+                                         param_hint="--method")
+            if name not in out:
+                out.append(name)
     return out
 
 
-def _method_choice():
-    from convlens.kernels.registry import METHODS
-    return click.Choice(sorted(METHODS))
-
-
-def _images_options(f):
-    f = click.option("--resize", type=click.Choice(["squash", "crop"]), default="squash", show_default=True,
-                     help="Fit images to the model: squash, or shorter side + centre crop.")(f)
-    f = click.option("--overwrite", is_flag=True, help="Replace an existing --out store.")(f)
-    f = click.option("--out", type=click.Path(), help="Write the results to this Zarr store (.zarr).")(f)
+def _run_options(f):
+    f = click.option("--keep-inputs", is_flag=True, help="Also store the resized input images.")(f)
+    f = click.option("--resize", type=click.Choice(["squash", "crop", "pad"]), default="squash", show_default=True,
+                     help="Fit images to the model: squash, shorter side + centre crop, or pad.")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True, help="PRNG seed (stochastic methods).")(f)
+    f = click.option("--batch-size", type=int, default=8, show_default=True, help="Images per compiled call.")(f)
+    f = click.option("--option", "-o", "options", multiple=True, metavar="[METHOD.]KEY=VALUE",
+                     help="Method option, e.g. -o samples=25 or -o occlusion.window=32.")(f)
+    f = click.option("--target", default="top1", show_default=True,
+                     help="top1, top5 / topk:N, class indices (281 or 281,285), or label.")(f)
+    f = click.option("--layer", help="Layer for the CAM methods (default: last spatial non-pooling layer).")(f)
+    f = click.option("--method", "--methods", "-m", "methods", multiple=True, default=["gradcam"], show_default=True,
+                     help="Method(s): repeat or comma-separate (see `convlens methods`).")(f)
     return f
+
+
+def _method_options(methods, options, layer):
+    from convlens.kernels.registry import METHODS
+
+    per = _parse_options(options, methods)
+    if layer:
+        users = [m for m in methods if METHODS[m].uses_layer and m != "cam"]
+        if not users:
+            raise click.BadParameter("none of the methods run takes a layer", param_hint="--layer")
+        for m in users:
+            per[m].setdefault("layer", layer)
+    return per
 
 
 @cli.command()
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True)
-@click.option("--method", "-m", "methods", type=_method_choice(), multiple=True, default=["gradcam"],
-              show_default=True, help="Method (repeat for several).")
-@click.option("--layer", help="Layer for CAM methods (default: last spatial non-pooling layer).")
-@click.option("--target", default="top1", show_default=True,
-              help="top1, top5 / topk:N, or class indices (281 or 281,285).")
-@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
-              help="Method option, e.g. -o samples=25 -o noise=0.1.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="PRNG seed (stochastic methods).")
-@_images_options
+@_run_options
+@click.option("--out", type=click.Path(), help="Write the results to this Zarr store (.zarr).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out store.")
 @_model_options
-def explain(model, images, methods, layer, target, options, batch_size, seed, out, overwrite, resize,
+def explain(model, images, methods, layer, target, options, batch_size, seed, resize, keep_inputs, out, overwrite,
             weights, random_init, top, input_size, preprocess):
-    """Explain IMAGES (files, folders or globs) with one or more methods."""
-    import numpy as np
+    """Explain IMAGES (files, folders or globs) with one or more methods and print the
+    predictions; --out keeps everything in a store (the same schema as `convlens run`)."""
+    from convlens.engine import runner, sources, store
 
-    from convlens.engine import sources, store
-    from convlens.explain import explain as run
-    from convlens.kernels.registry import METHODS
-    from convlens.models.labels import decode_topk, probabilities
-
-    if out and Path(out).exists() and not overwrite:
+    methods = _methods(methods)
+    per = _method_options(methods, options, layer)
+    if out and store.exists(out) and not overwrite:
         raise ConvlensError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     m, params = _load(model, weights, random_init, top, input_size, preprocess)
-    x, ids = sources.load_images(list(images), m.input_size, resize)
-    opts = _parse_options(options)
-    results = {}
-    for name in methods:
-        kw = dict(opts)
-        if layer and METHODS[name].uses_layer:
-            kw["layer"] = layer
-        fields = {f.name for f in dataclasses.fields(METHODS[name].config)}
-        kw = {k: v for k, v in kw.items() if k in fields or len(methods) == 1}
-        results[name] = run(m, params, x, name, target=target, key=seed, batch_size=batch_size, **kw)
-    first = next(iter(results.values()))
-    probs = probabilities(first.logits, m.output_activation)
-    top = decode_topk(probs, m.class_names, k=3)
-    for i, item in enumerate(ids):
-        preds = ", ".join(f"{label} {p:.3f}" for _, label, p in top[i])
-        click.echo(f"{item}: {preds}")
-        for name, e in results.items():
-            click.echo(f"  {name}" + (f" @ {e.layer}" if e.layer else "") + f": targets {e.targets[i].tolist()}")
+    src = sources.FileSource(sources.expand(list(images)))
+    r = runner.Run(m, params, src, per, out, opts=runner.RunOptions(
+        target=target, batch_size=batch_size, seed=seed, resize=resize, keep_inputs=keep_inputs, progress=False),
+        overwrite=overwrite, command="explain")
+    summary = r.execute()
+    _print_items(store.open_store(r.out), methods, m)
     if out:
-        root = store.create(out, overwrite=overwrite, attrs={**store.model_attrs(m), "command": "explain"})
-        store.write(root, "ids", np.asarray(ids), ("sample",))
-        k = min(5, probs.shape[-1])
-        order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-        store.write(root, "predictions/topk_index", order.astype(np.int32), ("sample", "rank"))
-        store.write(root, "predictions/topk_prob", np.take_along_axis(probs, order, 1).astype(np.float32),
-                    ("sample", "rank"))
-        for name, e in results.items():
-            outs = {**e.outputs, "targets": e.targets, "logits": e.logits}
-            store.add_method(root, name, e.config, outs, e.dims)
-        store.finish(out)
-        click.echo(f"wrote {out} ({len(ids)} images, methods: {', '.join(results)})")
+        click.echo(f"wrote {out} ({summary.done} images, methods: {', '.join(methods)})")
+    if summary.failed:
+        raise ConvlensError(f"{summary.failed} of {summary.items} images could not be read "
+                            f"(first: {summary.failures[0][0]}: {summary.failures[0][1]})")
+
+
+def _print_items(root, methods, model):
+    """One line per item: its top-3 predictions, then the targets each method explained."""
+    import numpy as np
+
+    names = model.class_names or ()
+    ids = root["ids"][:]
+    status = np.asarray(root["status"][:])
+    errors = root["errors"][:]
+    idx, prob = root["predictions/topk_index"][:], root["predictions/topk_prob"][:]
+    for i, item in enumerate(ids):
+        if status[i] != 1:
+            click.echo(f"{item}: failed ({errors[i]})")
+            continue
+        preds = ", ".join(f"{names[c] if c < len(names) else c} {p:.3f}" for c, p in zip(idx[i][:3], prob[i][:3]))
+        click.echo(f"{item}: {preds}")
+        for meth in methods:
+            layer = root.attrs["methods"][meth]["config"].get("layer")
+            click.echo(f"  {meth}" + (f" @ {layer}" if layer else "") +
+                       f": targets {root[f'{meth}/targets'][i].tolist()}")
+
+
+@cli.command("run")
+@click.argument("model")
+@click.option("--data", "data", multiple=True, required=True,
+              help="tfds:NAME[/CONFIG][:SPLIT], a folder, image files / globs, or a .npy/.npz file.")
+@click.option("--data-dir", type=click.Path(), help="TFDS data directory (default $TFDS_DATA_DIR or "
+              "~/tensorflow_datasets).")
+@click.option("--masks", type=click.Path(), help="Folder of object masks mirroring an image folder.")
+@_run_options
+@click.option("--out", type=click.Path(), required=True, help="The Zarr store to write (path or fsspec URL).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out store.")
+@click.option("--chunk", type=int, help="Items per store chunk (default max(16, batch size)).")
+@click.option("--workers", type=int, default=4, show_default=True, help="Image decoding threads.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--num-processes", type=int, help="Processes in a multi-process run (jax.distributed).")
+@click.option("--process-id", type=int, help="This process's index in a multi-process run.")
+@click.option("--coordinator", metavar="HOST:PORT", help="Process 0's address in a multi-process run.")
+@click.option("--distributed-auto", is_flag=True, help="Join a multi-process run from the launcher's "
+              "environment (Slurm and others jax.distributed recognises).")
+@_model_options
+def run_cmd(model, data, data_dir, masks, methods, layer, target, options, batch_size, seed, resize, keep_inputs,
+            out, resume, overwrite, chunk, workers, no_progress, num_processes, process_id, coordinator,
+            distributed_auto, weights, random_init, top, input_size, preprocess):
+    """Explain a whole data set into a Zarr store (resumable; many devices and processes)."""
+    from convlens.engine import distributed, sources
+
+    methods = _methods(methods)
+    per = _method_options(methods, options, layer)
+    proc = distributed.initialize(num_processes, process_id, coordinator, auto=distributed_auto)
+    src = sources.open_source(list(data), data_dir=data_dir, masks=masks)  # before the model: fail fast
+    m, params = _load(model, weights, random_init, top, input_size, preprocess)
+    opts = dict(target=target, batch_size=batch_size, seed=seed, resize=resize, keep_inputs=keep_inputs,
+                chunk=chunk, workers=workers, progress=not no_progress)
+    summary = distributed.run(m, params, src, per, out, proc, resume=resume, overwrite=overwrite,
+                              command=" ".join(["convlens", *sys.argv[1:]]), **opts)
+    if proc.index == 0:
+        click.echo(_summary_line(summary))
+        for item, why in summary.failures[:10]:
+            click.echo(f"  failed: {item}: {why}")
+        if len(summary.failures) > 10:
+            click.echo(f"  ... and {len(summary.failures) - 10} more (see `convlens info {out}`)")
+
+
+def _summary_line(s) -> str:
+    rate = f"{s.items_per_second:.2f} images/s" if s.computed_items else "nothing left to do"
+    resumed = f", {s.skipped_chunks} chunks already done" if s.skipped_chunks else ""
+    return (f"wrote {s.store}: {s.done} done, {s.failed} failed of {s.items} items "
+            f"in {s.seconds:.1f} s ({rate}{resumed})")
+
+
+@cli.command()
+@click.argument("store_path", metavar="STORE")
+def info(store_path):
+    """What a store holds: model, methods, progress, failures, arrays."""
+    from convlens.engine.info import info_text
+
+    click.echo(info_text(store_path))
+
+
+@cli.command()
+def methods():
+    """List the explanation methods and their options."""
+    import dataclasses as dc
+
+    from convlens.kernels.registry import METHODS
+
+    for name in sorted(METHODS):
+        spec = METHODS[name]
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dc.fields(spec.config))
+        click.echo(f"{name:22s} {spec.doc}" + (f"  [{opts}]" if opts else ""))
 
 
 @cli.command()
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--layers", default="conv", show_default=True, help="all, conv, or layer names (comma-separated).")
-@_images_options
+@click.option("--resize", type=click.Choice(["squash", "crop", "pad"]), default="squash", show_default=True,
+              help="Fit images to the model: squash, shorter side + centre crop, or pad.")
+@click.option("--out", type=click.Path(), help="Write the activations to this Zarr store (.zarr).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out store.")
 @_model_options
 def activations(model, images, layers, out, overwrite, resize, weights, random_init, top, input_size, preprocess):
     """Intermediate activations of IMAGES at the chosen layers (one forward pass)."""
@@ -192,8 +308,10 @@ def activations(model, images, layers, out, overwrite, resize, weights, random_i
         click.echo(f"{name:28s} {str(list(a.shape[1:])):22s} mean {a.mean():10.4g}  max {a.max():10.4g}  "
                    f"zero {100 * (a == 0).mean():5.1f}%")
     if out:
-        root = store.create(out, overwrite=overwrite, attrs={**store.model_attrs(m), "command": "activations"})
+        root = store.create(out, overwrite=overwrite, attrs={**store.model_attrs(m), "command": "activations",
+                                                             "resize": resize})
         store.write(root, "ids", np.asarray(ids), ("sample",))
+        store.write(root, "inputs", x, ("sample", "y", "x", "rgb"))
         for name in names:
             a = np.asarray(acts[name])
             dims = ("sample", "y", "x", "channel") if a.ndim == 4 else ("sample",) + tuple(

@@ -124,7 +124,7 @@ def test_activations_and_weights_commands(capsys, image_dir, tmp_path):
     (["explain", "vgg_tiny", "--random-init", "0", "nowhere/*.jpg"], "no such file, folder or matching files"),
     (["explain", "vgg_tiny", "--random-init", "0", "IMG", "--layer", "fc1"], "needs a spatial layer"),
     (["explain", "vgg_tiny", "--random-init", "0", "IMG", "--target", "5000"], "out of range"),
-    (["explain", "vgg_tiny", "--random-init", "0", "IMG", "-m", "nosuch"], "Invalid value for '--method'"),
+    (["explain", "vgg_tiny", "--random-init", "0", "IMG", "-m", "nosuch"], "'nosuch' is not a method; choose from"),
     (["weights", "vgg_tiny", "--random-init", "0", "--layer", "fc1"], "not a convolution"),
 ])
 def test_explain_errors_one_line(capsys, image_dir, argv, text):
@@ -136,5 +136,6 @@ def test_explain_errors_one_line(capsys, image_dir, argv, text):
 def test_unreadable_image_is_a_clear_error(capsys, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    code, _, err = run(["explain", "vgg_tiny", "--random-init", "0", str(bad)], capsys)
-    assert code == 1 and err.startswith(f"error: cannot read image {bad}")
+    code, out, err = run(["explain", "vgg_tiny", "--random-init", "0", str(bad)], capsys)
+    assert code == 1 and err.startswith(f"error: 1 of 1 images could not be read (first: {bad}: not an image")
+    assert err.count("\n") == 1 and f"{bad}: failed (not an image file" in out

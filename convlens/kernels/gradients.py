@@ -3,9 +3,12 @@ gradients, guided backpropagation and deconvnet.
 
 All attributions are with respect to the pixels (0..255, before the model's
 preprocessing), for each target's logit. Noise samples (SmoothGrad) and path steps
-(integrated gradients) are evaluated ``chunk`` at a time inside one compiled loop, so
-memory follows the chunk size; sample ``s`` of image ``b`` always draws its noise from
-``fold_in(keys[b], s)``, so results do not depend on the chunk or batch size.
+(integrated gradients) are evaluated inside one compiled loop, as many copies per
+step as fit ``chunk`` images per forward/backward pass (at least one copy per image),
+so memory follows the chunk size; sample ``s`` of image ``b`` always draws its noise
+from ``fold_in(keys[b], s)``, so results do not depend on the chunk or batch size.
+Copies are stacked along the batch axis rather than ``vmap``-ed: on XLA:CPU a vmapped
+VGG16 backward pass at 64 images took 2.6x as long as the same 64 images as one batch.
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ class SmoothGradConfig:
     Attributes:
       samples: noisy copies per image.
       noise: noise standard deviation as a fraction of the pixel range (255).
-      chunk: copies evaluated at once (memory, not results).
+      chunk: images (copies x batch) per forward/backward pass: memory, not results.
     """
 
     samples: int = 50
     noise: float = 0.15
-    chunk: int = 16
+    chunk: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +54,13 @@ class IntegratedGradientsConfig:
       baseline: a pixel value for every pixel (0 = black), or ``"mean"`` (each
         image's per-channel mean colour).
       rule: ``gausslegendre`` (Captum's default), ``trapezoid`` or ``midpoint``.
-      chunk: path points evaluated at once.
+      chunk: images (path points x batch) per forward/backward pass.
     """
 
     steps: int = 64
     baseline: float | str = 0.0
     rule: str = "gausslegendre"
-    chunk: int = 16
+    chunk: int = 8
 
 
 def _saliency_map(attr):
@@ -96,24 +99,37 @@ def _rule_gradient(rule):
     return explain
 
 
-def _chunked_sum(fn, n: int, chunk: int, weights: np.ndarray, init):
-    """``sum_s weights[s] * fn(s)`` over ``s < n``, ``chunk`` values of ``s`` at a time
-    (padded with zero weights), in one `lax.scan`."""
-    chunk = max(1, min(chunk, n))
-    m = -(-n // chunk)
-    idx = np.arange(m * chunk).reshape(m, chunk)
-    w = np.zeros(m * chunk, np.float32)
+def _chunked_sum(fn, n: int, per_step: int, weights: np.ndarray, init):
+    """``sum_s weights[s] * fn(s)[j]`` over ``s < n``: ``fn`` takes ``per_step`` values of
+    ``s`` at once (padded with zero weights) and returns ``[per_step, ...]``; one `lax.scan`."""
+    per_step = max(1, min(per_step, n))
+    m = -(-n // per_step)
+    idx = np.arange(m * per_step).reshape(m, per_step)
+    w = np.zeros(m * per_step, np.float32)
     w[:n] = weights
-    w = w.reshape(m, chunk)
+    w = w.reshape(m, per_step)
 
     def body(acc, xs):
         s, ws = xs
-        vals = jax.vmap(fn)(s)  # [chunk, ...]
-        return acc + jnp.tensordot(ws, vals, axes=1), None
+        return acc + jnp.tensordot(ws, fn(s), axes=1), None
 
     # Unrolled: XLA:CPU runs a rolled loop body several times slower than straight-line code.
     total, _ = jax.lax.scan(body, init, (jnp.asarray(idx), jnp.asarray(w)), unroll=True)
     return total
+
+
+def _copies_gradients(model, params, make, s, targets):
+    """Input gradients of ``len(s)`` copies of the batch made by ``make(s_i) -> [B, H, W, C]``,
+    stacked along the batch axis for one pass: ``[len(s), B, T, H, W, C]``."""
+    xs = jax.vmap(make)(s)  # [S, B, H, W, C]
+    n, b = xs.shape[:2]
+    t = jnp.tile(targets, (n, 1))
+    g = common.input_gradients(model, params, xs.reshape(n * b, *xs.shape[2:]), t)[2]
+    return g.reshape(n, b, *g.shape[1:])
+
+
+def _per_step(chunk: int, batch: int) -> int:
+    return max(1, chunk // max(batch, 1))
 
 
 def smoothgrad(model: Model, params, images, targets, cfg: SmoothGradConfig, keys):
@@ -124,12 +140,13 @@ def smoothgrad(model: Model, params, images, targets, cfg: SmoothGradConfig, key
     logits, t = _clean_forward(model, params, images, targets)
     sigma = cfg.noise * 255.0
 
-    def one(s):
+    def noisy(s):
         noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, s), images.shape[1:]))(keys)
-        return common.input_gradients(model, params, images + sigma * noise, t)[2]
+        return images + sigma * noise
 
     init = jnp.zeros((*t.shape, *images.shape[1:]), jnp.float32)
-    g = _chunked_sum(one, cfg.samples, cfg.chunk, np.full(cfg.samples, 1.0 / cfg.samples), init)
+    g = _chunked_sum(lambda s: _copies_gradients(model, params, noisy, s, t), cfg.samples,
+                     _per_step(cfg.chunk, images.shape[0]), np.full(cfg.samples, 1.0 / cfg.samples), init)
     return {"attribution": g, "heatmap": _saliency_map(g), "targets": t, "logits": logits}
 
 
@@ -170,11 +187,9 @@ def integrated_gradients(model: Model, params, images, targets, cfg: IntegratedG
     diff = images - x0
     alphas_j = jnp.asarray(alphas, jnp.float32)
 
-    def one(s):
-        return common.input_gradients(model, params, x0 + alphas_j[s] * diff, t)[2]
-
     init = jnp.zeros((*t.shape, *images.shape[1:]), jnp.float32)
-    avg = _chunked_sum(one, cfg.steps, cfg.chunk, weights, init)
+    avg = _chunked_sum(lambda s: _copies_gradients(model, params, lambda a: x0 + alphas_j[a] * diff, s, t),
+                       cfg.steps, _per_step(cfg.chunk, images.shape[0]), weights, init)
     attr = avg * diff[:, None]
     f = jnp.take_along_axis(logits, t, axis=1)
     f0 = jnp.take_along_axis(common.forward_logits(model, params, x0), t, axis=1)

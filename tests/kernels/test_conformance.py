@@ -75,7 +75,8 @@ def test_chunk_invariance(net, method):
     model, params, x = net
     kw = dict(FAST[method])
     n = kw.get("samples", kw.get("steps"))
-    ref = convlens.explain(model, params, x, method, key=2, chunk=n, **kw)
+    # chunk counts images per pass: 3 images -> 1, 1, 2 and all n copies per step.
+    ref = convlens.explain(model, params, x, method, key=2, chunk=n * len(x), **kw)
     for chunk in (1, 3, 7):
         other = convlens.explain(model, params, x, method, key=2, chunk=chunk, **kw)
         for name in ref.outputs:
