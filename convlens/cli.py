@@ -167,24 +167,59 @@ def explain(model, images, methods, layer, target, options, batch_size, seed, re
             weights, random_init, top, input_size, preprocess):
     """Explain IMAGES (files, folders or globs) with one or more methods and print the
     predictions; --out keeps everything in a store (the same schema as `convlens run`)."""
-    from convlens.engine import runner, sources, store
-
     methods = _methods(methods)
     per = _method_options(methods, options, layer)
+    _explain_files(model, images, per, dict(target=target, batch_size=batch_size, seed=seed, resize=resize,
+                                            keep_inputs=keep_inputs), out, overwrite,
+                   (weights, random_init, top, input_size, preprocess), "explain")
+
+
+def _explain_files(model, images, per, opts, out, overwrite, model_args, command):
+    """Runs methods ``per`` over a few image files through the engine, prints each item."""
+    from convlens.engine import runner, sources, store
+
     if out and store.exists(out) and not overwrite:
         raise ConvlensError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    m, params = _load(model, weights, random_init, top, input_size, preprocess)
     src = sources.FileSource(sources.expand(list(images)))
-    r = runner.Run(m, params, src, per, out, opts=runner.RunOptions(
-        target=target, batch_size=batch_size, seed=seed, resize=resize, keep_inputs=keep_inputs, progress=False),
-        overwrite=overwrite, command="explain")
+    m, params = _load(model, *model_args)
+    r = runner.Run(m, params, src, per, out, opts=runner.RunOptions(**opts, progress=False), overwrite=overwrite,
+                   command=command)
     summary = r.execute()
-    _print_items(store.open_store(r.out), methods, m)
+    _print_items(store.open_store(r.out), list(per), m)
     if out:
-        click.echo(f"wrote {out} ({summary.done} images, methods: {', '.join(methods)})")
+        click.echo(f"wrote {out} ({summary.done} images, methods: {', '.join(per)})")
     if summary.failed:
         raise ConvlensError(f"{summary.failed} of {summary.items} images could not be read "
                             f"(first: {summary.failures[0][0]}: {summary.failures[0][1]})")
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--window", default="16", show_default=True, metavar="N|HxW", help="Patch size in pixels.")
+@click.option("--stride", default="8", show_default=True, metavar="N|HxW", help="Step between patches.")
+@click.option("--baseline", default="0", show_default=True,
+              help="What the patch shows: a pixel value, mean, blur, or image:PATH.")
+@click.option("--incremental", is_flag=True, help="Recompute only each patch's projective field (exact).")
+@click.option("--approx", "tau", type=float, metavar="TAU",
+              help="Approximate incremental mode: cap regions at TAU of each map's side (e.g. 0.5).")
+@click.option("--chunk", type=int, default=0, show_default=True,
+              help="Occluded images per forward pass (0: from --memory-budget).")
+@click.option("--memory-budget", "memory_mb", type=int, default=1024, show_default=True, metavar="MB",
+              help="Activation memory per forward pass the automatic chunk aims at.")
+@click.option("--target", default="top1", show_default=True, help="top1, top5 / topk:N, or class indices.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Images per compiled call.")
+@click.option("--resize", type=click.Choice(["squash", "crop", "pad"]), default="squash", show_default=True)
+@click.option("--out", type=click.Path(), help="Write the results to this Zarr store (.zarr).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out store.")
+@_model_options
+def occlusion(model, images, window, stride, baseline, incremental, tau, chunk, memory_mb, target, batch_size,
+              resize, out, overwrite, weights, random_init, top, input_size, preprocess):
+    """Occlusion sensitivity of IMAGES: the score drop under a sliding patch."""
+    opts = {"window": window, "stride": stride, "baseline": baseline, "incremental": incremental or tau is not None,
+            "tau": 1.0 if tau is None else tau, "chunk": chunk, "memory_mb": memory_mb}
+    _explain_files(model, images, {"occlusion": opts}, dict(target=target, batch_size=batch_size, resize=resize),
+                   out, overwrite, (weights, random_init, top, input_size, preprocess), "occlusion")
 
 
 def _print_items(root, methods, model):

@@ -139,3 +139,23 @@ def test_unreadable_image_is_a_clear_error(capsys, tmp_path):
     code, out, err = run(["explain", "vgg_tiny", "--random-init", "0", str(bad)], capsys)
     assert code == 1 and err.startswith(f"error: 1 of 1 images could not be read (first: {bad}: not an image")
     assert err.count("\n") == 1 and f"{bad}: failed (not an image file" in out
+
+
+def test_occlusion_command_matches_api(capsys, image_dir, tmp_path):
+    import numpy as np
+
+    import convlens
+    from convlens.engine import sources, store
+    out = tmp_path / "occ.zarr"
+    code, stdout, err = run(["occlusion", "vgg_tiny", "--random-init", "0", str(image_dir / "chelsea.jpg"),
+                             "--window", "8x6", "--stride", "4", "--incremental", "--out", str(out)], capsys)
+    assert code == 0, err
+    root = store.open_store(out)
+    assert root.attrs["methods"]["occlusion"]["config"]["window"] == [8, 6]
+    model, params = convlens.load_model("vgg_tiny", random_init=0)
+    x, _ = sources.load_images([str(image_dir / "chelsea.jpg")], model.input_size)
+    e = convlens.explain(model, params, x, "occlusion", window=(8, 6), stride=4)
+    np.testing.assert_allclose(root["occlusion/sensitivity"][:], e["sensitivity"], rtol=1e-4, atol=1e-6)
+    code, _, err = run(["occlusion", "vgg_tiny", "--random-init", "0", str(image_dir / "chelsea.jpg"),
+                        "--approx", "2"], capsys)
+    assert code == 1 and "tau must be in (0, 1]" in err and err.count("\n") == 1

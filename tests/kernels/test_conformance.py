@@ -13,7 +13,7 @@ from convlens.explain import image_keys
 from convlens.kernels.registry import METHODS, all_outputs
 from tests.kernels.nets import gap_net, with_random_biases
 
-FAST = {"smoothgrad": {"samples": 6}, "integrated_gradients": {"steps": 8}}
+FAST = {"smoothgrad": {"samples": 6}, "integrated_gradients": {"steps": 8}, "occlusion": {"window": 6, "stride": 5}}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_declared_outputs_and_dims(net, method):
     spec = METHODS[method]
     declared = {o.name: o.dims for o in spec.outputs}
     assert set(e.outputs) == set(declared), f"{method}: outputs {set(e.outputs)} != declared {set(declared)}"
-    sizes = {"sample": 3, "target": 2, "y": 16, "x": 16, "channel": 3, "class": 6, "layer_y": 8, "layer_x": 8}
+    sizes = {"sample": 3, "target": 2, "y": 16, "x": 16, "channel": 3, "class": 6, "layer_y": 8, "layer_x": 8,
+             "grid_y": 3, "grid_x": 3}
     for name, arr in e.outputs.items():
         dims = e.dims[name]
         assert arr.ndim == len(dims), f"{method}.{name}: {arr.shape} vs dims {dims}"
@@ -74,7 +75,7 @@ def test_batch_size_invariance(net, method):
 def test_chunk_invariance(net, method):
     model, params, x = net
     kw = dict(FAST[method])
-    n = kw.get("samples", kw.get("steps"))
+    n = kw.get("samples", kw.get("steps", 9))  # occlusion: a 3x3 grid
     # chunk counts images per pass: 3 images -> 1, 1, 2 and all n copies per step.
     ref = convlens.explain(model, params, x, method, key=2, chunk=n * len(x), **kw)
     for chunk in (1, 3, 7):

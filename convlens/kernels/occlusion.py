@@ -1,0 +1,352 @@
+"""Occlusion sensitivity (Zeiler & Fergus 2014): slide a patch over the image and record
+how much each target's score drops.
+
+Geometry (Captum's ``Occlusion`` convention): along an axis of length ``D`` with window
+``w`` and stride ``s``, windows start at ``0, s, 2s, ...``, ``ceil((D - w) / s) + 1`` of
+them, so every pixel is covered; the last window is cut at the image border when the
+stride does not tile the image exactly. The window covers every channel.
+
+Outputs per image and target:
+
+* ``sensitivity [B, T, gy, gx]``: ``f(x) - f(x occluded at window (i, j))`` of the
+  target's logit (the score before softmax/sigmoid);
+* ``prob_drop [B, T, gy, gx]``: the same drop of the model's output probability;
+* ``heatmap [B, T, H, W]``: each pixel's mean ``sensitivity`` over the windows covering
+  it (Captum's attribution, summed over channels' identical values; 0 where no window
+  covers a pixel, possible only with stride > window).
+
+Occluded images are built on the device and evaluated ``chunk`` images per forward pass
+(positions x batch), so peak memory follows ``chunk``, not the number of positions; the
+result does not depend on ``chunk``.
+
+``incremental=True`` (exact) recomputes, for each window, only the region of each layer
+that the patch can change, reading everything else from the unoccluded activations
+(Nakandala et al., SIGMOD 2019, "Krypton"); see `convlens.kernels.incremental`.
+Two approximations from the same paper: ``tau < 1`` caps that region at ``tau`` of
+each layer's map per side, and ``drilldown < 1`` evaluates a coarse sweep first and
+then only the most sensitive fraction of the remaining positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convlens.errors import ConvlensError
+from convlens.kernels import common
+from convlens.kernels.registry import INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output, register
+from convlens.models.network import Model
+
+
+class Pixels:
+    """An image held by a config (hashable by content): a given occlusion baseline.
+
+    ``Pixels.load(path)`` reads a file; in stores it is recorded as its path and sha256.
+    """
+
+    def __init__(self, array, name: str = ""):
+        self.array = np.ascontiguousarray(np.asarray(array, np.float32))
+        self.name = name
+        self.sha256 = hashlib.sha256(self.array.tobytes() + str(self.array.shape).encode()).hexdigest()
+
+    @classmethod
+    def load(cls, path: str) -> Pixels:
+        from convlens.engine.sources import ItemError, decode
+        try:
+            with open(path, "rb") as f:
+                return cls(decode(f.read()), name=str(path))
+        except (OSError, ItemError) as e:
+            raise ConvlensError(f"cannot read the baseline image {path}: {e}") from None
+
+    def __hash__(self):
+        return hash(self.sha256)
+
+    def __eq__(self, other):
+        return isinstance(other, Pixels) and other.sha256 == self.sha256
+
+    def __json__(self):
+        return {"image": self.name, "sha256": self.sha256, "shape": list(self.array.shape)}
+
+    def __repr__(self):
+        return f"Pixels({self.name or self.array.shape})"
+
+
+@dataclasses.dataclass(frozen=True)
+class OcclusionConfig:
+    """Options of occlusion sensitivity.
+
+    Attributes:
+      window: patch size, ``n`` or ``(h, w)`` pixels.
+      stride: step between patches, ``n`` or ``(sy, sx)``.
+      baseline: what the patch shows: a pixel value (0 = black), ``"mean"`` (the image's
+        mean colour), ``"blur"`` (the image blurred with ``blur_sigma``), or
+        ``"image:PATH"`` (a given image, resized to the input).
+      blur_sigma: Gaussian sigma in pixels for the ``blur`` baseline.
+      chunk: images (positions x batch) per forward pass; 0 picks it from ``memory_mb``.
+        Memory, not results.
+      memory_mb: peak activation memory per forward pass the automatic chunk aims at.
+      incremental: recompute only the patch's projective field at each layer (exact).
+      tau: with ``incremental``, cap the recomputed region at ``tau`` of each map's side
+        (approximate when < 1; Krypton's projective-field threshold).
+      drilldown: approximate when < 1 (Krypton's adaptive drill-down): a coarse sweep at
+        twice the stride, spread bilinearly over the grid, then only this fraction of the
+        remaining positions, those where the coarse drop is largest, evaluated.
+    """
+
+    window: int | tuple[int, int] = 16
+    stride: int | tuple[int, int] = 8
+    baseline: float | str | Pixels = 0.0
+    blur_sigma: float = 8.0
+    chunk: int = 0
+    memory_mb: int = 1024
+    incremental: bool = False
+    tau: float = 1.0
+    drilldown: float = 1.0
+
+    def __post_init__(self):
+        def pair(v):
+            if isinstance(v, str):  # "16" or "16x8" from the command line
+                v = [int(a) for a in v.lower().split("x")]
+                v = v * 2 if len(v) == 1 else v
+            return (int(v), int(v)) if isinstance(v, (int, float, np.integer)) else tuple(int(a) for a in v)
+        try:
+            object.__setattr__(self, "window", pair(self.window))
+            object.__setattr__(self, "stride", pair(self.stride))
+        except (TypeError, ValueError):
+            raise ConvlensError(f"occlusion window/stride must be n or (h, w); got {self.window!r}, "
+                                f"{self.stride!r}") from None
+        if len(self.window) != 2 or len(self.stride) != 2 or min(self.window + self.stride) < 1:
+            raise ConvlensError("occlusion window and stride must be positive: n or (h, w)")
+        if isinstance(self.baseline, str):
+            if self.baseline.startswith("image:"):
+                object.__setattr__(self, "baseline", Pixels.load(self.baseline[len("image:"):]))
+            elif self.baseline not in ("mean", "blur"):
+                try:
+                    object.__setattr__(self, "baseline", float(self.baseline))
+                except ValueError:
+                    raise ConvlensError(f"occlusion baseline {self.baseline!r}: give a pixel value, 'mean', "
+                                        "'blur' or 'image:PATH'") from None
+        if not 0.0 < self.tau <= 1.0:
+            raise ConvlensError(f"tau must be in (0, 1], got {self.tau}")
+        if not 0.0 <= self.drilldown <= 1.0:
+            raise ConvlensError(f"drilldown must be in [0, 1], got {self.drilldown}")
+        if self.tau < 1.0 and not self.incremental:
+            raise ConvlensError("tau < 1 approximates the incremental mode: add incremental=true")
+        if self.chunk < 0 or self.memory_mb < 1:
+            raise ConvlensError("occlusion chunk must be >= 0 (0: from memory_mb) and memory_mb >= 1")
+
+
+# ---------------------------------------------------------------- geometry
+
+def axis_windows(length: int, window: int, stride: int) -> np.ndarray:
+    """Window starts along one axis (Captum's convention; see the module docstring)."""
+    w = min(window, length)
+    n = math.ceil((length - w) / stride) + 1
+    return np.arange(n) * stride
+
+
+def axis_masks(length: int, window: int, stride: int) -> np.ndarray:
+    """``[n, length]`` bool: which pixels each window covers (cut at the border)."""
+    starts = axis_windows(length, window, stride)
+    idx = np.arange(length)
+    return (idx[None, :] >= starts[:, None]) & (idx[None, :] < starts[:, None] + window)
+
+
+def grid_shape(size: tuple[int, int], cfg: OcclusionConfig) -> tuple[int, int]:
+    return (len(axis_windows(size[0], cfg.window[0], cfg.stride[0])),
+            len(axis_windows(size[1], cfg.window[1], cfg.stride[1])))
+
+
+def gaussian_blur(images, sigma: float):
+    """Separable Gaussian blur of ``[B, H, W, C]`` (reflected borders), as two depthwise
+    convolutions."""
+    if sigma <= 0:
+        return images
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k = (k / k.sum()).astype(np.float32)
+    c = images.shape[-1]
+    x = jnp.pad(images, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+    for shape in ((2 * r + 1, 1, 1, c), (1, 2 * r + 1, 1, c)):
+        kern = jnp.asarray(np.broadcast_to(k.reshape(shape[:2] + (1, 1)), shape))
+        x = jax.lax.conv_general_dilated(x, kern, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         feature_group_count=c)
+    return x
+
+
+def baseline_images(images, cfg: OcclusionConfig):
+    """What the patch shows, per image ``[B, H, W, C]`` (pixel space)."""
+    b = cfg.baseline
+    if isinstance(b, Pixels):
+        from convlens.engine.sources import fit, to_rgb_uint8
+        px = fit(to_rgb_uint8(b.array), images.shape[1:3], "squash").astype(np.float32)
+        return jnp.broadcast_to(jnp.asarray(px), images.shape)
+    if b == "mean":
+        return jnp.broadcast_to(jnp.mean(images, axis=(1, 2), keepdims=True), images.shape)
+    if b == "blur":
+        return gaussian_blur(images, cfg.blur_sigma)
+    return jnp.full_like(images, float(b))
+
+
+# ---------------------------------------------------------------- the kernel
+
+def _scores(model: Model, logits):
+    """Model-reported probabilities from logits (softmax / sigmoid / identity)."""
+    act = model.output_activation
+    if act == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    if act == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    return logits
+
+
+def image_bytes(model: Model, size: tuple[int, int], skip: frozenset = frozenset()) -> int:
+    """Peak activation bytes of one forward pass of one image: the largest layer's input
+    and output together (XLA frees the rest of a forward-only pass as it goes)."""
+    shapes = model.output_shapes(1, size)
+    sizes = [math.prod(s[1:]) for n, s in shapes.items() if n not in skip]
+    return 4 * 2 * max(sizes + [1])
+
+
+def positions_per_step(cfg: OcclusionConfig, batch: int, positions: int, per_image_bytes: int) -> int:
+    """Window positions evaluated per forward pass (times ``batch`` images)."""
+    images = cfg.chunk or max(1, (cfg.memory_mb << 20) // max(per_image_bytes, 1))
+    per = max(1, min(images // max(batch, 1), positions))
+    if cfg.chunk:
+        return per
+    # As few steps as the budget allows, evenly filled: padding the last step wastes work
+    # (169 positions at 41 per step would compute 205).
+    steps = -(-positions // per)
+    return -(-positions // steps)
+
+
+def position_steps(idx, per: int):
+    """Position indices ``[B, Q]`` -> ``[steps, B, per]`` (padded by repeating the last)."""
+    b, q = idx.shape
+    n = -(-q // per)
+    idx = jnp.concatenate([idx, jnp.repeat(idx[:, -1:], n * per - q, axis=1)], axis=1) if n * per > q else idx
+    return jnp.moveaxis(idx.reshape(b, n, per), 1, 0)
+
+
+def unstep(out, q: int):
+    """``[steps, B, per, K]`` -> ``[B, Q, K]``."""
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(out.shape[0], -1, out.shape[-1])[:, :q]
+
+
+def brute_force_logits(model: Model, params, images, base, cfg: OcclusionConfig, rows: np.ndarray,
+                       cols: np.ndarray, idx):
+    """Logits of occluded images: positions ``idx [B, Q]`` (row-major grid indices, per
+    image) -> ``[B, Q, K]``, ``chunk`` images per forward pass."""
+    b = images.shape[0]
+    gx = cols.shape[0]
+    per = positions_per_step(cfg, b, idx.shape[1], image_bytes(model, images.shape[1:3]))
+    rows_j, cols_j = jnp.asarray(rows), jnp.asarray(cols)
+
+    def step(p):  # p [B, per]
+        m = rows_j[p // gx][:, :, :, None] & cols_j[p % gx][:, :, None, :]  # [B, per, H, W]
+        occ = jnp.where(m[..., None], base[:, None], images[:, None])  # [B, per, H, W, C]
+        flat = occ.reshape(b * per, *images.shape[1:])
+        return common.forward_logits(model, params, flat).reshape(b, per, -1)
+
+    return unstep(jax.lax.map(step, position_steps(idx, per)), idx.shape[1])
+
+
+def evaluate(model: Model, params, images, base, cfg: OcclusionConfig, rows, cols, idx):
+    """Logits at grid positions ``idx [B, Q]``: brute force or incremental."""
+    if cfg.incremental:
+        from convlens.kernels.incremental import incremental_logits
+        return incremental_logits(model, params, images, base, cfg, rows, cols, idx)
+    return brute_force_logits(model, params, images, base, cfg, rows, cols, idx)
+
+
+def coarse_to_fine(gy: int, gx: int) -> tuple[np.ndarray, np.ndarray]:
+    """The coarse sweep (every other position along each axis, plus the last) and the
+    bilinear weights ``[P, Pc]`` that spread its values over the whole grid."""
+    ys = np.unique(np.r_[np.arange(0, gy, 2), gy - 1])
+    xs = np.unique(np.r_[np.arange(0, gx, 2), gx - 1])
+    coarse = (ys[:, None] * gx + xs[None, :]).ravel()
+
+    def axis_weights(n, knots):
+        w = np.zeros((n, len(knots)))
+        for i in range(n):
+            k = np.searchsorted(knots, i, side="right") - 1
+            k = min(k, len(knots) - 2) if len(knots) > 1 else 0
+            if len(knots) == 1:
+                w[i, 0] = 1.0
+                continue
+            a = (i - knots[k]) / (knots[k + 1] - knots[k])
+            w[i, k], w[i, k + 1] = 1 - a, a
+        return w
+    wy, wx = axis_weights(gy, ys), axis_weights(gx, xs)
+    return coarse, np.einsum("ia,jb->ijab", wy, wx).reshape(gy * gx, len(ys) * len(xs))
+
+
+def occluded_scores(model: Model, params, images, base, cfg: OcclusionConfig, rows, cols, t):
+    """Target logits and probabilities of every occluded image, ``[B, P, T]`` each:
+    every position evaluated, or (``drilldown < 1``) a coarse sweep spread bilinearly
+    and then the positions where it says the drop is largest evaluated exactly."""
+    b = images.shape[0]
+    gy, gx = rows.shape[0], cols.shape[0]
+    positions = gy * gx
+
+    def at(idx):
+        occ = evaluate(model, params, images, base, cfg, rows, cols, idx)
+        g = jnp.broadcast_to(t[:, None, :], (b, idx.shape[1], t.shape[1]))
+        return jnp.take_along_axis(occ, g, axis=2), jnp.take_along_axis(_scores(model, occ), g, axis=2)
+
+    if cfg.drilldown >= 1.0:
+        return at(jnp.broadcast_to(jnp.arange(positions), (b, positions)))
+    coarse, weights = coarse_to_fine(gy, gx)
+    lz_c, pz_c = at(jnp.broadcast_to(jnp.asarray(coarse), (b, len(coarse))))
+    wj = jnp.asarray(weights, jnp.float32)
+    lz = jnp.einsum("pc,bct->bpt", wj, lz_c)
+    pz = jnp.einsum("pc,bct->bpt", wj, pz_c)
+    rest = positions - len(coarse)
+    k = int(math.ceil(cfg.drilldown * rest))
+    if k == 0:
+        return lz, pz
+    # Where the coarse map's drop (first target) is largest, the fine positions are evaluated.
+    clean = jnp.take_along_axis(common.forward_logits(model, params, images), t, axis=1)
+    score = jnp.abs(clean[:, None, 0] - lz[:, :, 0]).at[:, coarse].set(-jnp.inf)
+    _, fine = jax.lax.top_k(score, k)  # [B, k]
+    lz_f, pz_f = at(fine)
+    rows_b = jnp.arange(b)[:, None]
+    lz = lz.at[:, coarse].set(lz_c).at[rows_b, fine].set(lz_f)
+    pz = pz.at[:, coarse].set(pz_c).at[rows_b, fine].set(pz_f)
+    return lz, pz
+
+
+def occlusion(model: Model, params, images, targets, cfg: OcclusionConfig, keys=None):
+    """Occlusion sensitivity of ``images [B, H, W, C]``: ``sensitivity`` and
+    ``prob_drop [B, T, gy, gx]`` and ``heatmap [B, T, H, W]`` (see the module docstring)."""
+    h, w = images.shape[1:3]
+    rows = axis_masks(h, cfg.window[0], cfg.stride[0])
+    cols = axis_masks(w, cfg.window[1], cfg.stride[1])
+    gy, gx = rows.shape[0], cols.shape[0]
+    logits = common.forward_logits(model, params, images)
+    t = common.select_targets(logits, targets)
+    base = baseline_images(images, cfg)
+    occ_t, p_occ = occluded_scores(model, params, images, base, cfg, rows, cols, t)  # [B, P, T]
+    clean_t = jnp.take_along_axis(logits, t, axis=1)
+    sens = (clean_t[:, None, :] - occ_t).transpose(0, 2, 1).reshape(t.shape[0], t.shape[1], gy, gx)
+    p_clean = jnp.take_along_axis(_scores(model, logits), t, axis=1)
+    pdrop = (p_clean[:, None, :] - p_occ).transpose(0, 2, 1).reshape(sens.shape)
+    r, c = jnp.asarray(rows, jnp.float32), jnp.asarray(cols, jnp.float32)
+    total = jnp.einsum("btij,iy,jx->btyx", sens, r, c)
+    count = jnp.outer(r.sum(0), c.sum(0))
+    heat = jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+    return {"sensitivity": sens, "prob_drop": pdrop, "heatmap": heat, "targets": t, "logits": logits}
+
+
+GRID = (SAMPLE, TARGET, "grid_y", "grid_x")
+register(MethodSpec("occlusion", "perturbation", OcclusionConfig, occlusion,
+                    (Output("sensitivity", GRID, "logit drop per window position"),
+                     Output("prob_drop", GRID, "probability drop per window position"),
+                     Output("heatmap", INPUT_MAP, "mean logit drop of the windows covering each pixel")),
+                    False, False, "occlusion sensitivity: score drop under a sliding patch"))
