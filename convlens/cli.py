@@ -293,6 +293,74 @@ def _summary_line(s) -> str:
             f"in {s.seconds:.1f} s ({rate}{resumed})")
 
 
+def _atlas_options(f):
+    f = click.option("--no-progress", is_flag=True, help="No progress bar.")(f)
+    f = click.option("--overwrite", is_flag=True, help="Replace an existing --out store.")(f)
+    f = click.option("--resume", is_flag=True, help="Continue an interrupted run into --out.")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--memory-budget", "memory_mb", type=int, default=2048, show_default=True, metavar="MB",
+                     help="Memory per compiled call the automatic --batch aims at.")(f)
+    f = click.option("--batch", type=int, default=0, show_default=True,
+                     help="Filters optimised at once (0: from --memory-budget, at most 64).")(f)
+    f = click.option("--loop", type=click.Choice(["auto", "fori", "host"]), default="auto", show_default=True,
+                     help="Compiled loop or host-dispatched steps (auto: the faster on this backend).")(f)
+    f = click.option("--unroll", type=int, default=0, show_default=True,
+                     help="Steps per compiled loop iteration (0: all; fastest on CPU).")(f)
+    f = click.option("--lr", type=float, default=0.0, help="Step size (default: the recipe's).")(f)
+    f = click.option("--steps", type=int, default=0, help="Ascent steps (default: 40 classic, 256 lucid).")(f)
+    f = click.option("--size", type=int, default=128, show_default=True, help="Image side in pixels.")(f)
+    f = click.option("--recipe", type=click.Choice(["classic", "lucid"]), default="classic", show_default=True)(f)
+    f = click.option("--filters", help="Filters of each layer: a slice (0:64, ::4) or indices (1,4,9).")(f)
+    return f
+
+
+def _atlas(model, out, layers, filters, recipe, size, steps, lr, unroll, loop, batch, memory_mb, seed, resume,
+           overwrite, no_progress, model_args, command):
+    from convlens.engine.atlas import run_atlas
+    from convlens.kernels.ascent import AscentConfig
+
+    cfg = AscentConfig(recipe=recipe, size=size, steps=steps, lr=lr, unroll=unroll)
+    if store_exists(out) and not (resume or overwrite):
+        raise ConvlensError(f"{out} already exists; pass --resume to continue it, --overwrite to replace it, "
+                            "or choose another --out")
+    m, params = _load(model, *model_args)
+    s = run_atlas(m, params, out, layers=layers, filters=filters, cfg=cfg, batch=batch, memory_mb=memory_mb,
+                  seed=seed, resume=resume, overwrite=overwrite, progress=not no_progress, loop=loop, command=command)
+    done = f"{s.filters} filters of {s.layers} layer(s) in {s.seconds:.1f} s ({s.filters_per_second:.2f} filters/s)"
+    click.echo(f"wrote {out}: {done}" + (f"; {s.skipped_chunks} chunks already done" if s.skipped_chunks else ""))
+
+
+def store_exists(path) -> bool:
+    from convlens.engine import store
+    return store.exists(path)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", type=click.Path(), required=True, help="The Zarr store to write.")
+@click.option("--layers", default="conv", show_default=True, help="conv (every conv layer) or names, comma-separated.")
+@_atlas_options
+@_model_options
+def atlas(model, out, layers, filters, recipe, size, steps, lr, unroll, loop, batch, memory_mb, seed, resume,
+          overwrite, no_progress, weights, random_init, top, input_size, preprocess):
+    """Visualise every filter of every conv layer (or --layers / --filters) by gradient ascent."""
+    _atlas(model, out, layers, filters, recipe, size, steps, lr, unroll, loop, batch, memory_mb, seed, resume,
+           overwrite, no_progress, (weights, random_init, top, input_size, preprocess), "atlas")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--layer", required=True, help="The conv layer.")
+@click.option("--out", type=click.Path(), required=True, help="The Zarr store to write.")
+@_atlas_options
+@_model_options
+def filters(model, layer, out, filters, recipe, size, steps, lr, unroll, loop, batch, memory_mb, seed, resume,
+            overwrite, no_progress, weights, random_init, top, input_size, preprocess):
+    """Visualise the filters of one conv layer by gradient ascent (an atlas of one layer)."""
+    _atlas(model, out, layer, filters, recipe, size, steps, lr, unroll, loop, batch, memory_mb, seed, resume,
+           overwrite, no_progress, (weights, random_init, top, input_size, preprocess), "filters")
+
+
 @cli.command()
 @click.argument("store_path", metavar="STORE")
 def info(store_path):

@@ -223,16 +223,32 @@ class Model:
         return specs
 
     def output_shapes(self, batch: int = 1, size: tuple[int, int] | None = None) -> dict[str, tuple[int, ...]]:
-        """Output shape of every layer for a batch of ``batch`` images, input included."""
+        """Output shape of every layer for a batch of ``batch`` images, input included.
+
+        At a ``size`` the model's Dense layers cannot take, only the layers that can be
+        computed at that size are listed (the convolutional part)."""
         cache = self.__dict__.setdefault("_shape_cache", {})
         if (batch, size) in cache:
             return cache[(batch, size)]
         x = self.dummy_input(batch, size)
-        names = tuple(n.name for n in self.graph.nodes)
-        out = jax.eval_shape(lambda p, x: self.module.apply({"params": p}, {self.graph.input: x}, names),
-                             self.param_shapes, x)
-        cache[(batch, size)] = {k: tuple(v.shape) for k, v in out.items()}
-        return cache[(batch, size)]
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def run(names):
+            return jax.eval_shape(lambda p, x: self.module.apply({"params": p}, {self.graph.input: x}, names),
+                                  self.param_shapes, x)
+        try:
+            out = run(tuple(n.name for n in self.graph.nodes))
+            shapes = {k: tuple(v.shape) for k, v in out.items()}
+        except Exception:  # noqa: BLE001 - a size the head cannot take: keep what computes
+            if size is None:
+                raise
+            for node in self.graph.nodes:
+                try:
+                    shapes[node.name] = tuple(run((node.name,))[node.name].shape)
+                except Exception:  # noqa: BLE001
+                    continue
+        cache[(batch, size)] = shapes
+        return shapes
 
     # ---------------------------------------------------------------- computing
 
@@ -282,6 +298,12 @@ class Model:
     def features(self, params: Params, x: Array, layer: str) -> Array:
         """Output of ``layer`` for preprocessed input ``x`` ``[B, H, W, C]``."""
         return self.module.apply({"params": params}, {self.graph.input: x}, (self.graph.node(layer).name,))[layer]
+
+    def intermediates(self, params: Params, x: Array, layers) -> dict[str, Array]:
+        """Outputs of ``layers`` only (nothing past them is computed), ``{layer: [B, ...]}``;
+        any input size a model without Dense layers on the way accepts."""
+        names = tuple(self.graph.node(n).name for n in layers)
+        return self.module.apply({"params": params}, {self.graph.input: x}, names)
 
     def head(self, params: Params, a: Array, layer: str, *, logits: bool = False) -> Array:
         """The rest of the model fed from ``layer``'s output ``a``; raises where skip
