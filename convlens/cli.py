@@ -128,7 +128,8 @@ def _methods(values) -> list[str]:
 
 
 def _run_options(f):
-    f = click.option("--keep-inputs", is_flag=True, help="Also store the resized input images.")(f)
+    f = click.option("--keep-inputs/--no-keep-inputs", default=True, show_default=True,
+                     help="Store the resized input images (for audits, overlays and reports).")(f)
     f = click.option("--resize", type=click.Choice(["squash", "crop", "pad"]), default="squash", show_default=True,
                      help="Fit images to the model: squash, shorter side + centre crop, or pad.")(f)
     f = click.option("--seed", type=int, default=0, show_default=True, help="PRNG seed (stochastic methods).")(f)
@@ -359,6 +360,43 @@ def filters(model, layer, out, filters, recipe, size, steps, lr, unroll, loop, b
     """Visualise the filters of one conv layer by gradient ascent (an atlas of one layer)."""
     _atlas(model, out, layer, filters, recipe, size, steps, lr, unroll, loop, batch, memory_mb, seed, resume,
            overwrite, no_progress, (weights, random_init, top, input_size, preprocess), "filters")
+
+
+@cli.command()
+@click.argument("store_path", metavar="STORE")
+@click.option("--method", "-m", "methods", multiple=True, help="Audit only these methods (default: every heatmap).")
+@click.option("--grid", type=int, default=4, show_default=True, help="Cells per side of the location grid.")
+@click.option("--metrics/--no-metrics", default=True, show_default=True,
+              help="Deletion/insertion curves, average drop and increase in confidence (needs the model).")
+@click.option("--sample", type=int, default=32, show_default=True, help="Items the faithfulness metrics use.")
+@click.option("--steps", type=int, default=32, show_default=True, help="Slices of the deletion/insertion curves.")
+@click.option("--replacement", default="blur", show_default=True, help="Removed pixels: blur or a pixel value.")
+@click.option("--sanity/--no-sanity", default=True, show_default=True,
+              help="Model-randomisation sanity check (needs the model).")
+@click.option("--sanity-items", type=int, default=4, show_default=True)
+@click.option("--consistency", type=float, default=0.6, show_default=True,
+              help="Share of a class's items that must agree for a class flag.")
+@click.option("--min-items", type=int, default=8, show_default=True, help="Smallest class that can be flagged.")
+def audit(store_path, methods, grid, metrics, sample, steps, replacement, sanity, sanity_items, consistency,
+          min_items):
+    """What the classifier looks at across STORE: statistics, shortcut flags, faithfulness."""
+    from convlens.engine.audit import AuditConfig, audit as run_audit, table
+
+    cfg = AuditConfig(grid=grid, metrics=metrics, sample=sample, steps=steps, replacement=replacement,
+                      sanity=sanity, sanity_items=sanity_items, consistency=consistency, min_items=min_items)
+    findings = run_audit(store_path, cfg, methods=list(methods) or None, progress=None)
+    click.echo(table(findings))
+    n = sum(len(e["flags"]) for e in findings.values())
+    click.echo(f"audit written to {store_path} (audit/...): {n} flag(s)")
+
+
+@cli.command()
+@click.argument("store_path", metavar="STORE")
+def compare(store_path):
+    """Rank the methods of an audited STORE by faithfulness, with their cost."""
+    from convlens.engine.audit import compare_table
+
+    click.echo(compare_table(store_path))
 
 
 @cli.command()

@@ -8,7 +8,9 @@ consolidated when the run finishes.
 Root attributes:
   ``schema_version`` (int), ``convlens_version``, ``model`` (name), ``model_source``
   (weights file or ``random-init:SEED``), ``weights_sha256`` (or null),
-  ``preprocessing``, ``input_size`` ([H, W]), ``created`` (ISO time), ``command``,
+  ``preprocessing``, ``input_size`` ([H, W]), ``model_load_args`` (how to load the model
+  again: ``convlens.load_model`` keywords, or null for a model built in Python),
+  ``created`` (ISO time), ``command``,
   ``methods``: ``{method: {"config": {...}, "outputs": {name: dims}}}``, and for
   data-set runs ``source`` (what was read), ``resize`` (squash/crop/pad), ``target``
   (the target spec), ``class_names`` (or null), ``chunk`` (items per chunk),
@@ -148,7 +150,8 @@ def open_store(path, mode: str = "r", storage_options=None) -> zarr.Group:
 
 def model_attrs(model) -> dict:
     return {"model": model.name, "model_source": model.source, "weights_sha256": model.weights_sha256,
-            "preprocessing": model.preprocess_spec.describe(), "input_size": list(model.input_size)}
+            "preprocessing": model.preprocess_spec.describe(), "input_size": list(model.input_size),
+            "model_load_args": getattr(model, "load_args", None)}
 
 
 def fill_value(dtype) -> Any:

@@ -72,6 +72,16 @@ def input_gradients(model: Model, params, images: Array, targets: Targets, relu_
     return logits, t, per_target(lambda c: pull(c)[0], t, logits.shape[-1])
 
 
+def probabilities(model: Model, logits: Array) -> Array:
+    """Scores as the model reports them: softmax / sigmoid of the logits, or the logits."""
+    act = model.output_activation
+    if act == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    if act == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    return logits
+
+
 def forward_logits(model: Model, params, images: Array) -> Array:
     return model.apply(params, model.preprocess(images), logits=True)[0]
 

@@ -195,16 +195,6 @@ def baseline_images(images, cfg: OcclusionConfig):
 
 # ---------------------------------------------------------------- the kernel
 
-def _scores(model: Model, logits):
-    """Model-reported probabilities from logits (softmax / sigmoid / identity)."""
-    act = model.output_activation
-    if act == "softmax":
-        return jax.nn.softmax(logits, axis=-1)
-    if act == "sigmoid":
-        return jax.nn.sigmoid(logits)
-    return logits
-
-
 def image_bytes(model: Model, size: tuple[int, int], skip: frozenset = frozenset()) -> int:
     """Peak activation bytes of one forward pass of one image: the largest layer's input
     and output together (XLA frees the rest of a forward-only pass as it goes)."""
@@ -298,7 +288,8 @@ def occluded_scores(model: Model, params, images, base, cfg: OcclusionConfig, ro
     def at(idx):
         occ = evaluate(model, params, images, base, cfg, rows, cols, idx)
         g = jnp.broadcast_to(t[:, None, :], (b, idx.shape[1], t.shape[1]))
-        return jnp.take_along_axis(occ, g, axis=2), jnp.take_along_axis(_scores(model, occ), g, axis=2)
+        return (jnp.take_along_axis(occ, g, axis=2),
+                jnp.take_along_axis(common.probabilities(model, occ), g, axis=2))
 
     if cfg.drilldown >= 1.0:
         return at(jnp.broadcast_to(jnp.arange(positions), (b, positions)))
@@ -335,7 +326,7 @@ def occlusion(model: Model, params, images, targets, cfg: OcclusionConfig, keys=
     occ_t, p_occ = occluded_scores(model, params, images, base, cfg, rows, cols, t)  # [B, P, T]
     clean_t = jnp.take_along_axis(logits, t, axis=1)
     sens = (clean_t[:, None, :] - occ_t).transpose(0, 2, 1).reshape(t.shape[0], t.shape[1], gy, gx)
-    p_clean = jnp.take_along_axis(_scores(model, logits), t, axis=1)
+    p_clean = jnp.take_along_axis(common.probabilities(model, logits), t, axis=1)
     pdrop = (p_clean[:, None, :] - p_occ).transpose(0, 2, 1).reshape(sens.shape)
     r, c = jnp.asarray(rows, jnp.float32), jnp.asarray(cols, jnp.float32)
     total = jnp.einsum("btij,iy,jx->btyx", sens, r, c)

@@ -88,6 +88,16 @@ def load_model(name_or_path: str, *, weights: str | None = None, random_init: in
       preprocess: override the preprocessing mode (files default to ``none``).
       class_names: labels for a model read from a file.
     """
+    model, params = _load(name_or_path, weights=weights, random_init=random_init, include_top=include_top,
+                          input_shape=input_shape, preprocess=preprocess, class_names=class_names)
+    # How to load it again (audits reopen the model of a store).
+    model.load_args = {"name_or_path": str(name_or_path), "weights": None if weights is None else str(weights),
+                       "random_init": random_init, "include_top": include_top,
+                       "input_shape": None if input_shape is None else list(input_shape), "preprocess": preprocess}
+    return model, params
+
+
+def _load(name_or_path, *, weights, random_init, include_top, input_shape, preprocess, class_names):
     from convlens.models import keras_io
 
     if name_or_path in MODELS:

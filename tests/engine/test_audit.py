@@ -1,0 +1,132 @@
+"""Audits: a planted shortcut is found (and a control raises nothing); faithfulness
+metrics match a naive loop; the randomisation check tells model-blind maps apart."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import convlens
+from convlens import demo
+from convlens.engine import audit, runner, sources, store
+from convlens.errors import ConvlensError
+from convlens.kernels import metrics
+
+
+def trained(shortcut):
+    x, y, _, names = demo.shapes(2000, seed=0, shortcut=shortcut)
+    model = demo.demo_model(names)
+    params = demo.train(model, x, y, epochs=5)
+    xe, ye, me, _ = demo.shapes(160, seed=1, shortcut=shortcut)
+    assert demo.accuracy(model, params, xe, ye) > 0.95
+    return model, params, sources.ArraySource(xe, ye, class_names=names, masks=me)
+
+
+@pytest.fixture(scope="module")
+def shortcut_run(tmp_path_factory):
+    model, params, src = trained(True)
+    out = tmp_path_factory.mktemp("audit") / "shortcut.zarr"
+    runner.run(model, params, src, {"gradcam": {}, "occlusion": {"window": 12, "stride": 6}}, out, target="label",
+               batch_size=16, progress=False)
+    return model, params, out
+
+
+def test_planted_shortcut_is_flagged_where_it_is(shortcut_run):
+    model, params, out = shortcut_run
+    findings = audit.audit(out, audit.AuditConfig(sample=8, sanity_items=2), model=model, params=params,
+                           progress=None)
+    for method in ("gradcam", "occlusion"):
+        loc = [f for f in findings[method]["flags"] if f["kind"] == "class_location"]
+        assert len(loc) == 1, findings[method]["flags"]
+        assert loc[0]["class_name"] == "stamped" and loc[0]["cell"] == [0, 3]  # the stamp: top-right corner
+        assert loc[0]["share_of_items"] > 0.9 and "top-right corner" in loc[0]["why"]
+        assert any(f["kind"] == "off_object" for f in findings[method]["flags"])
+        # The most suspicious items are stamped ones.
+        root = store.open_store(out)
+        labels = root["labels"][:]
+        top = [s["index"] for s in findings[method]["summary"]["most_suspicious"][:5]]
+        assert all(labels[i] == 1 for i in top)
+    root = store.open_store(out)
+    assert store.validate(root) == []
+    assert root["audit/gradcam/grid_mass"].shape == (160, 4, 4)
+    assert root["audit/gradcam/class_mean"].shape == (2, 64, 64)
+    assert root.attrs["audit"]["methods"]["gradcam"]["flags"]
+    text = audit.compare_table(out)
+    assert "gradcam" in text and "occlusion" in text
+
+
+def test_control_raises_no_flag(tmp_path):
+    model, params, src = trained(False)
+    out = tmp_path / "control.zarr"
+    runner.run(model, params, src, {"gradcam": {}, "occlusion": {"window": 12, "stride": 6}}, out, target="label",
+               batch_size=16, progress=False)
+    findings = audit.audit(out, audit.AuditConfig(metrics=False, sanity=False), progress=None)
+    for method, e in findings.items():
+        assert e["flags"] == [], (method, e["flags"])
+
+
+def naive_curves(model, params, img, sal, target, steps, rep):
+    order = np.argsort(-sal.ravel(), kind="stable")
+    h, w = sal.shape
+    counts = np.round(np.linspace(0, h * w, steps + 1)).astype(int)
+    f = jax.jit(lambda p, x: jax.nn.softmax(model.apply(p, model.preprocess(x), logits=True)[0], -1))
+    dele, ins = [], []
+    for c in counts:
+        moved = np.zeros(h * w, bool)
+        moved[order[:c]] = True
+        moved = moved.reshape(h, w)[..., None]
+        dele.append(float(f(params, np.where(moved, rep, img)[None])[0, target]))
+        ins.append(float(f(params, np.where(moved, img, rep)[None])[0, target]))
+    frac = counts / (h * w)
+    return np.array(dele), np.array(ins), np.trapezoid(dele, frac), np.trapezoid(ins, frac)
+
+
+@pytest.mark.parametrize("replacement", ["blur", 0.0])
+def test_deletion_insertion_match_naive_loop(replacement):
+    model = demo.demo_model()
+    params = model.init(3)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    sal = rng.random((2, 1, 64, 64)).astype(np.float32)
+    t = np.array([[0], [1]], np.int32)
+    cfg = metrics.FaithfulnessConfig(steps=8, replacement=replacement, chunk=5)
+    out = jax.device_get(metrics.faithfulness(model, params, jnp.asarray(x), jnp.asarray(sal), jnp.asarray(t), cfg))
+    rep = np.asarray(metrics.replacement_images(jnp.asarray(x), cfg))
+    for b in range(2):
+        d, i, da, ia = naive_curves(model, params, x[b], sal[b, 0], t[b, 0], 8, rep[b])
+        np.testing.assert_allclose(out["deletion"][b, 0], d, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(out["insertion"][b, 0], i, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(out["deletion_auc"][b, 0], da, rtol=1e-4)
+        np.testing.assert_allclose(out["insertion_auc"][b, 0], ia, rtol=1e-4)
+        # Average drop: the image kept where the (normalised) map says.
+        m = sal[b, 0] / sal[b, 0].max()
+        f = jax.nn.softmax(model.apply(params, model.preprocess(jnp.asarray(np.stack([
+            x[b], x[b] * m[..., None] + rep[b] * (1 - m[..., None])]))), logits=True)[0], -1)
+        p, pk = float(f[0, t[b, 0]]), float(f[1, t[b, 0]])
+        np.testing.assert_allclose(out["drop"][b, 0], max(0.0, p - pk) / p, rtol=1e-4, atol=1e-7)
+        assert out["increase"][b, 0] == float(pk > p)
+
+
+def test_sanity_check_separates_gradcam_from_an_input_only_method(shortcut_run):
+    model, params, _ = shortcut_run
+    x, _, _, _ = demo.shapes(4, seed=5)
+
+    def gradcam(p):
+        return convlens.explain(model, p, x, "gradcam", target=[1])["heatmap"][:, 0]
+
+    def edges(p):  # ignores the model: an edge detector standing in for a model-blind method
+        g = x.mean(-1)
+        return np.abs(np.diff(g, axis=0, append=0)) + np.abs(np.diff(g, axis=1, append=0))
+    _, _, rho_g = audit.sanity_check(model, params, gradcam)
+    _, _, rho_e = audit.sanity_check(model, params, edges)
+    assert rho_g[-1].mean() < 0.5  # Grad-CAM's maps change once the model is random
+    np.testing.assert_allclose(rho_e, 1.0)  # the edge maps do not change at all
+    assert rho_e[-1].mean() >= audit.AuditConfig().sanity_threshold
+
+
+def test_audit_errors(tmp_path, shortcut_run):
+    with pytest.raises(ConvlensError, match="no such store"):
+        audit.audit(tmp_path / "nope.zarr")
+    _, _, out = shortcut_run
+    with pytest.raises(ConvlensError, match="no heatmaps of nosuch"):
+        audit.audit(out, methods=["nosuch"])
