@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from common import best_time, load_arrays, machine  # noqa: E402
 
 from convlens import demo  # noqa: E402
-from convlens.explain import compiled, resolve_config  # noqa: E402
+from convlens.api import compiled, resolve_config  # noqa: E402
 from convlens.kernels import metrics  # noqa: E402
 from convlens.kernels.registry import METHODS  # noqa: E402
 from convlens.models.registry import build_model  # noqa: E402

@@ -31,7 +31,7 @@ from convlens.engine import sources as src_mod
 from convlens.engine import store
 from convlens.engine.sources import ItemError, Source
 from convlens.errors import ConvlensError
-from convlens.explain import compiled, parse_target, resolve_config
+from convlens.api import compiled, parse_target, resolve_config
 from convlens.kernels.registry import METHODS, all_outputs
 from convlens.models.labels import probabilities
 from convlens.models.network import Model

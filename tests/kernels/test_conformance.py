@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import convlens
-from convlens.explain import image_keys
+from convlens.api import image_keys
 from convlens.kernels.registry import METHODS, all_outputs
 from tests.kernels.nets import gap_net, with_random_biases
 
