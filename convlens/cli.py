@@ -399,6 +399,66 @@ def compare(store_path):
     click.echo(compare_table(store_path))
 
 
+def _look_options(f):
+    f = click.option("--limit", type=int, default=64, show_default=True, help="Items drawn as overlays.")(f)
+    f = click.option("--alpha", type=float, default=0.5, show_default=True, help="Overlay opacity.")(f)
+    f = click.option("--style", type=click.Choice(["blend", "camshow"]), default="blend", show_default=True,
+                     help="blend: on the image; camshow: on a darkened grey copy, above a threshold.")(f)
+    f = click.option("--cmap", default="jet", show_default=True, help="Colour map (jet, viridis, turbo ...).")(f)
+    return f
+
+
+@cli.command()
+@click.argument("store_path", metavar="STORE")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the PNG files.")
+@click.option("--per-row", type=int, default=16, show_default=True, help="Feature-map tiles per row.")
+@_look_options
+def render(store_path, out, per_row, cmap, style, alpha, limit):
+    """Draw what STORE holds as PNG files: overlays, feature maps, filters, atlases, audit figures."""
+    from convlens.render.render import render_store
+
+    groups = render_store(store_path, out, cmap=cmap, alpha=alpha, style=style, limit=limit, per_row=per_row)
+    if not groups:
+        raise ConvlensError(f"{store_path} holds nothing to draw (no heatmaps with inputs, activations, weights, "
+                            "atlas or audit)")
+    for g, files in groups.items():
+        click.echo(f"{g:12s} {len(files):5d} files in {Path(out) / g if g != 'pipeline' else out}")
+
+
+@cli.command()
+@click.argument("store_path", metavar="STORE")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The HTML file to write.")
+@click.option("--per-page", type=int, default=48, show_default=True, help="Items per gallery page.")
+@_look_options
+def report(store_path, out, per_page, cmap, style, alpha, limit):
+    """A browsable HTML report of STORE (no network needed to view it)."""
+    from convlens.render.report import report as write_report
+
+    pages = write_report(store_path, out, per_page=per_page, cmap=cmap, alpha=alpha, style=style, limit=limit)
+    click.echo(f"wrote {out}" + (f" and {len(pages) - 1} gallery page(s)" if len(pages) > 1 else ""))
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), default="convlens-demo", show_default=True,
+              help="Folder for the demo's data, model, store and report (replaced if it exists).")
+def demo(out):
+    """The built-in demo, offline: train a convnet with a planted shortcut, explain, audit, report."""
+    from convlens.demo import run_demo
+
+    r = run_demo(out, log=click.echo)
+    click.echo("")
+    click.echo(r["text"])
+    click.echo("")
+    shortcut = [(m, f) for m, f in r["flags"] if f["kind"] == "class_location"]
+    if shortcut:
+        m, f = shortcut[0]
+        click.echo(f"FOUND: the model's decisions for class {f['class_name']!r} rest on the {f['where']} — the "
+                   f"planted stamp ({m}: {f['share_of_items']:.0%} of the class's items peak there).")
+    else:
+        click.echo("The audit did not flag the planted shortcut (unexpected: see the report).")
+    click.echo(f"Report: {Path(r['report']).resolve()}  (open it in a browser; done in {r['seconds']:.0f} s)")
+
+
 @cli.command()
 @click.argument("store_path", metavar="STORE")
 def info(store_path):

@@ -139,3 +139,63 @@ def accuracy(model: Model, params, images, labels) -> float:
     pred = np.concatenate([np.asarray(f(params, jnp.asarray(images[s:s + 256], jnp.float32)))
                            for s in range(0, len(images), 256)])
     return float((pred == labels).mean())
+
+
+def write_folder(root, images, labels, masks, class_names):
+    """Images as ``root/images/<class>/<i>.png`` and masks as ``root/masks/<class>/<i>.png``."""
+    from pathlib import Path
+
+    from PIL import Image
+    root = Path(root)
+    for i, (img, lab, m) in enumerate(zip(images, labels, masks)):
+        cls = class_names[lab]
+        (root / "images" / cls).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "images" / cls / f"{i:04d}.png")
+        Image.fromarray(m.astype(np.uint8) * 255).save(root / "masks" / cls / f"{i:04d}.png")
+    return root / "images", root / "masks"
+
+
+def run_demo(out="convlens-demo", *, train_size: int = 2000, test_size: int = 160, epochs: int = 5,
+             log=print) -> dict:
+    """The end-to-end demo (see the module docstring); returns where things are and what
+    the audit found."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    from convlens.engine import audit, runner
+    from convlens.engine.sources import folder_source
+    from convlens.models.keras_io import save_h5_model
+    from convlens.models.registry import load_model
+    from convlens.render.report import report
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    t0 = time.perf_counter()
+    log(f"1/5 data: {train_size} training and {test_size} held-out 64x64 images; the label is given by a small "
+        "stamp in the top-right corner, not by the object")
+    x, y, _, names = shapes(train_size, seed=0)
+    xt, yt, mt, _ = shapes(test_size, seed=1)
+    images, masks = write_folder(out / "data", xt, yt, mt, names)
+    log("2/5 training a small convnet on the spot (Flax + optax)")
+    model = demo_model(names)
+    params = train(model, x, y, epochs=epochs, log=lambda s: log("    " + s))
+    weights = save_h5_model(model, params, out / "shapes_cnn.h5", model_config(len(names)))
+    model, params = load_model(str(weights), preprocess="tf", class_names=names)  # as a user would
+    log(f"    held-out accuracy {accuracy(model, params, xt, yt):.3f}; model saved to {weights}")
+    store = out / "shapes.zarr"
+    log("3/5 explaining the held-out images with Grad-CAM, CAM and occlusion (the engine, from an image folder)")
+    src = folder_source(images, masks)  # as `convlens run --data images --masks masks`
+    s = runner.run(model, params, src, {"gradcam": {}, "cam": {}, "occlusion": {"window": 12, "stride": 4}},
+                   store, target="label", batch_size=16, progress=False, command="convlens demo")
+    log(f"    {s.done} images in {s.seconds:.1f} s -> {store}")
+    log("4/5 auditing: shortcut flags, faithfulness metrics, sanity check")
+    findings = audit.audit(store, audit.AuditConfig(sample=32, sanity_items=4), progress=None)
+    log("5/5 rendering pictures and the HTML report")
+    pages = report(store, out / "report.html")
+    flags = [(m, f) for m, e in findings.items() for f in e["flags"]]
+    return {"report": pages[0], "store": store, "findings": findings, "flags": flags,
+            "seconds": time.perf_counter() - t0, "text": audit.table(findings)}

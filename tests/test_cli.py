@@ -159,3 +159,19 @@ def test_occlusion_command_matches_api(capsys, image_dir, tmp_path):
     code, _, err = run(["occlusion", "vgg_tiny", "--random-init", "0", str(image_dir / "chelsea.jpg"),
                         "--approx", "2"], capsys)
     assert code == 1 and "tau must be in (0, 1]" in err and err.count("\n") == 1
+
+
+def test_render_and_report_commands(capsys, tmp_path):
+    code, _, err = run(["weights", "vgg_tiny", "--random-init", "0", "--out", str(tmp_path / "w.zarr")], capsys)
+    assert code == 0, err
+    code, out, err = run(["render", str(tmp_path / "w.zarr"), "--out", str(tmp_path / "pics")], capsys)
+    assert code == 0 and "weights" in out, err
+    assert (tmp_path / "pics" / "weights" / "block1_conv1.png").exists()
+    code, out, err = run(["report", str(tmp_path / "w.zarr"), "--out", str(tmp_path / "r.html")], capsys)
+    assert code == 0 and (tmp_path / "r.html").exists() and "Weights" in (tmp_path / "r.html").read_text()
+    code, _, err = run(["render", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "x")], capsys)
+    assert code == 1 and "no such store" in err and err.count("\n") == 1
+    code, _, err = run(["render", str(tmp_path / "w.zarr"), "--out", str(tmp_path / "x"), "--cmap", "nosuch"], capsys)
+    assert code == 1 and "unknown colour map" in err
+    code, _, err = run(["compare", str(tmp_path / "w.zarr")], capsys)
+    assert code == 1 and "has not been audited" in err

@@ -208,6 +208,25 @@ class _Writer(threading.Thread):
             raise self.error
 
 
+def model_class_names(model: Model):
+    """The model's label names for a store: the list, a marker for ImageNet's 1000, or None."""
+    if model.class_names is None:
+        return None
+    from convlens.models.labels import imagenet_class_names
+    if len(model.class_names) == 1000 and tuple(model.class_names) == imagenet_class_names():
+        return "imagenet-1k"
+    return list(model.class_names)
+
+
+def model_summary(model: Model) -> str | None:
+    """Keras-style layer table of the model, for reports."""
+    try:
+        from convlens.models.summary import summary
+        return summary(model)
+    except Exception:  # noqa: BLE001 - a summary is a nicety, never a reason to fail a run
+        return None
+
+
 # ---------------------------------------------------------------- the run
 
 class Run:
@@ -280,7 +299,7 @@ class Run:
         return {**store.model_attrs(self.model), "command": self.command, "source": self.source.description,
                 "resize": self.opts.resize, "target": str(self.opts.target), "seed": self.opts.seed,
                 "class_names": list(self.source.class_names) if self.source.class_names else None,
-                "model_class_names": None if self.model.class_names is None else len(self.model.class_names),
+                "model_class_names": model_class_names(self.model), "model_summary": model_summary(self.model),
                 "chunk": self.chunk, "fingerprint": self.fp,
                 "methods": {m: store.method_entry(self.configs[m], {k: v[2] for k, v in outs.items()})
                             for m, outs in specs.items()}}
@@ -305,7 +324,38 @@ class Run:
         store.create_array(root, "timing/method_seconds", (self.process.count, len(specs)), np.float64,
                            ("process", "method"), 1, fill=0.0)
         root["timing"].attrs["methods"] = list(specs)
+        self.write_pipeline(root)
         return root
+
+    def write_pipeline(self, root, k: int = 4):
+        """A visual log of the input pipeline: the first readable items as read (shrunk to
+        at most 256 pixels a side), as resized, and as the model sees them."""
+        from PIL import Image
+        raws, resized, ids = [], [], []
+        for i in range(min(self.n, 16)):
+            img, _, _, err = self.load(i)
+            if err:
+                continue
+            raw = self.source.read(i).image
+            if max(raw.shape[:2]) > 256:
+                s = 256 / max(raw.shape[:2])
+                raw = np.asarray(Image.fromarray(raw).resize((max(1, round(raw.shape[1] * s)),
+                                                              max(1, round(raw.shape[0] * s))), Image.BILINEAR))
+            raws.append(raw)
+            resized.append(img)
+            ids.append(self.source.ids[i])
+            if len(ids) == k:
+                break
+        if not ids:
+            return
+        g = root.require_group("pipeline")
+        for j, raw in enumerate(raws):
+            store.write(g, f"raw/{j}", raw, ("y", "x", "rgb"))
+        store.write(g, "resized", np.stack(resized), ("item", "y", "x", "rgb"))
+        pre = np.asarray(self.model.preprocess(jnp.asarray(np.stack(resized), jnp.float32)))
+        store.write(g, "preprocessed", pre.astype(np.float32), ("item", "y", "x", "channel"))
+        root.attrs["pipeline"] = {"ids": ids, "preprocessing": self.model.preprocess_spec.describe(),
+                                  "resize": self.opts.resize}
 
     def open_existing(self):
         root = store.open_store(self.out, "r+", self.storage_options)

@@ -361,3 +361,25 @@ def load_model_file(path: str | Path, **model_kw) -> tuple[Model, Params]:
 
 __all__ = ["ConvlensError", "file_kind", "load_model_file", "load_weights", "read_model_file",
            "read_weights_file", "merge_params", "snake_case", "str_list_attr"]
+
+
+def save_h5_model(model: Model, params: Params, path: str | Path, config: dict) -> Path:
+    """Writes ``model`` (built from the Keras ``config``) and ``params`` as a legacy
+    full-model ``.h5`` file (``model_config`` + ``model_weights``), the layout Keras 2
+    wrote and convlens (and Keras) read back. Returns the path."""
+    path = Path(path)
+    specs = model.variable_specs()
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = json.dumps(config)
+        f.attrs["backend"] = "jax"
+        f.attrs["keras_version"] = "convlens"
+        g = f.create_group("model_weights")
+        names = [n.name for n in model.graph.nodes if n.name != model.graph.input]
+        g.attrs["layer_names"] = np.asarray([n.encode() for n in names])
+        for name in names:
+            lg = g.create_group(name)
+            wnames = [f"{name}/{v.name}:0" for v in specs.get(name, [])]
+            lg.attrs["weight_names"] = np.asarray([w.encode() for w in wnames])
+            for v, w in zip(specs.get(name, []), wnames):
+                lg.create_dataset(w, data=np.asarray(params[name][v.name]))
+    return path

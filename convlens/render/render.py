@@ -1,0 +1,277 @@
+"""``convlens render STORE --out DIR``: every picture a store can give, as PNG files.
+
+What is drawn depends on what the store holds:
+
+* ``activations/<layer>`` -> ``activations/<layer>/item<i>[_p<k>].png``: every channel a
+  tile (standardised as in *Deep Learning with Python*), ``per_row`` per row, pages of
+  ``per_row ** 2`` channels, layer name and shape in the title;
+* ``weights/<layer>/filters`` -> ``weights/<layer>[_p<k>].png``: RGB kernels as colour
+  tiles, deeper kernels as one row of input-channel tiles per filter, with indices;
+* ``atlas/<layer>/patterns`` -> ``atlas/<layer>_p<k>.png``: 8x8 patterns a page with
+  their filter indices, and ``atlas/contact.png`` (the first 8 of every layer);
+* method heatmaps with stored inputs -> ``overlays/<i>.png`` (the image, then one
+  overlay per method and target, the top-3 predictions in the title) and
+  ``overlays/<method>_contact.png``;
+* an audit -> ``audit/<method>_class_means.png``, ``audit/<method>_suspicious.png``,
+  ``audit/curves.png`` (mean deletion / insertion curves);
+* the input pipeline -> ``pipeline.png`` (items as read, as resized, as preprocessed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from convlens.engine import store
+from convlens.errors import ConvlensError
+from convlens.render import images as im
+
+
+def class_names_of(root) -> tuple[str, ...] | None:
+    """Label names of the model's outputs, as the run recorded them."""
+    names = root.attrs.get("model_class_names")
+    if names == "imagenet-1k":
+        from convlens.models.labels import imagenet_class_names
+        return imagenet_class_names()
+    return tuple(names) if isinstance(names, list) else None
+
+
+def prediction_title(root, i: int, names) -> str:
+    ids = root["ids"]
+    item = str(ids[i])
+    if "predictions/topk_index" not in root:
+        return item
+    idx, prob = root["predictions/topk_index"][i], root["predictions/topk_prob"][i]
+    if idx[0] < 0:
+        return f"{item}: failed"
+    parts = [f"{names[c] if names and 0 <= c < len(names) else c} {p:.2f}" for c, p in zip(idx[:3], prob[:3])]
+    label = ""
+    if "labels" in root and root["labels"][i] >= 0:
+        lab = int(root["labels"][i])
+        dn = root.attrs.get("class_names")
+        label = f" (label {dn[lab] if dn and lab < len(dn) else lab})"
+    return f"{Path(item).name}{label}: " + ", ".join(parts)
+
+
+def heatmap_methods(root) -> list[str]:
+    return [m for m, e in (root.attrs.get("methods") or {}).items() if "heatmap" in e.get("outputs", {})]
+
+
+def item_panel(root, i: int, methods, names, cmap="jet", alpha=0.5, style="blend", tile: int = 160) -> np.ndarray:
+    """The image and one overlay per method and target, titled with the predictions."""
+    img = np.asarray(root["inputs"][i])
+    tiles, labels = [im.upscale(img, tile)], ["input"]
+    for m in methods:
+        heat = np.asarray(root[f"{m}/heatmap"][i])
+        targets = np.asarray(root[f"{m}/targets"][i]) if f"{m}/targets" in root else np.zeros(len(heat), int)
+        for t in range(heat.shape[0]):
+            ov = im.overlay(img, heat[t], cmap=cmap, alpha=alpha, style=style)
+            tiles.append(im.upscale(ov, tile))
+            c = int(targets[t])
+            labels.append(f"{m}: {names[c] if names and 0 <= c < len(names) else c}")
+    size = max(t.shape[0] for t in tiles)
+    tiles = [t if t.shape[0] == size else im.upscale(t, size)[:size, :size] for t in tiles]
+    return im.titled(im.grid(tiles, len(tiles), labels), prediction_title(root, i, names))
+
+
+def _done_items(root) -> np.ndarray:
+    if "status" in root:
+        return np.flatnonzero(np.asarray(root["status"][:]) == store.DONE)
+    return np.arange(root["ids"].shape[0])
+
+
+def render_overlays(root, out: Path, cmap, alpha, style, limit) -> list[Path]:
+    methods = heatmap_methods(root)
+    if not methods or "inputs" not in root:
+        return []
+    names = class_names_of(root)
+    files = []
+    items = _done_items(root)[:limit]
+    for i in items:
+        files.append(im.save_png(item_panel(root, i, methods, names, cmap, alpha, style), out / "overlays" / f"{i}.png"))
+    for m in methods:
+        tiles = [im.overlay(np.asarray(root["inputs"][i]), np.asarray(root[f"{m}/heatmap"][i, 0]), cmap=cmap,
+                            alpha=alpha, style=style) for i in items[:64]]
+        if tiles:
+            tiles = [im.upscale(t, 96) for t in tiles]
+            sheet = im.titled(im.grid(tiles, 8, [str(i) for i in items[:64]]), f"{m}: first {len(tiles)} items")
+            files.append(im.save_png(sheet, out / "overlays" / f"{m}_contact.png"))
+    return files
+
+
+def render_activations(root, out: Path, per_row: int, items: int = 2) -> list[Path]:
+    if "activations" not in root:
+        return []
+    files = []
+    ids = root["ids"][:]
+    for layer in sorted(root["activations"].array_keys()):
+        a = root[f"activations/{layer}"]
+        if a.ndim != 4:
+            continue
+        for i in range(min(items, a.shape[0])):
+            act = np.asarray(a[i])
+            c = act.shape[-1]
+            tiles = [im.upscale(im.standardise(act[..., k]), 32) for k in range(c)]
+            page = per_row * per_row
+            pages = -(-c // page)
+            for p in range(pages):
+                sl = slice(p * page, (p + 1) * page)
+                g = im.grid(tiles[sl], per_row, [str(k) for k in range(c)][sl])
+                title = f"{layer} {list(act.shape)} — item {Path(str(ids[i])).name}" + (
+                    f" — channels {sl.start}-{min(c, sl.stop) - 1} (page {p + 1}/{pages})" if pages > 1 else "")
+                name = f"item{i}" + (f"_p{p + 1}" if pages > 1 else "") + ".png"
+                files.append(im.save_png(im.titled(g, title), out / "activations" / layer / name))
+    return files
+
+
+def render_weights(root, out: Path) -> list[Path]:
+    if "weights" not in root:
+        return []
+    files = []
+    for layer in sorted(root["weights"].group_keys()):
+        f = np.asarray(root[f"weights/{layer}/filters"][:])
+        dims = root[f"weights/{layer}/filters"].metadata.dimension_names
+        if dims and dims[-1] == "rgb":
+            tiles = [im.upscale((t * 255).astype(np.uint8), 32) for t in f]
+            pages = [(0, len(tiles), im.grid(tiles, 16, [str(k) for k in range(len(tiles))]))]
+        else:  # [filter, c_in, kh, kw]: one row of input-channel tiles per filter, 16 filters a page
+            cin = min(f.shape[1], 32)
+            pages = []
+            for s in range(0, len(f), 16):
+                rows = [im.upscale((f[k, c] * 255).astype(np.uint8), 12) for k in range(s, min(len(f), s + 16))
+                        for c in range(cin)]
+                pages.append((s, min(len(f), s + 16), im.grid(rows, cin)))
+        for s, e, g in pages:
+            title = f"{layer} kernels, filters {s}-{e - 1}" + ("" if dims and dims[-1] == "rgb"
+                                                             else f" (rows; first {min(f.shape[1], 32)} input channels)")
+            name = f"{layer}.png" if len(pages) == 1 else f"{layer}_p{s // 16 + 1}.png"
+            files.append(im.save_png(im.titled(g, title), out / "weights" / name))
+    return files
+
+
+def render_atlas(root, out: Path, per_row: int = 8) -> list[Path]:
+    if "atlas" not in root:
+        return []
+    files, contact = [], []
+    a = root.attrs.get("atlas") or {}
+    for layer in a.get("layers", sorted(root["atlas"].group_keys())):
+        g = root[f"atlas/{layer}"]
+        pats = np.asarray(g["patterns"][:])
+        idx = np.asarray(g["filters"][:])
+        done = np.asarray(g["status"][:]) == store.DONE
+        tiles = [p if ok else np.full_like(p, 230) for p, ok in zip(pats, done)]
+        labels = [str(int(k)) if ok else f"{int(k)} (todo)" for k, ok in zip(idx, done)]
+        page = per_row * per_row
+        n_pages = -(-len(tiles) // page)
+        for p in range(n_pages):
+            sl = slice(p * page, (p + 1) * page)
+            title = (f"{layer} — {a.get('recipe')} recipe, {a.get('size')} px, {a.get('steps')} steps — "
+                     f"page {p + 1}/{n_pages}")
+            files.append(im.save_png(im.titled(im.grid(tiles[sl], per_row, labels[sl]), title),
+                                     out / "atlas" / f"{layer}_p{p + 1}.png"))
+        contact.append(im.titled(im.grid([im.upscale(t, 64) for t in tiles[:8]], 8, labels[:8]), layer))
+    if contact:
+        files.append(im.save_png(im.vstack(contact), out / "atlas" / "contact.png"))
+    return files
+
+
+def render_audit(root, out: Path, cmap: str, alpha: float, style: str) -> list[Path]:
+    a = root.attrs.get("audit")
+    if not a:
+        return []
+    files = []
+    cls_names = root.attrs.get("class_names")
+    names = class_names_of(root)
+    curves = {}
+    for m, e in a["methods"].items():
+        g = f"audit/{m}"
+        means = np.asarray(root[f"{g}/class_mean"][:])
+        tiles, labels = [], []
+        for c, mean in enumerate(means):
+            if np.isnan(mean).all():
+                continue
+            tiles.append(im.upscale(im.colour(im.normalise(mean), cmap), 128))
+            labels.append(cls_names[c] if cls_names and c < len(cls_names) else str(c))
+        if tiles:
+            files.append(im.save_png(im.titled(im.grid(tiles, min(8, len(tiles)), labels),
+                                               f"{m}: mean map per class"), out / "audit" / f"{m}_class_means.png"))
+        sus = e["summary"].get("most_suspicious", [])[:8]
+        if sus and "inputs" in root:
+            tiles = [im.upscale(im.overlay(np.asarray(root["inputs"][s["index"]]),
+                                           np.asarray(root[f"{m}/heatmap"][s["index"], 0]), cmap=cmap, alpha=alpha,
+                                           style=style), 128) for s in sus]
+            labels = [f"{Path(s['id']).name} ({s['suspicion']:.2f})" for s in sus]
+            files.append(im.save_png(im.titled(im.grid(tiles, min(4, len(tiles)), labels),
+                                               f"{m}: most suspicious items"), out / "audit" / f"{m}_suspicious.png"))
+        if f"{g}/deletion" in root:
+            d, i = np.asarray(root[f"{g}/deletion"][:]), np.asarray(root[f"{g}/insertion"][:])
+            ok = ~np.isnan(d).any(axis=1)
+            if ok.any():
+                curves[m] = (d[ok].mean(0), i[ok].mean(0))
+    if curves:
+        files.append(_curves_png(curves, out / "audit" / "curves.png"))
+    del names
+    return files
+
+
+def _curves_png(curves: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
+    for m, (d, ins) in curves.items():
+        x = np.linspace(0, 1, len(d))
+        axes[0].plot(x, d, label=f"{m} (AUC {np.trapezoid(d, x):.3f})")
+        axes[1].plot(x, ins, label=f"{m} (AUC {np.trapezoid(ins, x):.3f})")
+    for ax, t in zip(axes, ("deletion (lower is better)", "insertion (higher is better)")):
+        ax.set_title(t, fontsize=10)
+        ax.set_xlabel("fraction of pixels")
+        ax.set_ylabel("target probability")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def render_pipeline(root, out: Path) -> list[Path]:
+    if "pipeline" not in root:
+        return []
+    p = root["pipeline"]
+    ids = (root.attrs.get("pipeline") or {}).get("ids", [])
+    rows = []
+    for k in range(p["resized"].shape[0]):
+        raw = np.asarray(p[f"raw/{k}"][:]) if f"raw/{k}" in p else None
+        resized = np.asarray(p["resized"][k])
+        pre = np.asarray(p["preprocessed"][k], np.float64)
+        lo, hi = pre.min(axis=(0, 1)), pre.max(axis=(0, 1))
+        pre_img = (np.clip((pre - lo) / np.where(hi > lo, hi - lo, 1), 0, 1) * 255).astype(np.uint8)[..., :3]
+        parts = [im.titled(im.upscale(raw, 128), f"read {raw.shape[1]}x{raw.shape[0]}")] if raw is not None else []
+        parts += [im.titled(im.upscale(resized, 128), f"resized {resized.shape[1]}x{resized.shape[0]}"),
+                  im.titled(im.upscale(pre_img, 128), f"model input {pre.min():.1f}..{pre.max():.1f}")]
+        rows.append(im.titled(im.hstack(parts), str(ids[k]) if k < len(ids) else str(k)))
+    return [im.save_png(im.vstack(rows), out / "pipeline.png")] if rows else []
+
+
+def render_store(path, out_dir, *, cmap: str = "jet", alpha: float = 0.5, style: str = "blend", limit: int = 64,
+                 per_row: int = 16) -> dict[str, list[Path]]:
+    """Draws everything the store at ``path`` holds into ``out_dir``; returns the files by group."""
+    if style not in ("blend", "camshow"):
+        raise ConvlensError(f"unknown overlay style {style!r}: blend or camshow")
+    try:
+        import matplotlib
+        matplotlib.colormaps[cmap]
+    except KeyError:
+        raise ConvlensError(f"unknown colour map {cmap!r}: try jet, viridis, inferno, turbo") from None
+    root = store.open_store(path)
+    out = Path(out_dir)
+    groups = {"overlays": render_overlays(root, out, cmap, alpha, style, limit),
+              "activations": render_activations(root, out, per_row),
+              "weights": render_weights(root, out),
+              "atlas": render_atlas(root, out),
+              "audit": render_audit(root, out, cmap, alpha, style),
+              "pipeline": render_pipeline(root, out)}
+    return {k: v for k, v in groups.items() if v}

@@ -1,0 +1,174 @@
+"""``convlens report STORE --out report.html``: a browsable HTML report of a store.
+
+One page (plus gallery pages for large stores, ``per_page`` items each) that needs no
+network: the pictures are PNG files in a sibling folder ``<name>_files/`` drawn by
+`convlens.render.render`. Sections: the model (its layer table), the run (data,
+configuration, timing, failures), a visual log of the input pipeline, the audit's
+findings with their evidence and the ranking of methods, and galleries per method.
+Each page checks that its images loaded and records it in ``<body data-images>``.
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from convlens.engine import store
+from convlens.render import images as im
+from convlens.render.render import _done_items, heatmap_methods, item_panel, render_store
+from convlens.render.render import class_names_of
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:0 16px;
+color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:2em}
+pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:12px}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+.flag{background:#fff3f3;border-left:4px solid #d33;padding:6px 10px;margin:6px 0}
+.ok{background:#f3fff3;border-left:4px solid #3a3;padding:6px 10px;margin:6px 0}
+img{max-width:100%;height:auto;image-rendering:pixelated}.nav a{margin-right:10px}
+"""
+
+CHECK = """<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute('data-images', ok + '/' + imgs.length);
+});
+</script>"""
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body data-images='pending'>{body}{CHECK}</body></html>")
+
+
+def _img(src: str, alt: str) -> str:
+    return f"<p><img src='{html.escape(src)}' alt='{html.escape(alt)}'></p>"
+
+
+def _table(rows, head=None) -> str:
+    h = "" if head is None else "<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in head) + "</tr>"
+    return "<table>" + h + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                                   for r in rows) + "</table>"
+
+
+def report(path, out, *, per_page: int = 48, cmap: str = "jet", alpha: float = 0.5, style: str = "blend",
+           limit: int = 64) -> list[Path]:
+    """Writes the report for the store at ``path`` to ``out`` (an .html file); returns the pages."""
+    out = Path(out)
+    files_dir = out.with_name(out.stem + "_files")
+    if files_dir.exists():
+        shutil.rmtree(files_dir)
+    root = store.open_store(path)
+    a = dict(root.attrs)
+    groups = render_store(path, files_dir, cmap=cmap, alpha=alpha, style=style, limit=limit)
+    rel = files_dir.name
+
+    def src(p: Path) -> str:
+        return f"{rel}/{p.relative_to(files_dir).as_posix()}"
+    body = [f"<h1>convlens report: {html.escape(str(a.get('model')))}</h1>",
+            f"<p>Store <code>{html.escape(str(path))}</code>, written {html.escape(str(a.get('created')))} by "
+            f"convlens {html.escape(str(a.get('convlens_version')))} (<code>{html.escape(str(a.get('command')))}"
+            "</code>).</p>"]
+    # Findings first: what a reader came for.
+    audit = a.get("audit")
+    body.append("<h2>Findings</h2>")
+    if audit:
+        n = 0
+        for m, e in audit["methods"].items():
+            for f in e["flags"]:
+                n += 1
+                body.append(f"<div class='flag'><b>{html.escape(m)}: {html.escape(f['kind'])}</b> — "
+                            f"{html.escape(f['why'])}</div>")
+        if n == 0:
+            body.append("<div class='ok'>The audit raised no flag.</div>")
+        try:
+            from convlens.engine.audit import compare_table
+            body.append("<p>Methods ranked by faithfulness (insertion AUC − deletion AUC; cost from the run):</p>"
+                        f"<pre>{html.escape(compare_table(path))}</pre>")
+        except Exception:  # noqa: BLE001 - a ranking needs metrics; the flags stand without it
+            pass
+        for p in groups.get("audit", []):
+            body.append(_img(src(p), p.stem))
+        rows = []
+        for m, e in audit["methods"].items():
+            s = e["summary"]
+            rows.append([m, s["items"], f"{s['mean_center_share']:.2f}", f"{s['mean_entropy']:.2f}",
+                         f"{s.get('accuracy', float('nan')):.3f}", f"{s.get('pointing_game', float('nan')):.2f}"])
+        body.append(_table(rows, ["method", "items", "centre share", "entropy", "accuracy", "pointing game"]))
+    else:
+        body.append("<p>No audit yet: <code>convlens audit STORE</code> adds shortcut flags and faithfulness "
+                    "metrics to this report.</p>")
+    # The run.
+    body.append("<h2>Run</h2>")
+    run = a.get("run") or {}
+    rows = [["model", f"{a.get('model')} ({a.get('model_source')})"], ["weights sha256", a.get("weights_sha256")],
+            ["input", f"{a.get('input_size')}, preprocessing {a.get('preprocessing')}"],
+            ["data", a.get("source", "-")], ["resize", a.get("resize", "-")], ["target", a.get("target", "-")]]
+    if run:
+        rows += [["items", f"{run.get('done')} done, {run.get('failed')} failed of {run.get('items')}"],
+                 ["time", f"{run.get('seconds', 0):.1f} s ({run.get('items_per_second', 0):.2f} items/s, "
+                          f"{run.get('processes', 1)} process(es))"]]
+        for m, secs in (run.get("method_seconds_per_item") or {}).items():
+            rows.append([f"cost of {m}", f"{secs * 1000:.1f} ms per item"])
+    body.append(_table(rows))
+    methods = a.get("methods") or {}
+    if methods:
+        body.append(_table([[m, ", ".join(f"{k}={v}" for k, v in e.get("config", {}).items()),
+                             ", ".join(f"{k} ({', '.join(d)})" for k, d in e.get("outputs", {}).items())]
+                            for m, e in methods.items()], ["method", "configuration", "outputs"]))
+    if "status" in root and (np.asarray(root["status"][:]) == store.FAILED).any():
+        st = np.asarray(root["status"][:])
+        bad = np.flatnonzero(st == store.FAILED)[:50]
+        body.append(f"<p>{int((st == store.FAILED).sum())} items failed:</p>")
+        body.append(_table([[root["ids"][i], root["errors"][i]] for i in bad], ["item", "reason"]))
+    if groups.get("pipeline"):
+        body.append("<h2>Input pipeline</h2><p>The first items as read, as resized for the model, and as the model "
+                    "sees them after preprocessing (each channel stretched for display): a broken pipeline shows "
+                    "here at once.</p>")
+        body.append(_img(src(groups["pipeline"][0]), "input pipeline"))
+    if a.get("model_summary"):
+        body.append(f"<h2>Model</h2><pre>{html.escape(a['model_summary'])}</pre>")
+    # Galleries: contact sheets here, every item on paginated pages.
+    pages = []
+    hm = heatmap_methods(root)
+    if hm and "inputs" in root:
+        body.append("<h2>Galleries</h2>")
+        for p in groups.get("overlays", []):
+            if p.stem.endswith("_contact"):
+                body.append(_img(src(p), p.stem))
+        items = _done_items(root)
+        n_pages = -(-len(items) // per_page)
+        names = class_names_of(root)
+        links = []
+        for k in range(n_pages):
+            page_file = out.with_name(f"{out.stem}-items-{k + 1}.html")
+            part = items[k * per_page:(k + 1) * per_page]
+            blocks = []
+            for i in part:
+                p = files_dir / "items" / f"{i}.png"
+                if not p.exists():
+                    im.save_png(item_panel(root, int(i), hm, names, cmap, alpha, style), p)
+                blocks.append(_img(src(p), f"item {i}"))
+            nav = (f"<p class='nav'><a href='{out.name}'>report</a>"
+                   + (f"<a href='{out.stem}-items-{k}.html'>previous</a>" if k else "")
+                   + (f"<a href='{out.stem}-items-{k + 2}.html'>next</a>" if k + 1 < n_pages else "") + "</p>")
+            page_file.write_text(_page(f"items {k + 1}/{n_pages}", nav + f"<h1>Items, page {k + 1} of {n_pages}</h1>"
+                                       + "".join(blocks) + nav), encoding="utf-8")
+            pages.append(page_file)
+            links.append(f"<a href='{page_file.name}'>{k * per_page}–{min(len(items), (k + 1) * per_page) - 1}</a>")
+        body.append("<p class='nav'>Every item, method by method: " + " ".join(links) + "</p>")
+    for group in ("activations", "weights", "atlas"):
+        if groups.get(group):
+            body.append(f"<h2>{group.capitalize()}</h2>")
+            for p in groups[group][:60]:
+                body.append(_img(src(p), p.stem))
+            if len(groups[group]) > 60:
+                body.append(f"<p>… and {len(groups[group]) - 60} more pictures in <code>{rel}/{group}/</code>.</p>")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(_page(f"convlens report: {a.get('model')}", "".join(body)), encoding="utf-8")
+    return [out, *pages]
