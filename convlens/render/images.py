@@ -17,7 +17,13 @@ MARGIN = 4
 
 @functools.lru_cache(maxsize=8)
 def font(size: int = 12):
+    # Matplotlib's DejaVu Sans: Pillow's built-in font has no dashes, ellipses or accents.
     from PIL import ImageFont
+    try:
+        import matplotlib
+        return ImageFont.truetype(f"{matplotlib.get_data_path()}/fonts/ttf/DejaVuSans.ttf", size)
+    except (ImportError, OSError):
+        pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1

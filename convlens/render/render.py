@@ -14,7 +14,11 @@ What is drawn depends on what the store holds:
   ``overlays/<method>_contact.png``;
 * an audit -> ``audit/<method>_class_means.png``, ``audit/<method>_suspicious.png``,
   ``audit/curves.png`` (mean deletion / insertion curves);
-* the input pipeline -> ``pipeline.png`` (items as read, as resized, as preprocessed).
+* the input pipeline -> ``pipeline.png`` (items as read, as resized, as preprocessed);
+* a training store (`convlens.training`, heatmaps with an ``epoch`` axis) ->
+  ``training/<method>/item<i>.png`` (one strip per image, epochs left to right),
+  ``training/<method>.gif`` (every image, one frame per epoch) and
+  ``training/metrics.png`` (the logged metrics per epoch).
 """
 
 from __future__ import annotations
@@ -81,9 +85,14 @@ def _done_items(root) -> np.ndarray:
     return np.arange(root["ids"].shape[0])
 
 
+def is_training(root) -> bool:
+    """Whether the store was written during training (method outputs have an epoch axis)."""
+    return "training" in root.attrs and "epoch" in root
+
+
 def render_overlays(root, out: Path, cmap, alpha, style, limit) -> list[Path]:
     methods = heatmap_methods(root)
-    if not methods or "inputs" not in root:
+    if not methods or "inputs" not in root or is_training(root):
         return []
     names = class_names_of(root)
     files = []
@@ -256,6 +265,65 @@ def render_pipeline(root, out: Path) -> list[Path]:
     return [im.save_png(im.vstack(rows), out / "pipeline.png")] if rows else []
 
 
+def _epoch_label(root, k: int, epoch: int) -> str:
+    if "metrics/loss" in root:
+        loss = float(root["metrics/loss"][k])
+        if np.isfinite(loss):
+            return f"epoch {epoch} (loss {loss:.3f})"
+    return f"epoch {epoch}"
+
+
+def render_training(root, out: Path, cmap: str, alpha: float, style: str, limit: int) -> list[Path]:
+    if not is_training(root) or "inputs" not in root:
+        return []
+    from PIL import Image
+    epochs = [int(e) for e in root["epoch"][:]]
+    names = class_names_of(root)
+    inputs = np.asarray(root["inputs"][:limit])
+    ids = [Path(str(i)).name for i in root["ids"][:limit]]
+    labels = np.asarray(root["labels"][:limit]) if "labels" in root else np.full(len(inputs), -1)
+    files = []
+    for m in heatmap_methods(root):
+        heat = np.asarray(root[f"{m}/heatmap"][:, :limit, 0])  # [E, N, H, W]: the first target
+        targets = np.asarray(root[f"{m}/targets"][:, :limit, 0]) if f"{m}/targets" in root else None
+        tiles = [[im.upscale(im.overlay(inputs[i], heat[k, i], cmap=cmap, alpha=alpha, style=style), 112)
+                  for i in range(len(inputs))] for k in range(len(epochs))]
+        for i in range(len(inputs)):
+            lab = int(labels[i])
+            what = f" (label {names[lab] if names and 0 <= lab < len(names) else lab})" if lab >= 0 else ""
+            tags = []
+            for k, e in enumerate(epochs):
+                t = "" if targets is None else int(targets[k, i])
+                tags.append(f"epoch {e}" + ("" if t == "" else f": {names[t] if names and 0 <= t < len(names) else t}"))
+            strip = im.titled(im.grid([im.upscale(inputs[i], 112)] + [tiles[k][i] for k in range(len(epochs))],
+                                      len(epochs) + 1, ["input", *tags]), f"{m} — {ids[i]}{what}")
+            files.append(im.save_png(strip, out / "training" / m / f"item{i}.png"))
+        frames = [im.titled(im.grid(tiles[k], min(8, len(inputs)), ids), f"{m} — {_epoch_label(root, k, e)}")
+                  for k, e in enumerate(epochs)]
+        gif = out / "training" / f"{m}.gif"
+        gif.parent.mkdir(parents=True, exist_ok=True)
+        pil = [Image.fromarray(f) for f in frames]
+        pil[0].save(gif, save_all=True, append_images=pil[1:], duration=700, loop=0)
+        files.append(gif)
+    metrics = sorted(root["metrics"].array_keys()) if "metrics" in root else []
+    if metrics:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=90)
+        for name in metrics:
+            ax.plot(epochs, np.asarray(root[f"metrics/{name}"][:]), marker="o", label=name)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / "training" / "metrics.png"
+        fig.savefig(path)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
 def render_store(path, out_dir, *, cmap: str = "jet", alpha: float = 0.5, style: str = "blend", limit: int = 64,
                  per_row: int = 16) -> dict[str, list[Path]]:
     """Draws everything the store at ``path`` holds into ``out_dir``; returns the files by group."""
@@ -273,5 +341,6 @@ def render_store(path, out_dir, *, cmap: str = "jet", alpha: float = 0.5, style:
               "weights": render_weights(root, out),
               "atlas": render_atlas(root, out),
               "audit": render_audit(root, out, cmap, alpha, style),
-              "pipeline": render_pipeline(root, out)}
+              "pipeline": render_pipeline(root, out),
+              "training": render_training(root, out, cmap, alpha, style, limit)}
     return {k: v for k, v in groups.items() if v}

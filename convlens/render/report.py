@@ -136,7 +136,21 @@ def report(path, out, *, per_page: int = 48, cmap: str = "jet", alpha: float = 0
     # Galleries: contact sheets here, every item on paginated pages.
     pages = []
     hm = heatmap_methods(root)
-    if hm and "inputs" in root:
+    if groups.get("training"):
+        tr = a.get("training") or {}
+        secs = tr.get("record_seconds") or []
+        body.append("<h2>Training</h2><p>Explanations of the same images after each recorded epoch "
+                    f"({', '.join(map(str, tr.get('epochs', [])))}): each strip runs left to right through "
+                    "training; the animations play the epochs. "
+                    + (f"Recording took {np.mean(secs[1:] or secs):.2f} s per epoch ({secs[0]:.2f} s the first "
+                       "time, with compilation).</p>" if secs else "</p>"))
+        for p in groups["training"]:
+            if p.suffix == ".gif" or p.name == "metrics.png":
+                body.append(_img(src(p), p.stem))
+        for p in groups["training"]:
+            if p.suffix == ".png" and p.name != "metrics.png":
+                body.append(_img(src(p), f"{p.parent.name} {p.stem}"))
+    if hm and "inputs" in root and not groups.get("training"):
         body.append("<h2>Galleries</h2>")
         for p in groups.get("overlays", []):
             if p.stem.endswith("_contact"):

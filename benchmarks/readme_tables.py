@@ -1,0 +1,178 @@
+"""Writes the README's speed tables from the JSON results of the benchmark scripts, between
+``<!-- NAME-table -->`` and ``<!-- /NAME-table -->`` markers, so the README shows exactly
+what the last full runs measured.
+
+    python benchmarks/readme_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+
+
+def load(name):
+    p = HERE / "results" / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def machine_line(res) -> str:
+    m = res.get("machine", {})
+    return f"*{m.get('cpu', 'CPU')} ({m.get('simd', '')}), {m.get('cpu_count')} cores*"
+
+
+def forward() -> str | None:
+    res = load("forward_throughput")
+    if not res:
+        return None
+    out = [machine_line(res), ""]
+    for name, r in res["models"].items():
+        bs = r["batches"]
+        base = r["images_per_s"][r["baseline"]]
+        out.append(f"| {name} {r['size'][0]}x{r['size'][1]}, images/s | " + " | ".join(f"batch {b}" for b in bs) + " |")
+        out.append("|---" * (len(bs) + 1) + "|")
+        for label, vals in r["images_per_s"].items():
+            out.append(f"| {label} | " + " | ".join(f"{vals[str(b)]:.2f} ({vals[str(b)] / base[str(b)]:.2f}x)"
+                                                   for b in bs) + " |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def explain() -> str | None:
+    res = load("explain_throughput")
+    if not res:
+        return None
+    out = [machine_line(res), "",
+           "| VGG16 224x224 | batch | convlens images/s | x forward | Captum images/s | convlens vs Captum |",
+           "|---|---|---|---|---|---|"]
+    for b, r in res["batches"].items():
+        fwd = r["forward"]
+        out.append(f"| forward | {b} | {fwd:.2f} | 1.00 | | |")
+        for m in ("gradcam", "guided_gradcam", "smoothgrad", "gradcam_top3"):
+            if m not in r:
+                continue
+            ref = r.get(f"captum_{m}")
+            name = {"smoothgrad": f"smoothgrad ({res['smoothgrad_samples']} samples)",
+                    "gradcam_top3": "gradcam, 3 classes per image"}.get(m, m)
+            out.append(f"| {name} | {b} | {r[m]:.2f} | {r[m] / fwd:.2f} | " + (
+                f"{ref:.2f} | {r[m] / ref:.2f}x |" if ref else "| |"))
+        if "captum_gradcam_nchw" in r:
+            out.append(f"| gradcam vs Captum NCHW | {b} | {r['gradcam']:.2f} | | {r['captum_gradcam_nchw']:.2f} | "
+                       f"{r['gradcam'] / r['captum_gradcam_nchw']:.2f}x |")
+        if "pytorch_grad_cam_gradcam" in r:
+            p = r["pytorch_grad_cam_gradcam"]
+            out.append(f"| gradcam vs pytorch-grad-cam | {b} | {r['gradcam']:.2f} | | {p:.2f} | "
+                       f"{r['gradcam'] / p:.2f}x |")
+    return "\n".join(out)
+
+
+def occlusion() -> str | None:
+    res = load("occlusion_throughput")
+    if not res:
+        return None
+    out = [machine_line(res), "",
+           f"Brute-force limit: batched forward at {res['forward_images_per_s']:.2f} images/s (batch {res['chunk']}).",
+           "", "| VGG16, 1 image | mode | seconds | positions/s | vs brute force | quality |",
+           "|---|---|---|---|---|---|"]
+    for cfg, rows in res["configs"].items():
+        for name, r in rows.items():
+            if name == "captum":
+                out.append(f"| {cfg} | Captum Occlusion | {r['seconds']:.1f} | | brute force is "
+                           f"{r['brute_force_speedup_vs_captum']:.2f}x faster | heatmaps agree to "
+                           f"{r['max_abs_heatmap_diff']:.1e} |")
+                continue
+            if name == "brute force":
+                q = f"{r['fraction_of_forward_limit']:.2f} of the forward limit"
+                sp = "1.00x"
+            else:
+                sp = f"{r['speedup_vs_brute_force']:.2f}x"
+                q = (f"exact (max rel. diff {r['max_rel_diff']:.1e})" if r["max_rel_diff"] < 1e-3 else
+                     f"SSIM {r['ssim_grid']:.3f} (grid), {r['ssim_heatmap']:.3f} (heatmap)")
+            out.append(f"| {cfg} | {name} | {r['seconds']:.1f} | {r['positions_per_s']:.1f} | {sp} | {q} |")
+    mem = res.get("memory_1024")
+    if mem and "peak_rss_gib" in mem:
+        out += ["", f"A 1024x1024 image (headless VGG16 + global pooling, window {mem['window']}, default "
+                    f"memory budget): peak resident memory {mem['peak_rss_gib']:.2f} GiB."]
+    return "\n".join(out)
+
+
+def ascent() -> str | None:
+    res = load("ascent_throughput")
+    if not res:
+        return None
+    out = [machine_line(res), "", f"fp32 matmul on this machine: {res['matmul_gflops']:.0f} GFLOP/s.", "",
+           "| VGG16, classic, 40 steps | filters/s batched | one at a time | batched speedup | GFLOP/s | of matmul |",
+           "|---|---|---|---|---|---|"]
+    for case, r in res["cases"].items():
+        out.append(f"| {case} px (batch {r['batch']}) | {r['filters_per_s_batched']:.3f} | "
+                   f"{r['filters_per_s_one_at_a_time']:.3f} | {r['batched_speedup']:.2f}x | "
+                   f"{r['achieved_gflops']:.0f} | {r['fraction_of_matmul']:.2f} |")
+    lp = res["loops"]
+    out += ["", f"Loops ({lp['case']} px, batch {lp['batch']}): " + "; ".join(
+        f"{k} {v['seconds']:.1f} s" for k, v in lp.items() if isinstance(v, dict)) + "."]
+    p = res["atlas_projection"]
+    out += ["", f"Whole VGG16 atlas ({p['filters']} filters, {p['size']} px, {p['steps']} steps): "
+                f"{p['tflop']:.0f} TFLOP, about {p['hours']:.1f} hours on this machine."]
+    return "\n".join(out)
+
+
+def engine() -> str | None:
+    res = load("engine_throughput")
+    if not res:
+        return None
+    return (f"{machine_line(res)}\n\nGrad-CAM over {res['images']} JPEG photos (VGG16, batch {res['batch']}): "
+            f"{res['end_to_end_images_per_s']:.2f} images/s end to end (decoding, resizing, store writes, "
+            f"consolidation included) against {res['kernel_images_per_s']:.2f} images/s for the kernel alone on "
+            f"batches in memory: **{res['fraction_of_kernel']:.2f}** of the kernel.")
+
+
+def metrics_cost() -> str | None:
+    res = load("metrics_cost")
+    if not res:
+        return None
+    out = [machine_line(res), "", "| model | Grad-CAM s/image | metrics s/image | metrics / explanation |",
+           "|---|---|---|---|"]
+    for name, r in res.items():
+        if name == "machine":
+            continue
+        out.append(f"| {name} ({r['steps']} steps, {r['forward_passes_per_image']} forward passes) | "
+                   f"{r['explain_s_per_image']:.4f} | {r['metrics_s_per_image']:.4f} | {r['metrics_over_explain']:.1f}x |")
+    return "\n".join(out)
+
+
+def callback() -> str | None:
+    res = load("callback_overhead")
+    if not res:
+        return None
+    return (f"{machine_line(res)}\n\n{res['model']} trained by Keras {res['keras']} ({res['backend']} backend) on "
+            f"{res['train_images']} images, batch {res['batch']}: an epoch takes {res['epoch_s']:.2f} s; recording "
+            f"{', '.join(res['methods'])} of {res['probe_images']} images takes {res['callback_s_steady']:.3f} s per "
+            f"epoch (**{res['overhead_per_epoch']:.1%}** of the epoch; the first call, which compiles, "
+            f"{res['callback_s_first']:.2f} s). Each method compiled "
+            f"{'once' if set(res['compilations'].values()) == {1} else res['compilations']} over "
+            f"{res['epochs']} epochs; losses with and without the callback "
+            f"{'identical' if res['losses_identical'] else 'DIFFERENT'}.")
+
+
+def main():
+    text = README.read_text()
+    for name, fn in (("forward", forward), ("explain", explain), ("occlusion", occlusion), ("ascent", ascent),
+                     ("engine", engine), ("metrics", metrics_cost), ("callback", callback)):
+        table = fn()
+        if table is None:
+            continue
+        pat = re.compile(f"<!-- {name}-table -->.*?<!-- /{name}-table -->", re.S)
+        if not pat.search(text):
+            print(f"README has no {name}-table markers; skipped")
+            continue
+        text = pat.sub(lambda m: f"<!-- {name}-table -->\n{table}\n<!-- /{name}-table -->", text)
+        print(f"updated the {name} table")
+    README.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

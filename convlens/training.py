@@ -1,0 +1,135 @@
+"""Explanations during training: record how a model's explanations evolve, epoch by epoch.
+
+`ExplainRecorder` runs chosen convlens methods on a fixed set of images for a params tree
+and appends the results to a Zarr store along an ``epoch`` axis, with the epoch's logged
+metrics. It is what `convlens.keras.ExplainCallback` uses after converting Keras's
+weights, and it serves plain Flax / optax loops directly::
+
+    rec = ExplainRecorder(model, images, ["gradcam"], "train.zarr", target="label", labels=y)
+    for epoch in range(epochs):
+        params = train_one_epoch(params)
+        rec.record(epoch, params, {"loss": float(loss)})
+
+Each method compiles once (params are arguments, never constants), so recording costs
+the explanation itself after the first call.
+
+Store (besides the schema of `convlens.engine.store`): ``epoch`` [E] i4 (epoch), ``ids``
+[N], ``inputs`` [N, H, W, 3], ``labels`` [N], ``metrics/<name>`` [E] f8 (epoch), and per
+method ``<method>/<output>`` [E, N, ...] with dims ``("epoch", "sample", ...)``; root
+attribute ``training`` (methods, every, target).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from convlens.engine import store
+from convlens.errors import ConvlensError
+
+
+class ExplainRecorder:
+    """Appends explanations of fixed images to a store, one slice per recorded epoch.
+
+    Args:
+      model: a convlens `Model` (its architecture; weights come with each `record`).
+      images: pixels ``[N, H, W, 3]`` at the model's input size.
+      methods: method names or ``{method: options}``.
+      out: the store path (created; an existing one needs ``overwrite=True``).
+      target: ``top1`` / ``topk:N`` / class indices, or ``label`` with ``labels``.
+      labels: ``[N]`` true classes (stored; used by ``target="label"``).
+      seed: PRNG seed for stochastic methods (the same noise every epoch).
+    """
+
+    def __init__(self, model, images, methods, out, *, target="top1", labels=None, ids=None, seed: int = 0,
+                 overwrite: bool = False, command: str = "training"):
+        import jax.numpy as jnp
+
+        from convlens.api import check_images, compiled, parse_target, resolve_config
+        from convlens.engine.runner import item_keys
+        from convlens.kernels.registry import METHODS, all_outputs
+
+        if not isinstance(methods, dict):
+            methods = {m: {} for m in methods}
+        for m in methods:
+            if m not in METHODS:
+                raise ConvlensError(f"unknown method {m!r}; methods: {', '.join(sorted(METHODS))}")
+        self.model, self.out = model, str(out)
+        self.x = check_images(model, images)
+        n = len(self.x)
+        self.labels = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32).reshape(-1)
+        n_classes = model.output_shapes()[model.graph.output][-1]
+        if isinstance(target, str) and target == "label":
+            if labels is None:
+                raise ConvlensError("target='label' needs labels")
+            self.targets, top_k = jnp.asarray(self.labels[:, None]), None
+        else:
+            t = parse_target(target, n, n_classes)
+            self.targets, top_k = (None, t) if isinstance(t, int) else (jnp.asarray(t), None)
+        self.configs = {m: resolve_config(model, METHODS[m], dict(o)) for m, o in methods.items()}
+        self.fns = {m: compiled(model, m, cfg, top_k) for m, cfg in self.configs.items()}
+        self.dims = {m: {o.name: o.dims for o in all_outputs(METHODS[m])} for m in methods}
+        self.keys = item_keys(seed, np.arange(n))
+        self.xj = jnp.asarray(self.x)
+        self.root = store.create(self.out, overwrite=overwrite, attrs={
+            **store.model_attrs(model), "command": command,
+            "training": {"methods": list(methods), "target": str(target), "seed": seed},
+            "methods": {m: store.method_entry(cfg, {}) for m, cfg in self.configs.items()}})
+        store.write(self.root, "ids", np.asarray([str(i) for i in (ids if ids is not None else range(n))]),
+                    ("sample",))
+        store.write(self.root, "inputs", np.clip(self.x, 0, 255).astype(np.uint8), ("sample", "y", "x", "rgb"))
+        store.write(self.root, "labels", self.labels, ("sample",))
+        self.epochs: list[int] = []
+        self.seconds: list[float] = []
+        self.metric_names: list[str] = []
+
+    def explain(self, params) -> dict[str, dict[str, np.ndarray]]:
+        """Every method's outputs for ``params`` (host arrays)."""
+        import jax
+        out = {m: fn(params, self.xj, self.targets, self.keys) for m, fn in self.fns.items()}
+        return jax.device_get(out)
+
+    def record(self, epoch: int, params, metrics: dict | None = None) -> float:
+        """Explains the images with ``params`` and appends them as epoch ``epoch``;
+        returns the seconds it took."""
+        t0 = time.perf_counter()
+        res = self.explain(params)
+        first = not self.epochs
+        for m, outs in res.items():
+            for k, v in outs.items():
+                v = np.asarray(v)[None]
+                name = f"{m}/{k}"
+                if first:
+                    arr = store.create_array(self.root, name, (0, *v.shape[1:]), v.dtype, ("epoch", *self.dims[m][k]),
+                                             chunk=1)
+                else:
+                    arr = self.root[name]
+                arr.append(v, axis=0)
+        if first:
+            store.create_array(self.root, "epoch", (0,), np.int32, ("epoch",), chunk=1)
+            methods = dict(self.root.attrs["methods"])
+            for m in res:
+                methods[m] = store.method_entry(self.configs[m], {k: ("epoch", *self.dims[m][k]) for k in res[m]})
+            self.root.attrs["methods"] = methods
+        self.root["epoch"].append(np.asarray([epoch], np.int32))
+        for name, value in (metrics or {}).items():
+            key = f"metrics/{name}"
+            if key not in self.root:
+                store.create_array(self.root, key, (len(self.epochs),), np.float64, ("epoch",), chunk=1)
+                self.metric_names.append(name)
+            arr = self.root[key]
+            arr.resize((len(self.epochs),))
+            arr.append(np.asarray([float(value)]))
+        for name in self.metric_names:  # metrics not logged this epoch stay NaN
+            if self.root[f"metrics/{name}"].shape[0] < len(self.epochs) + 1:
+                self.root[f"metrics/{name}"].append(np.asarray([np.nan]))
+        self.epochs.append(int(epoch))
+        secs = time.perf_counter() - t0
+        self.seconds.append(secs)
+        self.root.attrs["training"] = {**self.root.attrs["training"], "epochs": self.epochs,
+                                       "record_seconds": self.seconds}
+        return secs
+
+    def close(self):
+        store.finish(self.out)
