@@ -110,6 +110,8 @@ def test_recorder_for_flax_loops(tmp_path):
     assert gif.n_frames == 2  # one frame per recorded epoch
     strip = np.asarray(Image.open(tmp_path / "pics" / "training" / "hirescam" / "item0.png"))
     assert strip.shape[1] > 3 * strip.shape[0] / 2  # input + 2 epochs side by side
+    from convlens.engine.info import info_text
+    assert "hirescam recorded after epochs [0, 5]" in info_text(tmp_path / "flax.zarr")
     page = report(tmp_path / "flax.zarr", tmp_path / "r.html")[0].read_text()
     assert "<h2>Training</h2>" in page and "hirescam.gif" in page and "Galleries" not in page
     with pytest.raises(ConvlensError, match="unknown method"):

@@ -16,6 +16,12 @@ def info_text(path, storage_options=None, failures: int = 10) -> str:
              f"written    {a.get('created')} by convlens {a.get('convlens_version')} ({a.get('command')})"]
     if a.get("source"):
         lines.append(f"data       {a['source']}; resize {a.get('resize')}; target {a.get('target')}")
+    tr = a.get("training")
+    if tr:
+        secs = tr.get("record_seconds") or []
+        lines.append(f"training   {', '.join(tr.get('methods', []))} recorded after epochs {tr.get('epochs', [])}"
+                     + (f"; {secs[0]:.2f} s the first time, then {np.mean(secs[1:] or secs):.2f} s each" if secs
+                        else ""))
     arrays = store.describe(root)
     if "status" in arrays:
         status = np.asarray(root["status"][:])

@@ -16,6 +16,7 @@ format be loaded by position or by name without per-format tables.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -330,42 +331,47 @@ def _window(cfg):
     return (1, *cfg["pool_size"], 1), (1, *cfg["strides"], 1)
 
 
-@jax.custom_vjp
-def _first_max(stack):
-    """Max over axis 0 whose gradient goes to the first maximum only (as TF's and XLA's
-    select-and-scatter do), so pooled gradients match Keras even where values tie."""
-    return jnp.max(stack, axis=0)
-
-
-def _first_max_fwd(stack):
-    return jnp.max(stack, axis=0), (jnp.argmax(stack, axis=0), stack.shape[0])
-
-
-def _first_max_bwd(res, g):
-    idx, n = res
-    return (jax.nn.one_hot(idx, n, axis=0, dtype=g.dtype) * g[None],)
-
-
-_first_max.defvjp(_first_max_fwd, _first_max_bwd)
-
-
-def max_pool(x, pool_size, strides, padding):
-    """Max pooling of ``x [B, H, W, C]`` as a max over the window's strided views.
-
-    Same values as ``lax.reduce_window``, but its gradient is a one-hot select instead of
-    XLA's select-and-scatter, which is ~7x slower on XLA:CPU (VGG16's first pool: 65 ms vs
-    460 ms for a batch of 8) and dominates backward passes through pooled convnets."""
+def _pool_views(x, pool_size, strides, padding):
+    """The window's strided views of ``x [B, H, W, C]``, stacked: ``[kh * kw, B, Ho, Wo, C]``."""
     (kh, kw), (sh, sw) = pool_size, strides
     pads = lax.padtype_to_pads(x.shape[1:3], (kh, kw), (sh, sw), padding)
     if any(p for pair in pads for p in pair):
         x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
     ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-    views = [x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :] for i in range(kh) for j in range(kw)]
-    return _first_max(jnp.stack(views))
+    return jnp.stack([x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+                      for i in range(kh) for j in range(kw)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x, pool_size, strides, padding):
+    """Max pooling of ``x [B, H, W, C]``: ``lax.reduce_window`` forward, and a one-hot
+    select over the window's strided views backward.
+
+    XLA's own gradient (select-and-scatter) is ~7x slower on XLA:CPU (VGG16's first pool:
+    460 ms vs 65 ms for a batch of 8) and dominates backward passes through pooled
+    convnets; the views are not used forward because stacking them defeats XLA's
+    fusions (the small convnet ran 3.7x slower with XLA's default flags). The gradient
+    goes to the first maximum of a window, as TF's and XLA's do, so pooled gradients
+    match Keras even where values tie."""
+    (kh, kw), (sh, sw) = pool_size, strides
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, kh, kw, 1), (1, sh, sw, 1), padding)
+
+
+def _max_pool_fwd(x, pool_size, strides, padding):
+    return max_pool(x, pool_size, strides, padding), x
+
+
+def _max_pool_bwd(pool_size, strides, padding, x, g):
+    views, pull = jax.vjp(lambda v: _pool_views(v, pool_size, strides, padding), x)
+    hot = jax.nn.one_hot(jnp.argmax(views, axis=0), views.shape[0], axis=0, dtype=g.dtype)
+    return pull(hot * g[None])
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _apply_maxpool(cfg, v, xs, logits=False, relu=jax.nn.relu):
-    return max_pool(xs[0], cfg["pool_size"], cfg["strides"], cfg["padding"])
+    return max_pool(xs[0], tuple(cfg["pool_size"]), tuple(cfg["strides"]), cfg["padding"])
 
 
 def _apply_avgpool(cfg, v, xs, logits=False, relu=jax.nn.relu):
