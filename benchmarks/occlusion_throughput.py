@@ -95,8 +95,8 @@ def main():
     res = {"machine": machine(), "configs": {}}
     # The brute-force limit: plain batched forward throughput at the kernel's chunk size.
     cfg0 = resolve_config(model, METHODS["occlusion"], {})
-    from convlens.kernels.occlusion import image_bytes, positions_per_step
-    chunk = positions_per_step(cfg0, 1, 10_000, image_bytes(model, (224, 224)))
+    from convlens.kernels.common import copies_per_step, image_bytes
+    chunk = copies_per_step(cfg0.chunk, cfg0.memory_mb, 1, 10_000, image_bytes(model, (224, 224)))
     xs = jnp.repeat(x, chunk, axis=0)
     fwd = jax.jit(lambda p, v: model.apply(p, model.preprocess(v), logits=True)[0])
     t = best_time(lambda: fwd(params, xs).block_until_ready(), 2)

@@ -116,3 +116,65 @@ def check_spatial_layer(model: Model, layer: str, method: str) -> str:
 
 def is_conv(model: Model, layer: str) -> bool:
     return model.graph.node(layer).cls in CONV_TYPES
+
+
+# ---------------------------------------------------------------- many forward passes per image
+# Perturbation methods (occlusion, LIME, RISE, Score-CAM, Ablation-CAM) evaluate many
+# modified copies of each image. Copies are built on the device a step at a time, ``per``
+# copies of every image per forward pass, so peak memory follows the step, never the
+# number of copies; which copies share a pass never changes a result.
+
+def image_bytes(model: Model, size: tuple[int, int], skip: frozenset = frozenset(),
+                after: str | None = None) -> int:
+    """Peak activation bytes of one forward pass of one image: the largest layer's input
+    and output together (XLA frees the rest of a forward-only pass as it goes).
+    ``after``: count only the layers after this one (a head-only pass)."""
+    import math
+    shapes = model.output_shapes(1, size)
+    names = list(shapes)
+    if after is not None:
+        names = names[names.index(model.graph.node(after).name):]
+    sizes = [math.prod(shapes[n][1:]) for n in names if n not in skip]
+    return 4 * 2 * max(sizes + [1])
+
+
+def copies_per_step(chunk: int, memory_mb: int, batch: int, copies: int, per_image_bytes: int) -> int:
+    """Copies of each image per forward pass (times ``batch`` images): ``chunk`` images a
+    pass, or (``chunk`` 0) as many as ``memory_mb`` of activations allows."""
+    images = chunk or max(1, (memory_mb << 20) // max(per_image_bytes, 1))
+    per = max(1, min(images // max(batch, 1), copies))
+    if chunk:
+        return per
+    # As few steps as the budget allows, evenly filled: padding the last step wastes work
+    # (169 positions at 41 per step would compute 205).
+    steps = -(-copies // per)
+    return -(-copies // steps)
+
+
+def index_steps(idx: Array, per: int) -> Array:
+    """Copy indices ``[B, Q]`` -> ``[steps, B, per]`` (the last step padded by repeating
+    the last index; `map_steps` drops the padding)."""
+    b, q = idx.shape
+    n = -(-q // per)
+    if n * per > q:
+        idx = jnp.concatenate([idx, jnp.repeat(idx[:, -1:], n * per - q, axis=1)], axis=1)
+    return jnp.moveaxis(idx.reshape(b, n, per), 1, 0)
+
+
+def map_steps(fn: Callable[[Array], Array], idx: Array, per: int) -> Array:
+    """``fn(indices [B, per]) -> [B, per, ...]`` over copy indices ``idx [B, Q]``, ``per``
+    at a time (one `lax.map`), as ``[B, Q, ...]``."""
+    q = idx.shape[1]
+    out = jax.lax.map(fn, index_steps(idx, per))  # [steps, B, per, ...]
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(out.shape[0], -1, *out.shape[3:])[:, :q]
+
+
+def target_scores(model: Model, logits: Array, targets: Array, score: str) -> Array:
+    """Each target's score from logits ``[N, K]`` and targets ``[N, T]``: the logit, or
+    (``score="prob"``) the probability the model reports (softmax/sigmoid)."""
+    if score == "prob":
+        logits = probabilities(model, logits)
+    elif score != "logit":
+        raise ConvlensError(f"unknown score {score!r}: logit or prob")
+    return jnp.take_along_axis(logits, targets, axis=-1)

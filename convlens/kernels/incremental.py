@@ -226,10 +226,10 @@ def incremental_logits(model: Model, params, images, base, cfg, rows: np.ndarray
         """``values [N, ...]`` into ``canvas [N, ...]`` at ``at [N, 2]``."""
         return jax.vmap(lambda c, v, q: lax.dynamic_update_slice(c, v, (q[0], q[1], 0)))(canvas, values, at)
 
-    from convlens.kernels.occlusion import image_bytes, position_steps, positions_per_step, unstep
+    from convlens.kernels import common
     # Per position, memory goes to the full part of the network and the regions.
     region_bytes = max([4 * 2 * math.prod(st.canvas or st.region) * acts[st.name].shape[-1] for st in stages] + [1])
-    per = positions_per_step(cfg, b, idx.shape[1], max(region_bytes, image_bytes(
+    per = common.copies_per_step(cfg.chunk, cfg.memory_mb, b, idx.shape[1], max(region_bytes, common.image_bytes(
         model, (h, w), frozenset([model.graph.input, *names[:-1]]))))
     consts = {"off0": jnp.asarray(off0), "rmask": jnp.asarray(rmask)}
     for st in stages:
@@ -262,7 +262,7 @@ def incremental_logits(model: Model, params, images, base, cfg, rows: np.ndarray
         full = paste(jnp.repeat(acts[last], per_, axis=0), region, flat(consts[last + "/off"][p]))
         return model.head(params, full, last, logits=True).reshape(b, per_, -1)
 
-    return unstep(jax.lax.map(step, position_steps(idx, per)), idx.shape[1])
+    return common.map_steps(step, idx, per)
 
 
 def describe(model: Model, size, cfg, rows, cols) -> list[tuple[str, tuple[int, int], tuple[int, ...]]]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from convlens.errors import ConvlensError
 from convlens.kernels import common
-from convlens.kernels.occlusion import gaussian_blur
+from convlens.kernels.baselines import gaussian_blur
 from convlens.models.network import Model
 
 

@@ -30,7 +30,6 @@ then only the most sensitive fraction of the remaining positions.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 
 import jax
@@ -39,41 +38,9 @@ import numpy as np
 
 from convlens.errors import ConvlensError
 from convlens.kernels import common
+from convlens.kernels.baselines import Pixels, baseline_images, baseline_pixels, gaussian_blur, parse_baseline  # noqa: F401
 from convlens.kernels.registry import INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output, register
 from convlens.models.network import Model
-
-
-class Pixels:
-    """An image held by a config (hashable by content): a given occlusion baseline.
-
-    ``Pixels.load(path)`` reads a file; in stores it is recorded as its path and sha256.
-    """
-
-    def __init__(self, array, name: str = ""):
-        self.array = np.ascontiguousarray(np.asarray(array, np.float32))
-        self.name = name
-        self.sha256 = hashlib.sha256(self.array.tobytes() + str(self.array.shape).encode()).hexdigest()
-
-    @classmethod
-    def load(cls, path: str) -> Pixels:
-        from convlens.engine.sources import ItemError, decode
-        try:
-            with open(path, "rb") as f:
-                return cls(decode(f.read()), name=str(path))
-        except (OSError, ItemError) as e:
-            raise ConvlensError(f"cannot read the baseline image {path}: {e}") from None
-
-    def __hash__(self):
-        return hash(self.sha256)
-
-    def __eq__(self, other):
-        return isinstance(other, Pixels) and other.sha256 == self.sha256
-
-    def __json__(self):
-        return {"image": self.name, "sha256": self.sha256, "shape": list(self.array.shape)}
-
-    def __repr__(self):
-        return f"Pixels({self.name or self.array.shape})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,15 +89,7 @@ class OcclusionConfig:
                                 f"{self.stride!r}") from None
         if len(self.window) != 2 or len(self.stride) != 2 or min(self.window + self.stride) < 1:
             raise ConvlensError("occlusion window and stride must be positive: n or (h, w)")
-        if isinstance(self.baseline, str):
-            if self.baseline.startswith("image:"):
-                object.__setattr__(self, "baseline", Pixels.load(self.baseline[len("image:"):]))
-            elif self.baseline not in ("mean", "blur"):
-                try:
-                    object.__setattr__(self, "baseline", float(self.baseline))
-                except ValueError:
-                    raise ConvlensError(f"occlusion baseline {self.baseline!r}: give a pixel value, 'mean', "
-                                        "'blur' or 'image:PATH'") from None
+        object.__setattr__(self, "baseline", parse_baseline(self.baseline, "occlusion"))
         if not 0.0 < self.tau <= 1.0:
             raise ConvlensError(f"tau must be in (0, 1], got {self.tau}")
         if not 0.0 <= self.drilldown <= 1.0:
@@ -162,72 +121,7 @@ def grid_shape(size: tuple[int, int], cfg: OcclusionConfig) -> tuple[int, int]:
             len(axis_windows(size[1], cfg.window[1], cfg.stride[1])))
 
 
-def gaussian_blur(images, sigma: float):
-    """Separable Gaussian blur of ``[B, H, W, C]`` (reflected borders), as two depthwise
-    convolutions."""
-    if sigma <= 0:
-        return images
-    r = max(1, int(math.ceil(3 * sigma)))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k = (k / k.sum()).astype(np.float32)
-    c = images.shape[-1]
-    x = jnp.pad(images, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
-    for shape in ((2 * r + 1, 1, 1, c), (1, 2 * r + 1, 1, c)):
-        kern = jnp.asarray(np.broadcast_to(k.reshape(shape[:2] + (1, 1)), shape))
-        x = jax.lax.conv_general_dilated(x, kern, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         feature_group_count=c)
-    return x
-
-
-def baseline_images(images, cfg: OcclusionConfig):
-    """What the patch shows, per image ``[B, H, W, C]`` (pixel space)."""
-    b = cfg.baseline
-    if isinstance(b, Pixels):
-        from convlens.engine.sources import fit, to_rgb_uint8
-        px = fit(to_rgb_uint8(b.array), images.shape[1:3], "squash").astype(np.float32)
-        return jnp.broadcast_to(jnp.asarray(px), images.shape)
-    if b == "mean":
-        return jnp.broadcast_to(jnp.mean(images, axis=(1, 2), keepdims=True), images.shape)
-    if b == "blur":
-        return gaussian_blur(images, cfg.blur_sigma)
-    return jnp.full_like(images, float(b))
-
-
 # ---------------------------------------------------------------- the kernel
-
-def image_bytes(model: Model, size: tuple[int, int], skip: frozenset = frozenset()) -> int:
-    """Peak activation bytes of one forward pass of one image: the largest layer's input
-    and output together (XLA frees the rest of a forward-only pass as it goes)."""
-    shapes = model.output_shapes(1, size)
-    sizes = [math.prod(s[1:]) for n, s in shapes.items() if n not in skip]
-    return 4 * 2 * max(sizes + [1])
-
-
-def positions_per_step(cfg: OcclusionConfig, batch: int, positions: int, per_image_bytes: int) -> int:
-    """Window positions evaluated per forward pass (times ``batch`` images)."""
-    images = cfg.chunk or max(1, (cfg.memory_mb << 20) // max(per_image_bytes, 1))
-    per = max(1, min(images // max(batch, 1), positions))
-    if cfg.chunk:
-        return per
-    # As few steps as the budget allows, evenly filled: padding the last step wastes work
-    # (169 positions at 41 per step would compute 205).
-    steps = -(-positions // per)
-    return -(-positions // steps)
-
-
-def position_steps(idx, per: int):
-    """Position indices ``[B, Q]`` -> ``[steps, B, per]`` (padded by repeating the last)."""
-    b, q = idx.shape
-    n = -(-q // per)
-    idx = jnp.concatenate([idx, jnp.repeat(idx[:, -1:], n * per - q, axis=1)], axis=1) if n * per > q else idx
-    return jnp.moveaxis(idx.reshape(b, n, per), 1, 0)
-
-
-def unstep(out, q: int):
-    """``[steps, B, per, K]`` -> ``[B, Q, K]``."""
-    out = jnp.moveaxis(out, 0, 1)
-    return out.reshape(out.shape[0], -1, out.shape[-1])[:, :q]
-
 
 def brute_force_logits(model: Model, params, images, base, cfg: OcclusionConfig, rows: np.ndarray,
                        cols: np.ndarray, idx):
@@ -235,7 +129,8 @@ def brute_force_logits(model: Model, params, images, base, cfg: OcclusionConfig,
     image) -> ``[B, Q, K]``, ``chunk`` images per forward pass."""
     b = images.shape[0]
     gx = cols.shape[0]
-    per = positions_per_step(cfg, b, idx.shape[1], image_bytes(model, images.shape[1:3]))
+    per = common.copies_per_step(cfg.chunk, cfg.memory_mb, b, idx.shape[1],
+                                 common.image_bytes(model, images.shape[1:3]))
     rows_j, cols_j = jnp.asarray(rows), jnp.asarray(cols)
 
     def step(p):  # p [B, per]
@@ -244,7 +139,7 @@ def brute_force_logits(model: Model, params, images, base, cfg: OcclusionConfig,
         flat = occ.reshape(b * per, *images.shape[1:])
         return common.forward_logits(model, params, flat).reshape(b, per, -1)
 
-    return unstep(jax.lax.map(step, position_steps(idx, per)), idx.shape[1])
+    return common.map_steps(step, idx, per)
 
 
 def evaluate(model: Model, params, images, base, cfg: OcclusionConfig, rows, cols, idx):

@@ -82,7 +82,7 @@ def all_outputs(spec: MethodSpec) -> tuple[Output, ...]:
 
 def _load_all() -> None:
     # Importing the method files registers them (one registry line each, at their end).
-    from convlens.kernels import cam, gradients, occlusion  # noqa: F401
+    from convlens.kernels import cam, cam_gradfree, gradients, occlusion, sampling  # noqa: F401
 
 
 _load_all()
