@@ -181,7 +181,9 @@ def _explain_files(model, images, per, opts, out, overwrite, model_args, command
 
     if out and store.exists(out) and not overwrite:
         raise ConvlensError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    src = sources.FileSource(sources.expand(list(images)))
+    from convlens.engine import video
+    files = sources.expand(list(images))
+    src = sources.open_source(files) if any(video.is_video(f) for f in files) else sources.FileSource(files)
     m, params = _load(model, *model_args)
     r = runner.Run(m, params, src, per, out, opts=runner.RunOptions(**opts, progress=False), overwrite=overwrite,
                    command=command)
@@ -251,6 +253,7 @@ def _print_items(root, methods, model):
 @click.option("--data-dir", type=click.Path(), help="TFDS data directory (default $TFDS_DATA_DIR or "
               "~/tensorflow_datasets).")
 @click.option("--masks", type=click.Path(), help="Folder of object masks mirroring an image folder.")
+@click.option("--every", type=int, metavar="N", help="Video files: explain every N-th frame (default every frame).")
 @_run_options
 @click.option("--out", type=click.Path(), required=True, help="The Zarr store to write (path or fsspec URL).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into --out.")
@@ -264,16 +267,17 @@ def _print_items(root, methods, model):
 @click.option("--distributed-auto", is_flag=True, help="Join a multi-process run from the launcher's "
               "environment (Slurm and others jax.distributed recognises).")
 @_model_options
-def run_cmd(model, data, data_dir, masks, methods, layer, target, options, batch_size, seed, resize, keep_inputs,
-            out, resume, overwrite, chunk, workers, no_progress, num_processes, process_id, coordinator,
+def run_cmd(model, data, data_dir, masks, every, methods, layer, target, options, batch_size, seed, resize,
+            keep_inputs, out, resume, overwrite, chunk, workers, no_progress, num_processes, process_id, coordinator,
             distributed_auto, weights, random_init, top, input_size, preprocess):
-    """Explain a whole data set into a Zarr store (resumable; many devices and processes)."""
+    """Explain a whole data set (images, TFDS, arrays or video files) into a Zarr store
+    (resumable; many devices and processes)."""
     from convlens.engine import distributed, sources
 
     methods = _methods(methods)
     per = _method_options(methods, options, layer)
     proc = distributed.initialize(num_processes, process_id, coordinator, auto=distributed_auto)
-    src = sources.open_source(list(data), data_dir=data_dir, masks=masks)  # before the model: fail fast
+    src = sources.open_source(list(data), data_dir=data_dir, masks=masks, every=every)  # before the model: fail fast
     m, params = _load(model, weights, random_init, top, input_size, preprocess)
     opts = dict(target=target, batch_size=batch_size, seed=seed, resize=resize, keep_inputs=keep_inputs,
                 chunk=chunk, workers=workers, progress=not no_progress)
@@ -412,12 +416,16 @@ def _look_options(f):
 @click.argument("store_path", metavar="STORE")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the PNG files.")
 @click.option("--per-row", type=int, default=16, show_default=True, help="Feature-map tiles per row.")
+@click.option("--video", "video", type=click.Choice(["mp4", "webm", "gif", "png", "none"]), default="mp4",
+              show_default=True, help="Video runs: write the overlays back as MP4, WebM, GIF or PNG frames (or not).")
 @_look_options
-def render(store_path, out, per_row, cmap, style, alpha, limit):
-    """Draw what STORE holds as PNG files: overlays, feature maps, filters, atlases, audit figures."""
+def render(store_path, out, per_row, video, cmap, style, alpha, limit):
+    """Draw what STORE holds: overlays, feature maps, filters, atlases, audit figures (PNG),
+    and for video runs the overlays as a video."""
     from convlens.render.render import render_store
 
-    groups = render_store(store_path, out, cmap=cmap, alpha=alpha, style=style, limit=limit, per_row=per_row)
+    groups = render_store(store_path, out, cmap=cmap, alpha=alpha, style=style, limit=limit, per_row=per_row,
+                          video=video)
     if not groups:
         raise ConvlensError(f"{store_path} holds nothing to draw (no heatmaps with inputs, activations, weights, "
                             "atlas or audit)")
@@ -457,6 +465,61 @@ def demo(out):
     else:
         click.echo("The audit did not flag the planted shortcut (unexpected: see the report).")
     click.echo(f"Report: {Path(r['report']).resolve()}  (open it in a browser; done in {r['seconds']:.0f} s)")
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("stream")
+@click.option("--method", "-m", default="gradcam", show_default=True,
+              help="A method with a heatmap (gradcam, cam, hirescam, eigencam ...).")
+@click.option("--layer", help="Layer for the CAM methods.")
+@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE", help="Method option.")
+@click.option("--target", default="top1", show_default=True, help="top1, topk:N (the first is drawn), or class indices.")
+@click.option("--out", type=click.Path(), help="Write the overlays: FILE.mp4, FILE.webm, FILE.gif, or a folder "
+              "of PNG frames.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--show", is_flag=True, help="Show the overlays in a window (needs a display).")
+@click.option("--max-frames", type=int, help="Stop after this many explained frames.")
+@click.option("--duration", type=float, metavar="SECONDS", help="Stop after this long.")
+@click.option("--pace", type=click.Choice(["auto", "native", "none"]), default="auto", show_default=True,
+              help="Files: auto/native play at their own speed (like a camera); none decodes as fast as it can.")
+@click.option("--resize", type=click.Choice(["squash", "crop", "pad"]), default="squash", show_default=True)
+@click.option("--size", "long_side", type=int, default=640, show_default=True,
+              help="Longer side of the output frames in pixels.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for a stream to open.")
+@click.option("--quiet", is_flag=True, help="No running status line.")
+@click.option("--cmap", default="jet", show_default=True)
+@click.option("--style", type=click.Choice(["blend", "camshow"]), default="blend", show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True)
+@_model_options
+def live(model, stream, method, layer, options, target, out, overwrite, show, max_frames, duration, pace, resize,
+         long_side, timeout, quiet, cmap, style, alpha, weights, random_init, top, input_size, preprocess):
+    """Explain a video STREAM as it comes (camera:0, /dev/video0, rtsp://..., or a file),
+    dropping frames rather than queueing them when the model is slower than the stream."""
+    import time as _time
+
+    from convlens.live import live as run_live
+
+    per = _method_options(_methods([method]), options, layer)[method]
+    if not out and not show:
+        raise click.UsageError("live needs somewhere to put the overlays: --out FILE.mp4|FILE.gif|FOLDER or --show")
+    if out and Path(out).exists() and not overwrite:
+        raise ConvlensError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    m, params = _load(model, weights, random_init, top, input_size, preprocess)
+    last = [0.0]
+
+    def status(stats, _frame):
+        now = _time.perf_counter()
+        if not quiet and now - last[0] > 1.0:
+            last[0] = now
+            click.echo(f"\rlive: {stats.processed} frames, {stats.fps:.1f} fps", nl=False, err=True)
+
+    stats = run_live(m, params, stream, method=method, options=per, target=target, out=out, show=show,
+                     max_frames=max_frames, duration=duration, pace=pace, resize=resize, cmap=cmap, alpha=alpha,
+                     style=style, long_side=long_side, timeout=timeout, on_frame=status)
+    if not quiet:
+        click.echo("", err=True)
+    click.echo(f"live {stream} ({stats.stopped_by}): {stats.line()}" + (f"; wrote {out}" if out else ""))
 
 
 @cli.command()

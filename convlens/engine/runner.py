@@ -296,7 +296,8 @@ class Run:
         return specs
 
     def attrs(self, specs) -> dict:
-        return {**store.model_attrs(self.model), "command": self.command, "source": self.source.description,
+        return {**store.model_attrs(self.model), **self.source.store_attrs(), "command": self.command,
+                "source": self.source.description,
                 "resize": self.opts.resize, "target": str(self.opts.target), "seed": self.opts.seed,
                 "class_names": list(self.source.class_names) if self.source.class_names else None,
                 "model_class_names": model_class_names(self.model), "model_summary": model_summary(self.model),
@@ -310,6 +311,8 @@ class Run:
         n, c = self.n, self.chunk
         store.write(root, "ids", np.asarray(self.source.ids, dtype=object).astype(str), ("sample",), c)
         store.create_array(root, "labels", (n,), np.int32, ("sample",), c)
+        for name, (values, dims) in self.source.store_arrays().items():
+            store.write(root, name, values, dims, c)
         store.create_array(root, "status", (n,), np.uint8, ("sample",), c)
         store.create_array(root, "errors", (n,), str, ("sample",), c)
         store.create_array(root, "predictions/topk_index", (n, self.k), np.int32, ("sample", "rank"), c)
@@ -475,6 +478,7 @@ class Run:
                 writer.close()
             finally:
                 bar.close()
+                self.source.close()
         return computed
 
     def _dispatch(self, ci, loaded, params, sharding, timer):

@@ -10,7 +10,9 @@ A source spec on the command line is one of
   Keras's ``image_dataset_from_directory``), a flat folder gives no labels;
 * image files and globs;
 * a ``.npy`` file of images ``[N, H, W, C]``, or an ``.npz`` with ``images`` (and
-  optionally ``labels``, ``ids``, ``masks``).
+  optionally ``labels``, ``ids``, ``masks``);
+* video files (``.mp4``, ``.mov``, ``.avi``, ``.mkv``, ``.webm`` ...): every frame, or
+  every N-th, is an item (`convlens.engine.video`).
 
 Items are read lazily (`Source.read`) so the engine can decode them in a thread pool
 while the device works. A bad item raises `ItemError` with the reason; the engine marks
@@ -76,6 +78,17 @@ class Source:
 
     def read(self, i: int) -> Item:
         raise NotImplementedError
+
+    def store_arrays(self) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+        """Per-item arrays the store keeps besides ids and labels (``{name: (values [N], dims)}``)."""
+        return {}
+
+    def store_attrs(self) -> dict:
+        """Root attributes the store keeps about the source."""
+        return {}
+
+    def close(self) -> None:
+        """Releases open files (a video's decoder)."""
 
 
 # ---------------------------------------------------------------- pixels
@@ -413,12 +426,24 @@ class TfdsSource(Source):
 
 # ---------------------------------------------------------------- entry point
 
-def open_source(specs: str | Sequence[str], *, data_dir: str | None = None, masks: str | None = None) -> Source:
-    """A `Source` from a command-line spec (see the module docstring) or a list of files."""
+def open_source(specs: str | Sequence[str], *, data_dir: str | None = None, masks: str | None = None,
+                every: int | None = None) -> Source:
+    """A `Source` from a command-line spec (see the module docstring) or a list of files;
+    video files give a `convlens.engine.video.VideoSource` of every ``every``-th frame."""
     specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
     if not specs:
         raise ConvlensError("no data given")
+    from convlens.engine import video
     first = str(specs[0])
+    vids = [video.is_video(s) for s in specs]
+    if any(vids):
+        if not all(vids):
+            raise ConvlensError("give either video files or images as --data, not both (run them separately)")
+        if masks:
+            raise ConvlensError("--masks applies to image folders, not to video")
+        return video.VideoSource([str(s) for s in specs], 1 if every is None else every)
+    if every not in (None, 1):
+        raise ConvlensError("--every applies to video files (.mp4, .mov, .avi, .mkv, .webm ...)")
     if len(specs) == 1 and first.startswith("tfds:"):
         if masks:
             raise ConvlensError("--masks applies to image folders; a TFDS data set brings its own mask feature")

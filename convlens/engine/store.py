@@ -14,6 +14,7 @@ Root attributes:
   ``methods``: ``{method: {"config": {...}, "outputs": {name: dims}}}``, and for
   data-set runs ``source`` (what was read), ``resize`` (squash/crop/pad), ``target``
   (the target spec), ``class_names`` (or null), ``chunk`` (items per chunk),
+  ``video`` (video runs: ``{"files", "fps", "frames", "every", "duration", "size"}``),
   ``fingerprint`` (what must match for ``--resume``) and, once finished, ``run``:
   ``{"items", "done", "failed", "seconds", "items_per_second",
   "method_seconds_per_item": {method: s}, "processes", "finished"}``.
@@ -31,6 +32,10 @@ along it, and each chunk is written whole by exactly one process):
                                           NaN (float) or -1 (int) for failed items
   ``inputs`` [N, H, W, 3] u1             the resized images (``--keep-inputs``)
   ``masks`` [N, H, W] bool               object masks, where the source has them
+  ``video/file``, ``video/frame`` [N] i4  video runs: the item's file (index into the root
+                                          attribute ``video.files``) and frame number
+  ``video/time`` [N] f8                  video runs: the frame's time in seconds from the
+                                          file's first frame
   ``timing/method_seconds`` [P, M] f8    per process, seconds spent in each method
                                           (``timing`` attrs: ``methods``), for ``compare``
   ``activations/<layer>`` [N, ...] f4    from ``convlens activations``

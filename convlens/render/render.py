@@ -15,6 +15,9 @@ What is drawn depends on what the store holds:
 * an audit -> ``audit/<method>_class_means.png``, ``audit/<method>_suspicious.png``,
   ``audit/curves.png`` (mean deletion / insertion curves);
 * the input pipeline -> ``pipeline.png`` (items as read, as resized, as preprocessed);
+* a video run (`convlens.engine.video`) -> ``video/<file>_<method>.mp4`` (or ``.webm``,
+  ``.gif``, or a folder of PNG frames): every explained frame with its first target's map, the
+  top label and the time, at the frames' own times (`convlens.render.video`);
 * a training store (`convlens.training`, heatmaps with an ``epoch`` axis) ->
   ``training/<method>/item<i>.png`` (one strip per image, epochs left to right),
   ``training/<method>.gif`` (every image, one frame per epoch) and
@@ -325,8 +328,12 @@ def render_training(root, out: Path, cmap: str, alpha: float, style: str, limit:
 
 
 def render_store(path, out_dir, *, cmap: str = "jet", alpha: float = 0.5, style: str = "blend", limit: int = 64,
-                 per_row: int = 16) -> dict[str, list[Path]]:
-    """Draws everything the store at ``path`` holds into ``out_dir``; returns the files by group."""
+                 per_row: int = 16, video: str = "mp4") -> dict[str, list[Path]]:
+    """Draws everything the store at ``path`` holds into ``out_dir``; returns the files by
+    group. ``video``: how a video run's overlays are written back (mp4, webm, gif, png or none)."""
+    from convlens.render.video import VIDEO_FORMATS, render_videos
+    if video not in (*VIDEO_FORMATS, "none"):
+        raise ConvlensError(f"unknown video format {video!r}: {', '.join(VIDEO_FORMATS)} or none")
     if style not in ("blend", "camshow"):
         raise ConvlensError(f"unknown overlay style {style!r}: blend or camshow")
     try:
@@ -342,5 +349,6 @@ def render_store(path, out_dir, *, cmap: str = "jet", alpha: float = 0.5, style:
               "atlas": render_atlas(root, out),
               "audit": render_audit(root, out, cmap, alpha, style),
               "pipeline": render_pipeline(root, out),
-              "training": render_training(root, out, cmap, alpha, style, limit)}
+              "training": render_training(root, out, cmap, alpha, style, limit),
+              "video": render_videos(root, out, fmt=video, cmap=cmap, alpha=alpha, style=style)}
     return {k: v for k, v in groups.items() if v}

@@ -65,7 +65,7 @@ def report(path, out, *, per_page: int = 48, cmap: str = "jet", alpha: float = 0
         shutil.rmtree(files_dir)
     root = store.open_store(path)
     a = dict(root.attrs)
-    groups = render_store(path, files_dir, cmap=cmap, alpha=alpha, style=style, limit=limit)
+    groups = render_store(path, files_dir, cmap=cmap, alpha=alpha, style=style, limit=limit, video="webm")
     rel = files_dir.name
 
     def src(p: Path) -> str:
@@ -150,6 +150,14 @@ def report(path, out, *, per_page: int = 48, cmap: str = "jet", alpha: float = 0
         for p in groups["training"]:
             if p.suffix == ".png" and p.name != "metrics.png":
                 body.append(_img(src(p), f"{p.parent.name} {p.stem}"))
+    if groups.get("video"):
+        v = a.get("video") or {}
+        body.append("<h2>Video</h2><p>Every explained frame with its map, at the frames' own times "
+                    f"(every {v.get('every', 1)} frame(s) of {', '.join(html.escape(Path(f).name) for f in v.get('files', []))}"
+                    "); the galleries below show each frame.</p>")
+        for p in groups["video"]:
+            body.append(f"<p><b>{html.escape(p.stem)}</b><br><video controls loop muted src='{html.escape(src(p))}' "
+                        f"style='max-width:100%'></video></p>")
     if hm and "inputs" in root and not groups.get("training"):
         body.append("<h2>Galleries</h2>")
         for p in groups.get("overlays", []):

@@ -25,7 +25,8 @@ def tile_origin(i, per_row, h, w, labels=True):
 
 
 def test_render_never_imports_jax():
-    code = ("import sys, convlens.render.render, convlens.render.report, convlens.cli; "
+    code = ("import sys, convlens.render.render, convlens.render.report, convlens.render.video, "
+            "convlens.engine.video, convlens.cli; "
             "assert 'jax' not in sys.modules, 'jax imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

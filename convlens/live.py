@@ -1,0 +1,292 @@
+"""``convlens live``: explain a video stream as it comes, at the highest frame rate the
+machine allows.
+
+A reader thread decodes the stream (a camera, a network URL, or a file played at its
+own speed) into a one-frame slot: a new frame replaces one not yet taken, and is
+counted as dropped, so nothing queues up however slow the model is. The main loop takes
+the newest frame, dispatches the compiled method on it (batch 1, compiled once), and
+while the device works draws the previous frame's overlay (the map over the frame at
+its own resolution, scaled to ``long_side``, with the top label) and hands it to the
+outputs: a video file (MP4 keeps the frames' stream times, so playback shows what was
+explained when), a GIF, a folder of PNG files, and/or a window. At most three frames
+are held at once: the one in the slot, the one on the device, the one being drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from convlens.errors import ConvlensError
+
+
+@dataclasses.dataclass
+class LiveStats:
+    """What a live session did.
+
+    Attributes:
+      read: frames decoded from the stream; processed: frames explained and written;
+      dropped: frames replaced in the slot before the model could take them;
+      seconds: wall time from the first frame; fps: processed / seconds;
+      compute_ms: mean time from dispatch to the map on the host (model + transfer);
+      max_held: the most frames held at once (slot, device, drawing);
+      peak_rss_mb: the process's peak resident memory.
+    """
+
+    read: int = 0
+    processed: int = 0
+    dropped: int = 0
+    seconds: float = 0.0
+    compute_ms: float = 0.0
+    max_held: int = 0
+    peak_rss_mb: float = 0.0
+    stopped_by: str = ""
+
+    @property
+    def fps(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"{self.processed} frames explained in {self.seconds:.1f} s ({self.fps:.1f} fps), {self.dropped} of "
+                f"{self.read} read dropped; {self.compute_ms:.0f} ms per frame on the model; "
+                f"at most {self.max_held} frames held; peak memory {self.peak_rss_mb:.0f} MB")
+
+
+@dataclasses.dataclass
+class Frame:
+    image: np.ndarray  # RGB uint8 [h, w, 3], upright
+    time: float  # stream time in seconds, from the first frame
+    index: int  # decoded frame number
+
+
+class LatestFrame:
+    """A one-frame slot between the reader and the model: `put` replaces a frame not yet
+    taken (counted in ``dropped``); `get` waits for the next one, ``None`` once closed."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.frame: Frame | None = None
+        self.closed = False
+        self.dropped = 0
+        self.error: BaseException | None = None
+
+    def put(self, frame: Frame) -> None:
+        with self.cond:
+            if self.frame is not None:
+                self.dropped += 1
+            self.frame = frame
+            self.cond.notify()
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self.cond:
+            self.closed = True
+            self.error = error
+            self.cond.notify_all()
+
+    def get(self) -> Frame | None:
+        with self.cond:
+            while self.frame is None and not self.closed:
+                self.cond.wait(0.5)
+            f, self.frame = self.frame, None
+            return f
+
+    @property
+    def held(self) -> int:
+        return int(self.frame is not None)
+
+
+class Reader(threading.Thread):
+    """Decodes ``stream`` into ``slot``; a file is paced to its timestamps (``pace``)."""
+
+    def __init__(self, container, stream, slot: LatestFrame, pace: bool):
+        super().__init__(daemon=True, name="convlens-live-reader")
+        self.container, self.stream, self.slot, self.pace = container, stream, slot, pace
+        self.stop = threading.Event()
+        self.read = 0
+
+    def run(self):
+        from convlens.engine.video import upright
+        t0 = wall0 = None
+        try:
+            for fr in self.container.decode(self.stream):
+                if self.stop.is_set():
+                    break
+                t = float(fr.time) if fr.time is not None else self.read / 30.0
+                if t0 is None:
+                    t0, wall0 = t, time.perf_counter()
+                if self.pace:  # play a file as a camera would deliver it
+                    wait = (t - t0) - (time.perf_counter() - wall0)
+                    if wait > 0 and self.stop.wait(wait):
+                        break
+                self.slot.put(Frame(upright(fr), t - t0, self.read))
+                self.read += 1
+            self.slot.close()
+        except Exception as e:  # noqa: BLE001 - reported by the main loop
+            self.slot.close(e)
+
+
+class Window:
+    """Shows frames in a Matplotlib window (needs a display)."""
+
+    def __init__(self, title: str):
+        import os
+        import sys
+        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32")):
+            raise ConvlensError("--show needs a display (none found: DISPLAY is not set); write the overlays with "
+                                "--out FILE.mp4 instead")
+        import matplotlib.pyplot as plt
+        self.plt = plt
+        plt.ion()
+        self.fig, self.ax = plt.subplots(num=title)
+        self.ax.axis("off")
+        self.art = None
+
+    def show(self, frame: np.ndarray) -> bool:
+        """Draws ``frame``; False once the window was closed."""
+        if not self.plt.fignum_exists(self.fig.number):
+            return False
+        if self.art is None:
+            self.art = self.ax.imshow(frame)
+        else:
+            self.art.set_data(frame)
+        self.plt.pause(0.001)
+        return True
+
+    def close(self):
+        self.plt.close(self.fig)
+
+
+def _peak_rss_mb() -> float:
+    import sys
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def live(model, params, stream: str, *, method: str = "gradcam", options: dict | None = None, target="top1",
+         out=None, show: bool = False, max_frames: int | None = None, duration: float | None = None,
+         pace: str = "auto", resize: str = "squash", cmap: str = "jet", alpha: float = 0.5, style: str = "blend",
+         long_side: int = 640, seed: int = 0, timeout: float = 10.0,
+         on_frame: Callable[[LiveStats, np.ndarray], None] | None = None) -> LiveStats:
+    """Explains ``stream`` frame by frame (see the module docstring).
+
+    Args:
+      model, params: from `convlens.load_model`.
+      stream: ``camera:N``, ``/dev/videoN``, a URL, or a video file.
+      method, options: any method with a heatmap and its options (``layer`` ...).
+      target: ``top1``, ``topk:N`` (the first is drawn), or class indices.
+      out: ``.mp4``, ``.gif``, or a folder for PNG frames; show: a window too.
+      max_frames, duration: stop after this many explained frames / seconds.
+      pace: ``auto`` (files at their own speed, like a camera), ``native`` or ``none``
+        (files as fast as they decode: the model takes the newest frame each time).
+      on_frame: called with the stats and each output frame (tests, custom sinks).
+
+    Returns:
+      `LiveStats`.
+    """
+    import jax
+
+    from convlens.api import compiled, image_keys, parse_target, resolve_config
+    from convlens.engine.sources import fit
+    from convlens.engine.video import open_stream
+    from convlens.kernels.registry import METHODS
+    from convlens.models.labels import probabilities
+    from convlens.render.video import VideoWriter, annotate
+
+    if method not in METHODS or "heatmap" not in {o.name for o in METHODS[method].outputs}:
+        live_ok = sorted(m for m, s in METHODS.items() if "heatmap" in {o.name for o in s.outputs})
+        raise ConvlensError(f"live runs a method with a heatmap; {method!r} is not one ({', '.join(live_ok)})")
+    if pace not in ("auto", "native", "none"):
+        raise ConvlensError(f"pace {pace!r}: auto, native or none")
+    if out is None and not show and on_frame is None:
+        raise ConvlensError("live needs somewhere to put the overlays: --out FILE.mp4|FILE.gif|FOLDER or --show")
+    cfg = resolve_config(model, METHODS[method], dict(options or {}))
+    n_classes = model.output_shapes()[model.graph.output][-1]
+    tgt = parse_target(target, 1, n_classes)
+    fn = compiled(model, method, cfg, tgt if isinstance(tgt, int) else None)
+    t_arg = None if isinstance(tgt, int) else jax.numpy.asarray(tgt)
+    keys = image_keys(seed, 0, 1)
+    names = model.class_names
+    window = Window(f"convlens live: {stream}") if show else None
+
+    container, st, is_file = open_stream(stream, timeout)
+    fps = float(st.average_rate or st.guessed_rate or 25)
+    writer = VideoWriter(out, fps) if out is not None else None
+    slot = LatestFrame()
+    reader = Reader(container, st, slot, pace == "native" or (pace == "auto" and is_file))
+    stats = LiveStats()
+    compute = []
+    t_start = None
+    pending = None
+
+    def finish(p):
+        frame, dispatched, res = p
+        host = jax.device_get(res)
+        compute.append(time.perf_counter() - dispatched)
+        heat = np.asarray(host["heatmap"][0, 0])
+        logits = np.asarray(host["logits"][0:1])
+        probs = probabilities(logits, model.output_activation)[0]
+        c = int(np.asarray(host["targets"])[0, 0])
+        top = int(np.argmax(probs)) if probs.shape[-1] > 1 else int(probs[0] > 0.5)
+        top_p = float(probs[top]) if probs.shape[-1] > 1 else float(probs[0] if top else 1 - probs[0])
+        label = names[top] if names and top < len(names) else str(top)
+        what = "" if c == top else f" (map: {names[c] if names and c < len(names) else c})"
+        title = f"{label} {top_p:.2f}{what}  |  {method}  |  t={frame.time:.2f}s  {stats.fps:.1f} fps"
+        img = annotate(frame.image, heat, title, cmap=cmap, alpha=alpha, style=style, long_side=long_side)
+        if writer is not None:
+            writer.write(img, frame.time)
+        stats.processed += 1
+        stats.seconds = time.perf_counter() - t_start
+        if on_frame is not None:
+            on_frame(stats, img)
+        if window is not None and not window.show(img):
+            return False
+        return True
+
+    reader.start()
+    try:
+        while True:
+            frame = slot.get()
+            if frame is None:
+                if slot.error is not None:
+                    raise ConvlensError(f"the stream {stream} failed: {slot.error}")
+                stats.stopped_by = "end of stream"
+                break
+            if t_start is None:
+                t_start = time.perf_counter()
+            x = fit(frame.image, model.input_size, resize).astype(np.float32)[None]
+            res = fn(params, x, t_arg, keys)  # dispatched: the device works while the last frame is drawn
+            held = 1 + slot.held + (pending is not None)
+            stats.max_held = max(stats.max_held, held)
+            if pending is not None and not finish(pending):
+                pending = None
+                stats.stopped_by = "window closed"
+                break
+            pending = (frame, time.perf_counter(), res)
+            if max_frames is not None and stats.processed + 1 >= max_frames:
+                stats.stopped_by = "max frames"
+                break
+            if duration is not None and time.perf_counter() - t_start >= duration:
+                stats.stopped_by = "duration"
+                break
+        if pending is not None:
+            finish(pending)
+    except KeyboardInterrupt:
+        stats.stopped_by = "interrupted"
+    finally:
+        reader.stop.set()
+        reader.join(timeout=5)
+        container.close()
+        if writer is not None:
+            writer.close()  # an interrupted session still leaves a playable file
+        if window is not None:
+            window.close()
+        stats.read = reader.read
+        stats.dropped = slot.dropped + (1 if slot.frame is not None else 0)
+        stats.compute_ms = 1000 * float(np.mean(compute)) if compute else 0.0
+        stats.peak_rss_mb = _peak_rss_mb()
+    return stats
