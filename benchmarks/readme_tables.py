@@ -158,10 +158,58 @@ def callback() -> str | None:
             f"{'identical' if res['losses_identical'] else 'DIFFERENT'}.")
 
 
+TOOLS = {"captum_lime": "Captum Lime", "reference_pytorch": "the authors' RISE code in PyTorch",
+         "pytorch_grad_cam_ScoreCAM": "pytorch-grad-cam ScoreCAM",
+         "pytorch_grad_cam_AblationCAM": "pytorch-grad-cam AblationCAM",
+         "pytorch_grad_cam_EigenCAM": "pytorch-grad-cam EigenCAM"}
+
+
+def perturbation() -> str | None:
+    res = load("perturbation_throughput")
+    if not res:
+        return None
+    out = [machine_line(res), "", f"Batched forward at the kernels' chunk ({res['chunk']} images): "
+           f"{res['forward_images_per_s']:.2f} images/s, the limit for methods that run the whole network on "
+           "every copy.", "",
+           "| VGG16, 1 image | copies | convlens s | of the forward limit | PyTorch tool | its s | convlens faster | "
+           "map correlation |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in res["rows"].items():
+        copies = {"lime": f"{r['copies']} samples", "rise": f"{r['copies']} masks"}.get(name.split(",")[0], "")
+        copies = copies or (f"{r['copies']} channels" if r["copies"] > 1 else "1 SVD")
+        tool = next(((k, v) for k, v in r.items() if isinstance(v, dict)), None)
+        cells = [name, copies, f"{r['seconds']:.2f}", f"{r['fraction_of_forward_limit']:.2f}"]
+        if tool:
+            k, v = tool
+            cells += [TOOLS.get(k, k), f"{v['seconds']:.2f}", f"**{v['convlens_speedup']:.2f}x**",
+                      f"{v['map_correlation']:.3f}"]
+        else:
+            extra = r.get("map_correlation_with_all_channels")
+            cells += ["", "", "", "" if extra is None else f"{extra:.3f} with all 512 channels"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def video() -> str | None:
+    res = load("video_throughput")
+    if not res:
+        return None
+    out = [machine_line(res), "", f"Grad-CAM over a {res['frames']}-frame video ({res['video']}), frames per second:",
+           "", "| model | decode | kernel (batch 8) | engine run | of the kernel | kernel (batch 1) | live, unpaced | "
+           "live at 30 fps: explained (kept) |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in res["models"].items():
+        lu, l30 = r["live_unpaced"], r["live_30fps"]
+        out.append(f"| {name} {r['input'][0]}x{r['input'][1]} | {r['decode_fps']:.0f} | {r['kernel_fps']:.1f} | "
+                   f"{r['engine_fps']:.1f} | **{r['engine_fraction_of_kernel']:.2f}** | {r['kernel_fps_batch1']:.1f} | "
+                   f"{lu['fps']:.1f} ({lu['fraction_of_batch1_kernel']:.2f} of batch 1) | {l30['fps']:.1f} "
+                   f"({100 * l30['kept_share']:.0f}%) |")
+    return "\n".join(out)
+
+
 def main():
     text = README.read_text()
     for name, fn in (("forward", forward), ("explain", explain), ("occlusion", occlusion), ("ascent", ascent),
-                     ("engine", engine), ("metrics", metrics_cost), ("callback", callback)):
+                     ("engine", engine), ("metrics", metrics_cost), ("callback", callback),
+                     ("perturbation", perturbation), ("video", video)):
         table = fn()
         if table is None:
             continue

@@ -83,6 +83,22 @@ def mass_maps(heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(total > 0, p / np.where(total > 0, total, 1.0), 1.0 / (heat.shape[1] * heat.shape[2])), empty
 
 
+def peak_pixels(heat: np.ndarray) -> np.ndarray:
+    """Flat index of each map's peak ``[N]``: the maximum's pixel, or where the maximum
+    is a plateau (LIME's superpixels, occlusion windows) the plateau pixel nearest its
+    centroid — a plain argmax would take the plateau's first pixel in raster order and
+    so lean every flat peak towards the top-left corner."""
+    n, h, w = heat.shape
+    hv = np.nan_to_num(heat.reshape(n, -1).astype(np.float64), nan=-np.inf)
+    top = hv.max(axis=1, keepdims=True)
+    plateau = hv >= top - 1e-6 * np.maximum(np.abs(top), 1e-30)
+    yy, xx = np.divmod(np.arange(h * w), w)
+    count = np.maximum(plateau.sum(axis=1), 1)
+    cy, cx = (plateau * yy).sum(axis=1) / count, (plateau * xx).sum(axis=1) / count
+    d = (yy[None] - cy[:, None]) ** 2 + (xx[None] - cx[:, None]) ** 2
+    return np.argmin(np.where(plateau, d, np.inf), axis=1)
+
+
 def item_statistics(heat: np.ndarray, cfg: AuditConfig, masks: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-item statistics of maps ``[N, H, W]`` (see the module docstring)."""
     n, h, w = heat.shape
@@ -97,7 +113,7 @@ def item_statistics(heat: np.ndarray, cfg: AuditConfig, masks: np.ndarray | None
     x0, x1 = int(round(w * (1 - cfg.center) / 2)), int(round(w * (1 + cfg.center) / 2))
     center = m[:, y0:y1, x0:x1].sum(axis=(1, 2))
     flat = m.reshape(n, -1)
-    peak_idx = np.argmax(np.nan_to_num(heat.reshape(n, -1), nan=-np.inf), axis=1)
+    peak_idx = peak_pixels(heat)
     py, px = np.divmod(peak_idx, w)
     entropy = -np.sum(np.where(flat > 0, flat * np.log(np.where(flat > 0, flat, 1.0)), 0.0), axis=1) / np.log(h * w)
     k = max(1, int(round(0.1 * h * w)))
