@@ -194,7 +194,7 @@ def live(model, params, stream: str, *, method: str = "gradcam", options: dict |
     from convlens.engine.sources import fit
     from convlens.engine.video import open_stream
     from convlens.kernels.registry import METHODS
-    from convlens.models.labels import probabilities
+    from convlens.models.labels import class_probabilities
     from convlens.render.video import VideoWriter, annotate
 
     if method not in METHODS or "heatmap" not in {o.name for o in METHODS[method].outputs}:
@@ -228,11 +228,10 @@ def live(model, params, stream: str, *, method: str = "gradcam", options: dict |
         host = jax.device_get(res)
         compute.append(time.perf_counter() - dispatched)
         heat = np.asarray(host["heatmap"][0, 0])
-        logits = np.asarray(host["logits"][0:1])
-        probs = probabilities(logits, model.output_activation)[0]
+        probs = class_probabilities(host["logits"][0:1], model.output_activation)[0]
         c = int(np.asarray(host["targets"])[0, 0])
-        top = int(np.argmax(probs)) if probs.shape[-1] > 1 else int(probs[0] > 0.5)
-        top_p = float(probs[top]) if probs.shape[-1] > 1 else float(probs[0] if top else 1 - probs[0])
+        top = int(np.argmax(probs))
+        top_p = float(probs[top])
         label = names[top] if names and top < len(names) else str(top)
         what = "" if c == top else f" (map: {names[c] if names and c < len(names) else c})"
         title = f"{label} {top_p:.2f}{what}  |  {method}  |  t={frame.time:.2f}s  {stats.fps:.1f} fps"

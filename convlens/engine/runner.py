@@ -33,7 +33,7 @@ from convlens.engine.sources import ItemError, Source
 from convlens.errors import ConvlensError
 from convlens.api import compiled, parse_target, resolve_config
 from convlens.kernels.registry import METHODS, all_outputs
-from convlens.models.labels import probabilities
+from convlens.models.labels import class_probabilities
 from convlens.models.network import Model
 
 
@@ -530,9 +530,7 @@ class Run:
         errors = np.asarray([err for _, _, _, err in loaded], dtype=object).astype(str)
         status = np.where(ok, store.DONE, store.FAILED).astype(np.uint8)
         first = next(iter(results.values()))
-        probs = probabilities(first["logits"], self.model.output_activation)
-        if probs.shape[-1] == 1:  # one sigmoid unit: P(class 0), P(class 1)
-            probs = np.concatenate([1.0 - probs, probs], axis=-1)
+        probs = class_probabilities(first["logits"], self.model.output_activation)
         order = np.argsort(-probs, axis=-1, kind="stable")[:, :self.k].astype(np.int32)
         top_p = np.take_along_axis(probs, order, 1).astype(np.float32)
         order[~ok] = -1

@@ -42,11 +42,6 @@ from convlens.models.network import Model
 NORM_EPS = 1e-8  # pytorch-grad-cam's min-max normalisation of the masks
 
 
-def _check_chunking(method: str, chunk: int, memory_mb: int) -> None:
-    if chunk < 0 or memory_mb < 1:
-        raise ConvlensError(f"{method}: chunk must be >= 0 (0: from memory_mb) and memory_mb >= 1")
-
-
 @dataclasses.dataclass(frozen=True)
 class ScoreCamConfig:
     """Options of Score-CAM.
@@ -80,7 +75,7 @@ class ScoreCamConfig:
         if self.score not in ("channel_softmax", "prob"):
             raise ConvlensError(f"scorecam score {self.score!r}: channel_softmax or prob")
         object.__setattr__(self, "baseline", parse_baseline(self.baseline, "scorecam"))
-        _check_chunking("scorecam", self.chunk, self.memory_mb)
+        common.check_chunking("scorecam", self.chunk, self.memory_mb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +93,7 @@ class AblationCamConfig:
     memory_mb: int = 1024
 
     def __post_init__(self):
-        _check_chunking("ablationcam", self.chunk, self.memory_mb)
+        common.check_chunking("ablationcam", self.chunk, self.memory_mb)
 
 
 def _layer_forward(model: Model, params, images, layer: str, targets):
@@ -142,11 +137,10 @@ def score_cam(model: Model, params, images, targets, cfg: ScoreCamConfig, keys=N
         return common.forward_logits(model, params, x.reshape(b * per_, *images.shape[1:])).reshape(b, per_, -1)
 
     lz = common.map_steps(step, chans, per)  # [B, n, K]
-    tt = jnp.broadcast_to(t[:, None, :], (b, n, t.shape[1]))
     if cfg.score == "channel_softmax":
-        w_sel = jax.nn.softmax(jnp.take_along_axis(lz, tt, axis=2), axis=1)  # over channels
+        w_sel = jax.nn.softmax(common.target_scores(model, lz, t), axis=1)  # over channels
     else:
-        w_sel = common.target_scores(model, lz, tt, "prob")
+        w_sel = common.target_scores(model, lz, t, "prob")
     w = jnp.zeros((b, t.shape[1], c), jnp.float32)
     w = w.at[jnp.arange(b)[:, None, None], jnp.arange(t.shape[1])[None, :, None], chans[:, None, :]].set(
         jnp.moveaxis(w_sel, 1, 2))
@@ -191,10 +185,9 @@ def ablation_cam(model: Model, params, images, targets, cfg: AblationCamConfig, 
     """Ablation-CAM: ``cam [B, T, h, w]`` and ``heatmap [B, T, H, W]`` (see the module docstring)."""
     layer = _resolve_layer(model, cfg, "ablationcam")
     logits, t, a = _layer_forward(model, params, images, layer, targets)
-    b, c = a.shape[0], a.shape[-1]
     lz = ablation_scores(model, params, images, layer, a, cfg.chunk, cfg.memory_mb)  # [B, c, K]
-    y = jnp.take_along_axis(logits, t, axis=1)  # [B, T]
-    yk = jnp.take_along_axis(lz, jnp.broadcast_to(t[:, None, :], (b, c, t.shape[1])), axis=2)  # [B, c, T]
+    y = common.target_scores(model, logits, t)  # [B, T]
+    yk = common.target_scores(model, lz, t)  # [B, c, T]
     # A target logit of exactly 0 would divide by zero: keep its sign, bound its size.
     safe = jnp.where(y >= 0, jnp.maximum(y, 1e-7), jnp.minimum(y, -1e-7))
     w = jnp.moveaxis((y[:, None, :] - yk) / safe[:, None, :], 1, 2)  # [B, T, c]

@@ -3,6 +3,7 @@ gradients for many targets, and resizing maps to the input."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -129,13 +130,18 @@ def image_bytes(model: Model, size: tuple[int, int], skip: frozenset = frozenset
     """Peak activation bytes of one forward pass of one image: the largest layer's input
     and output together (XLA frees the rest of a forward-only pass as it goes).
     ``after``: count only the layers after this one (a head-only pass)."""
-    import math
     shapes = model.output_shapes(1, size)
     names = list(shapes)
     if after is not None:
         names = names[names.index(model.graph.node(after).name):]
     sizes = [math.prod(shapes[n][1:]) for n in names if n not in skip]
     return 4 * 2 * max(sizes + [1])
+
+
+def check_chunking(method: str, chunk: int, memory_mb: int) -> None:
+    """The ``chunk`` / ``memory_mb`` options every many-pass method takes, checked."""
+    if chunk < 0 or memory_mb < 1:
+        raise ConvlensError(f"{method}: chunk must be >= 0 (0: from memory_mb) and memory_mb >= 1")
 
 
 def copies_per_step(chunk: int, memory_mb: int, batch: int, copies: int, per_image_bytes: int) -> int:
@@ -170,11 +176,13 @@ def map_steps(fn: Callable[[Array], Array], idx: Array, per: int) -> Array:
     return out.reshape(out.shape[0], -1, *out.shape[3:])[:, :q]
 
 
-def target_scores(model: Model, logits: Array, targets: Array, score: str) -> Array:
-    """Each target's score from logits ``[N, K]`` and targets ``[N, T]``: the logit, or
-    (``score="prob"``) the probability the model reports (softmax/sigmoid)."""
+def target_scores(model: Model, logits: Array, targets: Array, score: str = "logit") -> Array:
+    """Each target's score: logits ``[B, ..., K]`` (e.g. ``[B, copies, K]``) and targets
+    ``[B, T]`` -> ``[B, ..., T]``; the logit, or (``score="prob"``) the probability the
+    model reports (softmax/sigmoid)."""
     if score == "prob":
         logits = probabilities(model, logits)
     elif score != "logit":
         raise ConvlensError(f"unknown score {score!r}: logit or prob")
-    return jnp.take_along_axis(logits, targets, axis=-1)
+    t = targets.reshape(targets.shape[0], *([1] * (logits.ndim - 2)), targets.shape[-1])
+    return jnp.take_along_axis(logits, jnp.broadcast_to(t, (*logits.shape[:-1], targets.shape[-1])), axis=-1)

@@ -38,7 +38,7 @@ import numpy as np
 
 from convlens.errors import ConvlensError
 from convlens.kernels import common
-from convlens.kernels.baselines import Pixels, baseline_images, baseline_pixels, gaussian_blur, parse_baseline  # noqa: F401
+from convlens.kernels.baselines import Pixels, baseline_images, parse_baseline
 from convlens.kernels.registry import INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output, register
 from convlens.models.network import Model
 
@@ -96,8 +96,7 @@ class OcclusionConfig:
             raise ConvlensError(f"drilldown must be in [0, 1], got {self.drilldown}")
         if self.tau < 1.0 and not self.incremental:
             raise ConvlensError("tau < 1 approximates the incremental mode: add incremental=true")
-        if self.chunk < 0 or self.memory_mb < 1:
-            raise ConvlensError("occlusion chunk must be >= 0 (0: from memory_mb) and memory_mb >= 1")
+        common.check_chunking("occlusion", self.chunk, self.memory_mb)
 
 
 # ---------------------------------------------------------------- geometry

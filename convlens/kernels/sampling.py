@@ -43,8 +43,7 @@ SEGMENTATIONS = ("slic", "grid")
 def _check(method: str, cfg) -> None:
     if cfg.score not in ("logit", "prob"):
         raise ConvlensError(f"{method} score {cfg.score!r}: logit or prob")
-    if cfg.chunk < 0 or cfg.memory_mb < 1:
-        raise ConvlensError(f"{method}: chunk must be >= 0 (0: from memory_mb) and memory_mb >= 1")
+    common.check_chunking(method, cfg.chunk, cfg.memory_mb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +260,7 @@ def lime(model: Model, params, images, targets, cfg: LimeConfig, keys):
         return common.forward_logits(model, params, x.reshape(b * per_, h, w, c)).reshape(b, per_, -1)
 
     lz = common.map_steps(step, jnp.broadcast_to(jnp.arange(n), (b, n)), per)  # [B, N, K]
-    y = common.target_scores(model, lz, jnp.broadcast_to(t[:, None, :], (b, n, t.shape[1])), cfg.score)
+    y = common.target_scores(model, lz, t, cfg.score)  # [B, N, T]
     beta, intercept, r2 = weighted_ridge(z, y, lime_kernel(z, used, cfg.kernel_width), cfg.ridge, used)
     heat = jnp.take_along_axis(beta, seg.reshape(b, 1, h * w), axis=2).reshape(b, t.shape[1], h, w)
     return {"weights": beta, "intercept": intercept, "r2": r2, "segments": seg, "heatmap": heat,
@@ -302,7 +301,7 @@ def rise(model: Model, params, images, targets, cfg: RiseConfig, keys):
         m = masks_of(keys, i)  # [B, per, H, W]
         x = base[:, None] + m[..., None] * (images - base)[:, None]
         lz = common.forward_logits(model, params, x.reshape(b * per, h, w, c)).reshape(b, per, -1)
-        sc = common.target_scores(model, lz, jnp.broadcast_to(t[:, None, :], (b, per, t.shape[1])), cfg.score)
+        sc = common.target_scores(model, lz, t, cfg.score)  # [B, per, T]
         return acc + jnp.einsum("bpt,p,bphw->bthw", sc, v, m), None
 
     init = jnp.zeros((b, t.shape[1], h, w), jnp.float32)

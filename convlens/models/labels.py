@@ -40,3 +40,10 @@ def probabilities(logits, activation: str | None) -> np.ndarray:
     if activation == "sigmoid":
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
     return z.astype(np.float32)
+
+
+def class_probabilities(logits, activation: str | None) -> np.ndarray:
+    """`probabilities` with one column per class: a single sigmoid unit (a binary
+    classifier) becomes ``[P(class 0), P(class 1)]``."""
+    p = probabilities(logits, activation)
+    return np.concatenate([1.0 - p, p], axis=-1) if p.shape[-1] == 1 else p

@@ -18,6 +18,7 @@ from convlens.errors import ConvlensError
 from convlens.render import images as im
 
 VIDEO_FORMATS = ("mp4", "webm", "gif", "png")
+BLOCK = 64  # frames read from the store at once
 CODECS = {"mp4": ("libx264", {"crf": "20", "preset": "veryfast"}),
           # VP9 in WebM plays in every browser (the HTML report), H.264 not in all Chromium builds.
           "webm": ("libvpx-vp9", {"crf": "32", "b": "0", "deadline": "realtime", "cpu-used": "8"})}
@@ -162,16 +163,25 @@ def render_videos(root, out: Path, *, fmt: str = "mp4", cmap: str = "jet", alpha
             continue
         items = items[np.argsort(times[items], kind="stable")]
         fps = v["fps"][f] / max(1, v.get("every", 1))
-        for m in methods:
-            dest = output_path(out, Path(path).stem, m, fmt)
-            with VideoWriter(dest, fps) as w:
-                for i in items:
+        dests = {m: output_path(out, Path(path).stem, m, fmt) for m in methods}
+        writers = {m: VideoWriter(d, fps) for m, d in dests.items()}
+        try:
+            # Blocks of frames: each stored chunk is decompressed once, for every method.
+            for start in range(0, len(items), BLOCK):
+                blk = items[start:start + BLOCK]
+                inputs = root["inputs"].get_orthogonal_selection((blk,))
+                heats = {m: root[f"{m}/heatmap"].get_orthogonal_selection((blk, slice(0, 1)))[:, 0] for m in methods}
+                for j, i in enumerate(blk):
                     c = int(top[i])
                     label = names[c] if names and 0 <= c < len(names) else str(c)
-                    title = f"{label} {prob[i]:.2f}  |  {m}  |  t={times[i]:.2f}s (frame {int(frames_of[i])})"
                     # Stored inputs are model-sized: enlarged (pixels kept sharp) for viewing.
-                    img = im.upscale(np.asarray(root["inputs"][i]), 240)
-                    w.write(annotate(img, np.asarray(root[f"{m}/heatmap"][i, 0]), title, cmap=cmap, alpha=alpha,
-                                     style=style, long_side=None), float(times[i]))
-            written.append(dest)
+                    img = im.upscale(np.asarray(inputs[j]), 240)
+                    for m, w in writers.items():
+                        title = f"{label} {prob[i]:.2f}  |  {m}  |  t={times[i]:.2f}s (frame {int(frames_of[i])})"
+                        w.write(annotate(img, heats[m][j], title, cmap=cmap, alpha=alpha, style=style,
+                                         long_side=None), float(times[i]))
+        finally:
+            for w in writers.values():
+                w.close()
+        written += list(dests.values())
     return written

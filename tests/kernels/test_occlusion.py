@@ -9,7 +9,7 @@ import pytest
 
 import convlens
 from convlens.errors import ConvlensError
-from convlens.kernels import incremental, occlusion
+from convlens.kernels import baselines, incremental, occlusion
 from tests.kernels.nets import gap_net, layer, functional, with_random_biases
 
 
@@ -47,7 +47,7 @@ def test_whole_image_window_is_f_minus_f_baseline(tiny, baseline):
         base = np.broadcast_to(x.mean(axis=(1, 2), keepdims=True), x.shape)
     elif baseline == "blur":
         import jax.numpy as jnp
-        base = np.asarray(occlusion.gaussian_blur(jnp.asarray(x), 8.0))
+        base = np.asarray(baselines.gaussian_blur(jnp.asarray(x), 8.0))
     else:
         base = np.full_like(x, baseline)
     f, f0 = logits_of(model, params, x), logits_of(model, params, np.ascontiguousarray(base, np.float32))
