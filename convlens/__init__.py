@@ -1,15 +1,13 @@
 """convlens: batch explanations for convolutional image classifiers, in JAX.
 
 The public names load lazily, so ``convlens.render`` (which reads stores and draws)
-never imports JAX.
+never imports JAX. Importing convlens changes no process-wide setting: XLA options
+are chosen per computation by the executor (`convlens.engine.executor`).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from convlens import _xla  # noqa: E402
-
-_xla.apply_defaults()  # before anything can start a JAX backend
-
+from convlens._lazy import lazy  # noqa: E402
 from convlens.errors import ConvlensError  # noqa: E402
 
 _LAZY = {"Explanation": "convlens.api", "explain": "convlens.api", "METHODS": "convlens.kernels.registry",
@@ -20,10 +18,4 @@ __all__ = ["ConvlensError", "Explanation", "METHODS", "MODELS", "build_model", "
            "__version__"]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'convlens' has no attribute {name!r}")
+__getattr__ = lazy(globals(), _LAZY)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from convlens.errors import ConvlensError
 from convlens.models.keras_graph import graph_from_config
 from convlens.models.network import Model
 from convlens.models.preprocess import Preprocess
 
+DEMO_MARKER = ".convlens-demo"
 SIZE = 64
 STAMP = (slice(5, 12), slice(50, 57))  # rows, columns of the stamp: the top-right corner
 SHORTCUT_CLASSES = ("clean", "stamped")
@@ -169,11 +171,19 @@ def run_demo(out="convlens-demo", *, train_size: int = 2000, test_size: int = 16
     from convlens.models.keras_io import save_h5_model
     from convlens.models.registry import load_model
     from convlens.render.report import report
+    from convlens.render.tables import table
 
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    marker = out / DEMO_MARKER
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConvlensError(f"demo --out {out} is not a folder; choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not marker.exists():
+            raise ConvlensError(f"demo --out {out} is a folder convlens did not make; the demo writes only into a new "
+                                "folder or an earlier demo's: choose another --out")
+        shutil.rmtree(out)  # an earlier demo's folder: the demo makes it again
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by convlens demo; `convlens demo` replaces this folder\n")
     t0 = time.perf_counter()
     log(f"1/5 data: {train_size} training and {test_size} held-out 64x64 images; the label is given by a small "
         "stamp in the top-right corner, not by the object")
@@ -198,4 +208,4 @@ def run_demo(out="convlens-demo", *, train_size: int = 2000, test_size: int = 16
     pages = report(store, out / "report.html")
     flags = [(m, f) for m, e in findings.items() for f in e["flags"]]
     return {"report": pages[0], "store": store, "findings": findings, "flags": flags,
-            "seconds": time.perf_counter() - t0, "text": audit.table(findings)}
+            "seconds": time.perf_counter() - t0, "text": table(findings)}

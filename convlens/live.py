@@ -188,28 +188,26 @@ def live(model, params, stream: str, *, method: str = "gradcam", options: dict |
     Returns:
       `LiveStats`.
     """
-    import jax
-
-    from convlens.api import compiled, image_keys, parse_target, resolve_config
+    from convlens.api import resolve
+    from convlens.engine import targets as tg
+    from convlens.engine.executor import Batch, Executor, Explain
     from convlens.engine.sources import fit
     from convlens.engine.video import open_stream
-    from convlens.kernels.registry import METHODS
-    from convlens.models.labels import class_probabilities
+    from convlens.kernels.registry import METHODS, heatmap_methods
+    from convlens.models.labels import class_probabilities, name_of
     from convlens.render.video import VideoWriter, annotate
 
-    if method not in METHODS or "heatmap" not in {o.name for o in METHODS[method].outputs}:
-        live_ok = sorted(m for m, s in METHODS.items() if "heatmap" in {o.name for o in s.outputs})
-        raise ConvlensError(f"live runs a method with a heatmap; {method!r} is not one ({', '.join(live_ok)})")
+    if method not in METHODS or METHODS[method].heatmap is None:
+        raise ConvlensError(f"live runs a method with a heatmap; {method!r} is not one ({', '.join(heatmap_methods())})")
     if pace not in ("auto", "native", "none"):
         raise ConvlensError(f"pace {pace!r}: auto, native or none")
     if out is None and not show and on_frame is None:
         raise ConvlensError("live needs somewhere to put the overlays: --out FILE.mp4|FILE.gif|FOLDER or --show")
-    cfg = resolve_config(model, METHODS[method], dict(options or {}))
-    n_classes = model.output_shapes()[model.graph.output][-1]
-    tgt = parse_target(target, 1, n_classes)
-    fn = compiled(model, method, cfg, tgt if isinstance(tgt, int) else None)
-    t_arg = None if isinstance(tgt, int) else jax.numpy.asarray(tgt)
-    keys = image_keys(seed, 0, 1)
+    cfg = resolve(model, method, dict(options or {}))
+    targets = tg.parse(target, 1, tg.n_classes(model), labelled=False)
+    comp = {method: Explain(model, method, cfg, targets.top_k)}
+    fixed = targets.for_items(np.zeros(1, int))
+    heat_name = METHODS[method].heatmap
     names = model.class_names
     window = Window(f"convlens live: {stream}") if show else None
 
@@ -225,15 +223,15 @@ def live(model, params, stream: str, *, method: str = "gradcam", options: dict |
 
     def finish(p):
         frame, dispatched, res = p
-        host = jax.device_get(res)
+        host = Executor.fetch([res])[0][method]
         compute.append(time.perf_counter() - dispatched)
-        heat = np.asarray(host["heatmap"][0, 0])
+        heat = np.asarray(host[heat_name][0, 0])
         probs = class_probabilities(host["logits"][0:1], model.output_activation)[0]
         c = int(np.asarray(host["targets"])[0, 0])
         top = int(np.argmax(probs))
         top_p = float(probs[top])
-        label = names[top] if names and top < len(names) else str(top)
-        what = "" if c == top else f" (map: {names[c] if names and c < len(names) else c})"
+        label = name_of(top, names)
+        what = "" if c == top else f" (map: {name_of(c, names)})"
         title = f"{label} {top_p:.2f}{what}  |  {method}  |  t={frame.time:.2f}s  {stats.fps:.1f} fps"
         img = annotate(frame.image, heat, title, cmap=cmap, alpha=alpha, style=style, long_side=long_side)
         if writer is not None:
@@ -246,6 +244,7 @@ def live(model, params, stream: str, *, method: str = "gradcam", options: dict |
             return False
         return True
 
+    executor = Executor(params, batch=1, key=seed)
     reader.start()
     try:
         while True:
@@ -257,8 +256,11 @@ def live(model, params, stream: str, *, method: str = "gradcam", options: dict |
                 break
             if t_start is None:
                 t_start = time.perf_counter()
-            x = fit(frame.image, model.input_size, resize).astype(np.float32)[None]
-            res = fn(params, x, t_arg, keys)  # dispatched: the device works while the last frame is drawn
+            inputs = {"images": fit(frame.image, model.input_size, resize).astype(np.float32)[None]}
+            if fixed is not None:
+                inputs["targets"] = fixed
+            # Every frame is item 0 (the same key): dispatched, so the device works while the last frame is drawn.
+            res = executor.submit(comp, Batch(inputs, np.zeros(1, np.int32)))
             held = 1 + slot.held + (pending is not None)
             stats.max_held = max(stats.max_held, held)
             if pending is not None and not finish(pending):
@@ -277,6 +279,7 @@ def live(model, params, stream: str, *, method: str = "gradcam", options: dict |
     except KeyboardInterrupt:
         stats.stopped_by = "interrupted"
     finally:
+        executor.close()
         reader.stop.set()
         reader.join(timeout=5)
         container.close()

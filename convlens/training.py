@@ -43,52 +43,45 @@ class ExplainRecorder:
     """
 
     def __init__(self, model, images, methods, out, *, target="top1", labels=None, ids=None, seed: int = 0,
-                 overwrite: bool = False, command: str = "training"):
-        import jax.numpy as jnp
-
-        from convlens.api import check_images, compiled, parse_target, resolve_config
-        from convlens.engine.runner import item_keys
-        from convlens.kernels.registry import METHODS, all_outputs
+                 overwrite: bool = False, command: str = "training", batch_size: int | None = None):
+        from convlens.api import check_images, resolve
+        from convlens.engine import targets as tg
+        from convlens.engine.executor import Explain
 
         if not isinstance(methods, dict):
             methods = {m: {} for m in methods}
-        for m in methods:
-            if m not in METHODS:
-                raise ConvlensError(f"unknown method {m!r}; methods: {', '.join(sorted(METHODS))}")
         self.model, self.out = model, str(out)
         self.x = check_images(model, images)
         n = len(self.x)
         self.labels = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32).reshape(-1)
-        n_classes = model.output_shapes()[model.graph.output][-1]
-        if isinstance(target, str) and target == "label":
-            if labels is None:
-                raise ConvlensError("target='label' needs labels")
-            self.targets, top_k = jnp.asarray(self.labels[:, None]), None
-        else:
-            t = parse_target(target, n, n_classes)
-            self.targets, top_k = (None, t) if isinstance(t, int) else (jnp.asarray(t), None)
-        self.configs = {m: resolve_config(model, METHODS[m], dict(o)) for m, o in methods.items()}
-        self.fns = {m: compiled(model, m, cfg, top_k) for m, cfg in self.configs.items()}
-        self.dims = {m: {o.name: o.dims for o in all_outputs(METHODS[m])} for m in methods}
-        self.keys = item_keys(seed, np.arange(n))
-        self.xj = jnp.asarray(self.x)
+        if len(self.labels) != n:
+            raise ConvlensError(f"{len(self.labels)} labels for {n} images")
+        self.targets = tg.parse(target, n, tg.n_classes(model), labelled=labels is not None)
+        self.configs = {m: resolve(model, m, dict(o)) for m, o in methods.items()}
+        self.comps = {m: Explain(model, m, cfg, self.targets.top_k) for m, cfg in self.configs.items()}
+        self.inputs = {"images": self.x}
+        t = self.targets.for_items(np.arange(n), self.labels)
+        if t is not None:
+            self.inputs["targets"] = t
+        self.seed, self.batch = seed, min(batch_size or n, n)
+        store.check_replaceable(self.out)
         self.root = store.create(self.out, overwrite=overwrite, attrs={
             **store.model_attrs(model), "command": command,
             "training": {"methods": list(methods), "target": str(target), "seed": seed},
-            "methods": {m: store.method_entry(cfg, {}) for m, cfg in self.configs.items()}})
-        store.write(self.root, "ids", np.asarray([str(i) for i in (ids if ids is not None else range(n))]),
-                    ("sample",))
-        store.write(self.root, "inputs", np.clip(self.x, 0, 255).astype(np.uint8), ("sample", "y", "x", "rgb"))
-        store.write(self.root, "labels", self.labels, ("sample",))
+            "methods": {m: store.method_entry(self.comps[m].spec, cfg, {}) for m, cfg in self.configs.items()}})
+        store.write(self.root, "ids", np.asarray([str(i) for i in (ids if ids is not None else range(n))]))
+        store.write(self.root, "inputs", np.clip(self.x, 0, 255).astype(np.uint8))
+        store.write(self.root, "labels", self.labels)
         self.epochs: list[int] = []
         self.seconds: list[float] = []
         self.metric_names: list[str] = []
 
     def explain(self, params) -> dict[str, dict[str, np.ndarray]]:
         """Every method's outputs for ``params`` (host arrays)."""
-        import jax
-        out = {m: fn(params, self.xj, self.targets, self.keys) for m, fn in self.fns.items()}
-        return jax.device_get(out)
+        from convlens.engine.executor import Executor, merge
+        with Executor(params, batch=self.batch, key=self.seed) as ex:
+            results = [r for _, rs in ex.stream(self.comps, ((b, [b]) for b in ex.split(self.inputs))) for r in rs]
+        return merge(results)
 
     def record(self, epoch: int, params, metrics: dict | None = None) -> float:
         """Explains the images with ``params`` and appends them as epoch ``epoch``;
@@ -101,29 +94,30 @@ class ExplainRecorder:
                 v = np.asarray(v)[None]
                 name = f"{m}/{k}"
                 if first:
-                    arr = store.create_array(self.root, name, (0, *v.shape[1:]), v.dtype, ("epoch", *self.dims[m][k]),
-                                             chunk=1)
+                    arr = store.create_array(self.root, name, (0, *v.shape[1:]), v.dtype,
+                                             ("epoch", *self.comps[m].spec.dims[k]), chunk=1)
                 else:
-                    arr = self.root[name]
+                    arr = store.writable(self.root, name)
                 arr.append(v, axis=0)
         if first:
-            store.create_array(self.root, "epoch", (0,), np.int32, ("epoch",), chunk=1)
+            store.create_array(self.root, "epoch", (0,), np.int32, chunk=1)
             methods = dict(self.root.attrs["methods"])
             for m in res:
-                methods[m] = store.method_entry(self.configs[m], {k: ("epoch", *self.dims[m][k]) for k in res[m]})
+                spec = self.comps[m].spec
+                methods[m] = store.method_entry(spec, self.configs[m], {k: spec.dims[k] for k in res[m]})
             self.root.attrs["methods"] = methods
-        self.root["epoch"].append(np.asarray([epoch], np.int32))
+        store.writable(self.root, "epoch").append(np.asarray([epoch], np.int32))
         for name, value in (metrics or {}).items():
             key = f"metrics/{name}"
             if key not in self.root:
-                store.create_array(self.root, key, (len(self.epochs),), np.float64, ("epoch",), chunk=1)
+                store.create_array(self.root, key, (len(self.epochs),), np.float64, chunk=1)
                 self.metric_names.append(name)
-            arr = self.root[key]
+            arr = store.writable(self.root, key)
             arr.resize((len(self.epochs),))
-            arr.append(np.asarray([float(value)]))
+            arr.append(np.asarray([_as_float(value)]))
         for name in self.metric_names:  # metrics not logged this epoch stay NaN
             if self.root[f"metrics/{name}"].shape[0] < len(self.epochs) + 1:
-                self.root[f"metrics/{name}"].append(np.asarray([np.nan]))
+                store.writable(self.root, f"metrics/{name}").append(np.asarray([np.nan]))
         self.epochs.append(int(epoch))
         secs = time.perf_counter() - t0
         self.seconds.append(secs)
@@ -133,3 +127,10 @@ class ExplainRecorder:
 
     def close(self):
         store.finish(self.out)
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")  # a logged value that is not a number (a string, a list)

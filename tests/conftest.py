@@ -3,6 +3,11 @@
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# The executor remembers its XLA choices per machine; tests start with an empty memory of
+# their own, so no run depends on what an earlier one measured.
+if "CONVLENS_CACHE" not in os.environ:
+    import tempfile
+    os.environ["CONVLENS_CACHE"] = tempfile.mkdtemp(prefix="convlens-test-cache-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

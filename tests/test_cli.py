@@ -110,7 +110,7 @@ def test_activations_and_weights_commands(capsys, image_dir, tmp_path):
     assert code == 0, err
     root = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")
     assert root["activations/block1_conv1"].shape == (1, 32, 32, 4)
-    assert root["activations/fc1"].metadata.dimension_names == ("sample", "d1")
+    assert root["activations/fc1"].metadata.dimension_names == ("sample", "unit")
     code, stdout, err = run(["weights", "vgg_tiny", "--random-init", "0", "--layer", "block1_conv1",
                              "--layer", "block2_conv1", "--out", str(tmp_path / "w.zarr")], capsys)
     assert code == 0, err
@@ -137,7 +137,7 @@ def test_unreadable_image_is_a_clear_error(capsys, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
     code, out, err = run(["explain", "vgg_tiny", "--random-init", "0", str(bad)], capsys)
-    assert code == 1 and err.startswith(f"error: 1 of 1 images could not be read (first: {bad}: not an image")
+    assert code == 1 and err.startswith(f"error: 1 of 1 images could not be explained (first: {bad}: not an image")
     assert err.count("\n") == 1 and f"{bad}: failed (not an image file" in out
 
 
@@ -157,8 +157,8 @@ def test_occlusion_command_matches_api(capsys, image_dir, tmp_path):
     e = convlens.explain(model, params, x, "occlusion", window=(8, 6), stride=4)
     np.testing.assert_allclose(root["occlusion/sensitivity"][:], e["sensitivity"], rtol=1e-4, atol=1e-6)
     code, _, err = run(["occlusion", "vgg_tiny", "--random-init", "0", str(image_dir / "chelsea.jpg"),
-                        "--approx", "2"], capsys)
-    assert code == 1 and "tau must be in (0, 1]" in err and err.count("\n") == 1
+                        "--tau", "2"], capsys)
+    assert code == 2 and "tau=2.0 is out of range; give a value > 0 and <= 1" in err and err.count("\n") == 1
 
 
 def test_render_and_report_commands(capsys, tmp_path):
@@ -172,6 +172,6 @@ def test_render_and_report_commands(capsys, tmp_path):
     code, _, err = run(["render", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "x")], capsys)
     assert code == 1 and "no such store" in err and err.count("\n") == 1
     code, _, err = run(["render", str(tmp_path / "w.zarr"), "--out", str(tmp_path / "x"), "--cmap", "nosuch"], capsys)
-    assert code == 1 and "unknown colour map" in err
+    assert code == 2 and "unknown colour map" in err
     code, _, err = run(["compare", str(tmp_path / "w.zarr")], capsys)
     assert code == 1 and "has not been audited" in err

@@ -20,8 +20,6 @@ finished layer is never recomputed. Filter ``f`` of the ``l``-th conv layer uses
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import math
 import time
 
@@ -29,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convlens.config import Config, option
 from convlens.engine import store
+from convlens.engine.executor import Batch, Computation, Executor, Fn
+from convlens.engine.progress import progress_bar
 from convlens.errors import ConvlensError
 from convlens.kernels import ascent
 from convlens.models.network import Model
@@ -67,6 +68,29 @@ def backward_bytes(model: Model, layer: str, size: int) -> int:
 LOOPS = ("auto", "fori", "host")
 
 
+@dataclasses.dataclass(frozen=True)
+class AtlasOptions(Config):
+    """How an atlas runs (none of it changes the images but filters and seed).
+
+    Attributes:
+      filters: which filters of each layer: a slice (0:64, ::4) or indices (1,4,9); default all.
+      batch: filters optimised at once (0: from memory_mb, at most 64).
+      memory_mb: memory per compiled call the automatic batch aims at.
+      loop: compiled loop (fori) or host-dispatched steps (host); auto: the faster on this backend.
+      seed: PRNG seed.
+      progress: show a progress bar.
+    """
+
+    filters: str | None = None
+    batch: int = option(0, min=0, max=4096)
+    memory_mb: int = option(2048, min=1)
+    loop: str = option("auto", choices=LOOPS)
+    seed: int = option(0, min=0)
+    progress: bool = True
+
+    _owner = "atlas"
+
+
 def loop_mode(cfg: ascent.AscentConfig, loop: str = "auto") -> str:
     """How to run the steps. Measured on XLA:CPU (benchmarks/ascent_throughput.py): a
     rolled ``fori_loop`` of VGG16 steps is 3.5x slower than the same steps unrolled or
@@ -82,29 +106,50 @@ def loop_mode(cfg: ascent.AscentConfig, loop: str = "auto") -> str:
     return "fori" if cfg.recipe == "classic" and cfg.n_steps <= 64 else "host"
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(model: Model, objective: ascent.Objective, cfg: ascent.AscentConfig, loop: str):
-    if loop == "fori":
-        if jax.default_backend() != "cpu" and cfg.unroll == 0:
-            cfg = dataclasses.replace(cfg, unroll=1)
-        return jax.jit(lambda params, units, keys: ascent.visualize(model, params, objective, units, cfg, keys))
-    start = jax.jit(lambda params, units, keys: ascent.start(model, params, objective, units, cfg, keys))
-    step = jax.jit(lambda params, units, state, i: ascent.advance(model, params, objective, units, cfg, state, i))
-    finish = jax.jit(lambda params, units, state, s0: ascent.finish(model, params, objective, units, cfg, state, s0))
+class Ascent(Computation):
+    """Gradient ascent of ``objective`` for units ``inputs["units"] [B]`` (one image each):
+    the whole ascent in one compiled loop (``fori``) or dispatched step by step from the
+    host (``host``); the same images either way."""
 
-    def run(params, units, keys):
-        state, s0 = start(params, units, keys)
-        for i in range(cfg.n_steps):  # dispatched asynchronously: nothing returns to the host
-            state = step(params, units, state, jnp.int32(i))
-        return finish(params, units, state, s0)
-    return run
+    inputs = ("units",)
+
+    def __init__(self, model: Model, objective: ascent.Objective, cfg: ascent.AscentConfig, loop: str):
+        if loop == "fori" and jax.default_backend() != "cpu" and cfg.unroll == 0:
+            cfg = dataclasses.replace(cfg, unroll=1)
+        self.model, self.objective, self.cfg, self.loop = model, objective, cfg, loop
+        self.label = f"ascent:{loop}"
+
+    def key(self):
+        return (self.model.computation, self.objective, self.cfg, self.loop)
+
+    def __call__(self, params, inputs, keys):
+        return ascent.visualize(self.model, params, self.objective, inputs["units"], self.cfg, keys)
+
+    def _step(self, name):
+        m, o, c = self.model, self.objective, self.cfg
+        fns = {"start": lambda p, i, k: ascent.start(m, p, o, i["units"], c, k),
+               "advance": lambda p, i, state_step: ascent.advance(m, p, o, i["units"], c, *state_step),
+               "finish": lambda p, i, state_s0: ascent.finish(m, p, o, i["units"], c, *state_s0)}
+        return Fn(fns[name], (self.key(), name), self.inputs, f"ascent:{name}")
+
+    def dispatch(self, executor, params, inputs, keys):
+        if self.loop == "fori":
+            return super().dispatch(executor, params, inputs, keys)
+        state, s0 = executor.function(self._step("start"))(params, inputs, keys)
+        step = executor.function(self._step("advance"))
+        for i in range(self.cfg.n_steps):  # dispatched asynchronously: nothing returns to the host
+            state = step(params, inputs, (state, jnp.int32(i)))
+        return executor.function(self._step("finish"))(params, inputs, (state, s0))
 
 
 def ascend(model: Model, params, objective: ascent.Objective, units, cfg: ascent.AscentConfig, keys,
            loop: str = "auto") -> dict:
     """`ascent.visualize` run the fastest way on this backend (see `loop_mode`); the same
-    images whichever loop runs it."""
-    return _compiled(model, objective, cfg, loop_mode(cfg, loop))(params, units, keys)
+    images whichever loop runs it (dispatched, not fetched)."""
+    comp = Ascent(model, objective, cfg, loop_mode(cfg, loop))
+    units = jnp.asarray(units, jnp.int32)
+    with Executor(params, batch=len(units)) as ex:
+        return comp.dispatch(ex, ex.params, {"units": units}, keys)
 
 
 @dataclasses.dataclass
@@ -124,7 +169,7 @@ class AtlasSummary:
 def run_atlas(model: Model, params, out, *, layers="conv", filters: str | None = None,
               cfg: ascent.AscentConfig = ascent.AscentConfig(), batch: int = 0, memory_mb: int = 2048,
               seed: int = 0, resume: bool = False, overwrite: bool = False, progress: bool = True,
-              loop: str = "auto", command: str = "atlas") -> AtlasSummary:
+              loop: str = "auto", command: str = "atlas", note=None) -> AtlasSummary:
     """Visualises the filters of ``layers`` (``"conv"``: every conv layer) into ``out``.
 
     Args:
@@ -137,6 +182,7 @@ def run_atlas(model: Model, params, out, *, layers="conv", filters: str | None =
     """
     if resume and overwrite:
         raise ConvlensError("give either --resume or --overwrite, not both")
+    note = note or (lambda msg: None)
     conv = model.conv_layer_names
     names = list(conv) if layers in ("conv", "all", None) else list(model.resolve_layers(layers))
     for name in names:
@@ -154,27 +200,45 @@ def run_atlas(model: Model, params, out, *, layers="conv", filters: str | None =
         plan[name] = (idx, b)
     attrs = {"recipe": cfg.recipe, "size": cfg.size, "steps": cfg.n_steps, "lr": cfg.step_size,
              "objective": "channel (mean activation)", "seed": seed, "layers": names, "filters": filters or "all"}
-    fp = hashlib.sha256(store.dumps([model.name, model.source, model.weights_sha256, attrs,
-                                     {k: [v[0].tolist(), v[1]] for k, v in plan.items()}]).encode()).hexdigest()
+    fp = store.fingerprint(model.name, model.source, model.weights_sha256, attrs,
+                           {k: [v[0].tolist(), v[1]] for k, v in plan.items()})
     out = str(out)
-    if resume and store.exists(out):
+    if not (resume and store.exists(out)):
+        store.check_replaceable(out)
+        if store.exists(out) and not overwrite:
+            raise ConvlensError(f"{out} already exists; pass --resume to continue it, --overwrite to replace it, "
+                                "or choose another --out")
+    lock = store.StoreLock(out, command=command, note=note).acquire()
+    try:
+        return _atlas_locked(model, params, out, plan, cfg, attrs, fp, conv, seed, resume, overwrite, progress,
+                             loop, command, lock, note)
+    finally:
+        lock.release()
+
+
+def _atlas_locked(model, params, out, plan, cfg, attrs, fp, conv, seed, resume, overwrite, progress, loop, command,
+                  lock, note):
+    if resume and store.exists(out) and not store.only_lock(out):
         root = store.open_store(out, "r+")
         if root.attrs.get("fingerprint") != fp:
             raise ConvlensError(f"{out} holds a different atlas (model, recipe, layers, filters or batch differ); "
                                 "use --overwrite or another --out")
         store.clean_partials(out)
+        from convlens.engine.verify import repair
+        report = repair(root)
+        if report.problems:
+            note(f"resume: {report.summary()}; recomputing those chunks")
     else:
-        root = store.create(out, overwrite=overwrite, attrs={**store.model_attrs(model), "command": command,
-                                                              "atlas": attrs, "fingerprint": fp})
+        root = store.create(out, overwrite=overwrite, lock=lock,
+                            attrs={**store.model_attrs(model), "command": command, "atlas": attrs, "fingerprint": fp})
         for name, (idx, b) in plan.items():
             f = len(idx)
             g = f"atlas/{name}"
-            store.create_array(root, f"{g}/patterns", (f, cfg.size, cfg.size, 3), np.uint8,
-                               ("filter", "y", "x", "rgb"), b)
-            store.write(root, f"{g}/filters", idx.astype(np.int32), ("filter",), b)
+            store.create_array(root, f"{g}/patterns", (f, cfg.size, cfg.size, 3), np.uint8, chunk=b)
+            store.write(root, f"{g}/filters", idx.astype(np.int32), chunk=b)
             for k in ("scores", "start_scores"):
-                store.create_array(root, f"{g}/{k}", (f,), np.float32, ("filter",), b)
-            store.create_array(root, f"{g}/status", (f,), np.uint8, ("filter",), b)
+                store.create_array(root, f"{g}/{k}", (f,), np.float32, chunk=b)
+            store.create_array(root, f"{g}/status", (f,), np.uint8, chunk=b)
     layer_index = {n: i for i, n in enumerate(conv)}
     todo = []
     skipped = 0
@@ -185,58 +249,51 @@ def run_atlas(model: Model, params, out, *, layers="conv", filters: str | None =
                 skipped += 1
             else:
                 todo.append((name, c))
-    bar = _bar(progress, sum(min(plan[n][1], len(plan[n][0]) - c * plan[n][1]) for n, c in todo))
+    bar = progress_bar(progress, sum(min(plan[n][1], len(plan[n][0]) - c * plan[n][1]) for n, c in todo),
+                       unit="filter", desc="visualising")
     t0 = time.perf_counter()
     done_filters = 0
-    pending = None
+    comp = {name: {"pattern": Ascent(model, ascent.channel(name), cfg, loop_mode(cfg, loop))} for name in plan}
+    executors: dict[str, Executor] = {}
 
-    def collect(p):
+    def groups():
+        for name, c in todo:
+            idx, b = plan[name]
+            units = idx[c * b:(c + 1) * b]
+            yield (name, c, len(units)), [Batch({"units": units.astype(np.int32)}, units)]
+
+    def collect(name, c, n, res):
         nonlocal done_filters
-        name, c, n, res = p
-        res = jax.device_get(res)
         b = plan[name][1]
         sl = slice(c * b, c * b + n)
-        g = root[f"atlas/{name}"]
-        g["patterns"][sl] = np.asarray(res["patterns"])[:n]
-        g["scores"][sl] = np.asarray(res["scores"])[:n]
-        g["start_scores"][sl] = np.asarray(res["start_scores"])[:n]
-        g["status"][sl] = store.DONE  # last: the chunk is complete
+        g = f"atlas/{name}"
+        store.writable(root, f"{g}/patterns")[sl] = res["patterns"]
+        store.writable(root, f"{g}/scores")[sl] = res["scores"]
+        store.writable(root, f"{g}/start_scores")[sl] = res["start_scores"]
+        store.writable(root, f"{g}/status")[sl] = store.DONE  # last: the chunk is complete
         done_filters += n
         bar.update(n)
 
     try:
-        for name, c in todo:
-            idx, b = plan[name]
-            units = idx[c * b:(c + 1) * b]
-            n = len(units)
-            if n < b:  # pad to the compiled shape; padded rows are dropped
-                units = np.concatenate([units, np.repeat(units[-1:], b - n)])
-            keys = ascent.unit_keys(seed, layer_index[name], units)
-            res = ascend(model, params, ascent.channel(name), jnp.asarray(units, jnp.int32), cfg, keys, loop)
+        # One executor per layer (its batch and key salt); each dispatches the next chunk
+        # before the previous one is fetched.
+        pending = None
+        for (name, c, n), batches in groups():
+            if name not in executors:  # a layer's batch and key salt
+                executors[name] = Executor(params, batch=plan[name][1], key=seed, salt=layer_index[name])
+            p = (name, c, n, executors[name].submit(comp[name], batches[0]))
             if pending is not None:
-                collect(pending)
-            pending = (name, c, n, res)
+                collect(*pending[:3], Executor.fetch([pending[3]])[0]["pattern"])
+            pending = p
         if pending is not None:
-            collect(pending)
+            collect(*pending[:3], Executor.fetch([pending[3]])[0]["pattern"])
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
     root.attrs["run"] = {"seconds": seconds, "filters": done_filters,
                          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     store.finish(out)
-    return AtlasSummary(out, len(names), done_filters, len(todo), skipped, seconds)
+    return AtlasSummary(out, len(plan), done_filters, len(todo), skipped, seconds)
 
 
-class _NoBar:
-    def update(self, n):
-        pass
 
-    def close(self):
-        pass
-
-
-def _bar(enabled, total):
-    if not enabled or not total:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, unit="filter", desc="visualising", dynamic_ncols=True)

@@ -39,29 +39,59 @@ import time
 
 import numpy as np
 
+from convlens.config import Config, option
 from convlens.engine import store
-from convlens.errors import ConvlensError
+from convlens.errors import ConvlensError, OptionError
 
 
 @dataclasses.dataclass(frozen=True)
-class AuditConfig:
-    """Thresholds and sizes of an audit (see the module docstring)."""
+class AuditConfig(Config):
+    """Thresholds and sizes of an audit (see the module docstring).
 
-    grid: int = 4
-    center: float = 0.5
-    min_items: int = 8
-    consistency: float = 0.6
-    border: float = 0.9
-    object_share: float = 1.0
-    off_object_items: float = 0.25
+    Attributes:
+      grid: cells per side of the location grid.
+      center: the central box's share of each side.
+      min_items: the smallest class that can be flagged.
+      consistency: share of a class's items that must agree for a class flag.
+      border: share of map mass outside the central box that counts as "on the border".
+      object_share: an item is off its object when its map puts less than this times a
+        uniform map's mass on it.
+      off_object_items: share of items off their object that raises the off_object flag.
+      metrics: deletion/insertion curves, average drop and increase in confidence (needs the model).
+      sample: items the faithfulness metrics use.
+      steps: slices of the deletion/insertion curves.
+      replacement: removed pixels: blur or a pixel value.
+      sanity: the model-randomisation sanity check (needs the model).
+      sanity_items: items the sanity check uses.
+      sanity_threshold: rank correlation with every layer random above which a method is flagged.
+      batch: images per compiled call of the metrics.
+    """
+
+    grid: int = option(4, min=1, max=64)
+    center: float = option(0.5, above=0, max=1)
+    min_items: int = option(8, min=1)
+    consistency: float = option(0.6, above=0, max=1)
+    border: float = option(0.9, above=0, max=1)
+    object_share: float = option(1.0, above=0)
+    off_object_items: float = option(0.25, above=0, max=1)
     metrics: bool = True
-    sample: int = 32
-    steps: int = 32
-    replacement: str = "blur"
+    sample: int = option(32, min=1)
+    steps: int = option(32, min=1, max=4096)
+    replacement: float | str = option("blur", min=0, max=255, choices=("blur",))
     sanity: bool = True
-    sanity_items: int = 4
-    sanity_threshold: float = 0.8
-    batch: int = 8
+    sanity_items: int = option(4, min=1)
+    sanity_threshold: float = option(0.8, min=-1, max=1)
+    batch: int = option(8, min=1)
+
+    _owner = "audit"
+
+    def __post_init__(self):
+        if isinstance(self.replacement, str) and self.replacement != "blur":
+            try:
+                object.__setattr__(self, "replacement", float(self.replacement))
+            except ValueError:
+                raise OptionError(f"audit: replacement {self.replacement!r} is not blur or a pixel value") from None
+        super().__post_init__()
 
 
 def where(cell, grid: int) -> str:
@@ -203,6 +233,14 @@ def class_means(mass: np.ndarray, classes: np.ndarray, n_classes: int) -> np.nda
 
 # ---------------------------------------------------------------- the model again
 
+def heatmap_of(entry: dict) -> str | None:
+    """The output a store's method entry names as its map (stores of schema 2 did not
+    name it: their maps were called ``heatmap``)."""
+    if "heatmap" in entry:
+        return entry["heatmap"]
+    return "heatmap" if "heatmap" in (entry.get("outputs") or {}) else None
+
+
 def model_from_store(root, model=None, params=None):
     """The store's model and params: given, or loaded as the run loaded them."""
     if model is not None:
@@ -254,10 +292,16 @@ def audit(path, cfg: AuditConfig = AuditConfig(), *, model=None, params=None, me
           storage_options=None) -> dict:
     """Audits the store at ``path``; writes ``audit/...`` into it and returns the findings
     ``{method: {"flags", "summary", "faithfulness", "sanity"}}``."""
+    store.open_store(path, "r", storage_options)  # a clear error for a missing or foreign store first
+    with store.StoreLock(path, storage_options, command="convlens audit"):
+        return _audit(path, cfg, model, params, methods, progress, storage_options)
+
+
+def _audit(path, cfg, model, params, methods, progress, storage_options) -> dict:
     root = store.open_store(path, "r+", storage_options)
     attrs = dict(root.attrs)
     entries = attrs.get("methods") or {}
-    names = [m for m in entries if "heatmap" in entries[m].get("outputs", {})]
+    names = [m for m in entries if heatmap_of(entries[m])]
     if methods:
         missing = set(methods) - set(names)
         if missing:
@@ -280,37 +324,37 @@ def audit(path, cfg: AuditConfig = AuditConfig(), *, model=None, params=None, me
     mp = None
     for method in names:
         t0 = time.perf_counter()
-        heat = np.asarray(root[f"{method}/heatmap"][:, 0])  # first target
+        heat = np.asarray(root[f"{method}/{heatmap_of(entries[method])}"][:, 0])  # first target
         targets = np.asarray(root[f"{method}/targets"][:, 0])
         stats = item_statistics(heat[valid], cfg, None if masks is None else masks[valid])
         flags, suspicion = find_flags(stats, classes[valid], class_names, cfg)
         n = len(status)
         g = f"audit/{method}"
 
-        def put(name, values, dims, fill=np.nan):
+        def put(name, values, fill=np.nan):
             full = np.full((n, *values.shape[1:]), fill, dtype=values.dtype if values.dtype != bool else bool)
             full[valid] = values
-            store.write(root, f"{g}/{name}", full, dims)
-        put("grid_mass", stats["grid_mass"], ("sample", "grid_y", "grid_x"))
-        put("center_share", stats["center_share"], ("sample",))
-        put("peak", stats["peak"], ("sample", "yx"))
-        put("entropy", stats["entropy"], ("sample",))
-        put("concentration", stats["concentration"], ("sample",))
-        put("suspicion", suspicion.astype(np.float32), ("sample",))
+            store.write(root, f"{g}/{name}", full)
+        put("grid_mass", stats["grid_mass"])
+        put("center_share", stats["center_share"])
+        put("peak", stats["peak"])
+        put("entropy", stats["entropy"])
+        put("concentration", stats["concentration"])
+        put("suspicion", suspicion.astype(np.float32))
         if "object_share" in stats:
-            put("object_share", stats["object_share"], ("sample",))
-            put("pointing_hit", stats["pointing_hit"].astype(bool), ("sample",), False)
+            put("object_share", stats["object_share"])
+            put("pointing_hit", stats["pointing_hit"].astype(bool), False)
         mass, _ = mass_maps(heat[valid])
         n_classes = int(max(classes.max() + 1, len(class_names or [])))
-        store.write(root, f"{g}/class_mean", class_means(mass, classes[valid], n_classes), ("class", "y", "x"))
+        store.write(root, f"{g}/class_mean", class_means(mass, classes[valid], n_classes))
         summary = {"items": int(len(valid)), "mean_center_share": float(np.nanmean(stats["center_share"])),
                    "mean_entropy": float(np.nanmean(stats["entropy"])), "empty_maps": int(stats["empty"].sum())}
         if (labels[valid] >= 0).any():
             correct = labels[valid] == pred[valid]
             store.write(root, f"{g}/class_mean_correct",
-                        class_means(mass[correct], classes[valid][correct], n_classes), ("class", "y", "x"))
+                        class_means(mass[correct], classes[valid][correct], n_classes))
             store.write(root, f"{g}/class_mean_wrong",
-                        class_means(mass[~correct], classes[valid][~correct], n_classes), ("class", "y", "x"))
+                        class_means(mass[~correct], classes[valid][~correct], n_classes))
             summary["accuracy"] = float(correct.mean())
         if "object_share" in stats:
             summary["mean_object_share"] = float(np.nanmean(stats["object_share"]))
@@ -344,34 +388,37 @@ def audit(path, cfg: AuditConfig = AuditConfig(), *, model=None, params=None, me
 
 
 def _faithfulness(root, mp, method, heat, targets, valid, cfg, g, n):
-    import jax
-    import jax.numpy as jnp
-
+    from convlens.engine.executor import Batch, Executor, Fn
     from convlens.kernels import metrics
 
     model, params = mp
     fcfg = metrics.FaithfulnessConfig(steps=cfg.steps, replacement=cfg.replacement)
-    fn = jax.jit(lambda p, x, m, t: metrics.faithfulness(model, p, x, m, t, fcfg))
+    comp = {"faithfulness": Fn(lambda p, i, k: metrics.faithfulness(model, p, i["images"], i["maps"], i["targets"],
+                                                                    fcfg),
+                               (model.computation, fcfg, "faithfulness"), ("images", "maps", "targets"),
+                               "faithfulness")}
     idx = valid[:cfg.sample]
     res = {k: [] for k in ("deletion", "insertion", "deletion_auc", "insertion_auc", "drop", "increase")}
     t0 = time.perf_counter()
-    for s in range(0, len(idx), cfg.batch):
-        part = idx[s:s + cfg.batch]
-        m = len(part)
-        pad = cfg.batch - m
-        sel = np.concatenate([part, np.repeat(part[-1:], pad)])
-        x = jnp.asarray(root["inputs"].get_orthogonal_selection((sel,)).astype(np.float32))
-        out = jax.device_get(fn(params, x, jnp.asarray(heat[sel][:, None]), jnp.asarray(targets[sel][:, None])))
-        for k in res:
-            res[k].append(np.asarray(out[k])[:m, 0])
+
+    def groups(ex):
+        for s in range(0, len(idx), ex.batch):
+            part = idx[s:s + ex.batch]
+            inputs = {"images": root["inputs"].get_orthogonal_selection((part,)).astype(np.float32),
+                      "maps": heat[part][:, None], "targets": targets[part][:, None].astype(np.int32)}
+            yield s, [Batch(inputs, part)]
+
+    with Executor(params, batch=min(cfg.batch, max(len(idx), 1))) as ex:
+        for _, results in ex.stream(comp, groups(ex)):
+            out = results[0]["faithfulness"]
+            for k in res:
+                res[k].append(np.asarray(out[k])[:, 0])
     secs = time.perf_counter() - t0
     res = {k: np.concatenate(v) for k, v in res.items()}
-    for k, dims in (("deletion", ("sample", "fraction")), ("insertion", ("sample", "fraction")),
-                    ("deletion_auc", ("sample",)), ("insertion_auc", ("sample",)), ("drop", ("sample",)),
-                    ("increase", ("sample",))):
+    for k in ("deletion", "insertion", "deletion_auc", "insertion_auc", "drop", "increase"):
         full = np.full((n, *res[k].shape[1:]), np.nan, np.float32)
         full[idx] = res[k]
-        store.write(root, f"{g}/{k}", full, dims)
+        store.write(root, f"{g}/{k}", full)
     return {"items": int(len(idx)), "deletion_auc": float(res["deletion_auc"].mean()),
             "insertion_auc": float(res["insertion_auc"].mean()), "average_drop": float(res["drop"].mean()),
             "increase_in_confidence": float(res["increase"].mean()), "steps": cfg.steps,
@@ -379,9 +426,8 @@ def _faithfulness(root, mp, method, heat, targets, valid, cfg, g, n):
 
 
 def _sanity(root, mp, method, entry, targets, valid, cfg):
-    import jax.numpy as jnp  # noqa: F401
-
-    import convlens
+    from convlens.api import resolve
+    from convlens.engine.executor import Batch, Executor, Explain
     from convlens.kernels.registry import METHODS
 
     if method not in METHODS:
@@ -393,10 +439,14 @@ def _sanity(root, mp, method, entry, targets, valid, cfg):
     names = {f.name for f in dataclasses.fields(spec.config)}
     opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in entry.get("config", {}).items()
             if k in names and not isinstance(v, dict)}
+    comp = {method: Explain(model, method, resolve(model, method, opts), None)}
+    batch = Batch({"images": x, "targets": targets[idx][:, None].astype(np.int32)}, np.arange(len(idx)))
+    heat_name = spec.heatmap
 
-    def explain(p):
-        return convlens.explain(model, p, x, method, target=targets[idx], **opts)["heatmap"][:, 0]
-    counts, last, rho = sanity_check(model, params, explain)
+    with Executor(params, batch=len(idx)) as ex:
+        def explain(p):
+            return ex.run(comp, batch, params=p)[method][heat_name][:, 0]
+        counts, last, rho = sanity_check(model, params, explain)
     final = float(np.mean(rho[-1]))
     out = {"items": int(len(idx)), "layers_randomised": counts, "down_to": last,
            "rank_correlation": [float(r) for r in rho.mean(axis=1)], "flagged": final >= cfg.sanity_threshold}
@@ -405,66 +455,3 @@ def _sanity(root, mp, method, entry, targets, valid, cfg):
                   if out["flagged"] else f"maps change as layers are randomised (rank correlation {final:.2f} "
                                          "with all layers random)")
     return out
-
-
-def table(findings: dict) -> str:
-    """A concise table of an audit's findings."""
-    lines = []
-    for method, e in findings.items():
-        s = e["summary"]
-        f = e.get("faithfulness") or {}
-        head = f"{method}: {s['items']} items, centre share {s['mean_center_share']:.2f}, entropy {s['mean_entropy']:.2f}"
-        if s.get("empty_maps"):
-            head += f", {s['empty_maps']} empty maps"
-        if "accuracy" in s:
-            head += f", accuracy {s['accuracy']:.2f}"
-        if "pointing_game" in s:
-            head += f", pointing game {s['pointing_game']:.2f}, object share {s['mean_object_share']:.2f}"
-        lines.append(head)
-        if "deletion_auc" in f:
-            lines.append(f"  faithfulness ({f['items']} items): deletion AUC {f['deletion_auc']:.3f}, insertion AUC "
-                         f"{f['insertion_auc']:.3f}, average drop {f['average_drop']:.1%}, increase "
-                         f"{f['increase_in_confidence']:.1%}")
-        san = e.get("sanity") or {}
-        if "rank_correlation" in san:
-            lines.append("  sanity: rank correlation as layers are randomised top-down: "
-                         + ", ".join(f"{c}: {r:.2f}" for c, r in zip(san["layers_randomised"], san["rank_correlation"])))
-        flags = e["flags"]
-        if not flags:
-            lines.append("  no flags")
-        for fl in flags:
-            lines.append(f"  FLAG {fl['kind']}: {fl['why']}")
-        for item in s.get("most_suspicious", [])[:3]:
-            lines.append(f"  suspicious: {item['id']} (score {item['suspicion']:.2f})")
-    return "\n".join(lines)
-
-
-def compare_table(path) -> str:
-    """Methods of an audited store ranked by faithfulness (insertion AUC - deletion AUC),
-    with their cost from the run's own timing."""
-    root = store.open_store(path)
-    a = root.attrs.get("audit")
-    if not a:
-        raise ConvlensError(f"{path} has not been audited: run `convlens audit {path}` first")
-    cost = (root.attrs.get("run") or {}).get("method_seconds_per_item", {})
-    rows = []
-    for m, e in a["methods"].items():
-        f = e.get("faithfulness") or {}
-        san = e.get("sanity") or {}
-        score = f.get("insertion_auc", np.nan) - f.get("deletion_auc", np.nan)
-        rows.append((score, m, f, san, cost.get(m)))
-    rows.sort(key=lambda r: -np.nan_to_num(r[0], nan=-np.inf))
-    head = f"{'rank':4s} {'method':22s} {'ins-del':>8s} {'deletion':>9s} {'insertion':>10s} {'avg drop':>9s} " \
-           f"{'increase':>9s} {'sanity rho':>10s} {'s/item':>8s}"
-    lines = [head, "-" * len(head)]
-    for i, (score, m, f, san, c) in enumerate(rows, 1):
-        rho = san.get("rank_correlation", [np.nan])[-1]
-        flag = " (fails sanity)" if san.get("flagged") else ""
-
-        def fmt(v, spec):
-            return format(v, spec) if v is not None and np.isfinite(v) else "-"
-        lines.append(f"{i:<4d} {m:22s} {fmt(score, '8.3f'):>8s} {fmt(f.get('deletion_auc'), '9.3f'):>9s} "
-                     f"{fmt(f.get('insertion_auc'), '10.3f'):>10s} {fmt(f.get('average_drop'), '9.1%'):>9s} "
-                     f"{fmt(f.get('increase_in_confidence'), '9.1%'):>9s} {fmt(rho, '10.2f'):>10s} "
-                     f"{fmt(c, '8.4f'):>8s}{flag}")
-    return "\n".join(lines)

@@ -63,25 +63,29 @@ def _agree(name: str, ok: bool) -> bool:
 
 
 def run(model, params, source, methods, out, process: Process, *, resume=False, overwrite=False,
-        storage_options=None, command="run", **options) -> Summary:
+        storage_options=None, command="run", verify_full=False, note=None, **options) -> Summary:
     """`runner.run` for one process of a (possibly) multi-process run."""
     r = Run(model, params, source, methods, out, opts=RunOptions(**options), resume=resume, overwrite=overwrite,
-            process=process, storage_options=storage_options, command=command)
+            process=process, storage_options=storage_options, command=command, verify_full=verify_full, note=note)
     if process.count == 1:
         return r.execute()
     specs = r.output_specs()
     error = None
-    if process.index == 0:
-        try:
-            r.prepare_store(specs)
-        except ConvlensError as e:
-            error = e
-    if not _agree("convlens-store-ready", error is None):
-        if error is not None:
-            raise error
-        raise ConvlensError("process 0 could not prepare the store (see its error); nothing was run")
-    summary = r.execute(prepare=False, finalize=False)
-    _agree("convlens-chunks-done", True)
-    if process.index == 0:
-        r.finalize_store(summary)
-    return summary
+    try:
+        if process.index == 0:  # process 0 owns the store (its lock) for the whole run
+            try:
+                r.acquire()
+                r.prepare_store(specs)
+            except ConvlensError as e:
+                error = e
+        if not _agree("convlens-store-ready", error is None):
+            if error is not None:
+                raise error
+            raise ConvlensError("process 0 could not prepare the store (see its error); nothing was run")
+        summary = r.execute(prepare=False, finalize=False)
+        _agree("convlens-chunks-done", True)
+        if process.index == 0:
+            r.finalize_store(summary)
+        return summary
+    finally:
+        r.release()

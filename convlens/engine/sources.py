@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import io
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -34,15 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from convlens.errors import ConvlensError
+from convlens.pixels import (MAX_PIXELS, MIN_SIDE, RESIZE_POLICIES, ItemError, decode, fit,  # noqa: F401
+                             to_rgb_uint8)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-RESIZE_POLICIES = ("squash", "crop", "pad")
-MIN_SIDE = 8  # smaller images carry no picture worth explaining
-MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit (2x its warning threshold)
-
-
-class ItemError(Exception):
-    """One item cannot be used (unreadable, not an image, too small ...): the reason."""
 
 
 @dataclasses.dataclass
@@ -72,6 +67,18 @@ class Source:
     labels: np.ndarray
     class_names: tuple[str, ...] | None = None
     has_masks: bool = False
+    # How encoded images are decoded: the size they will be fitted to (a JPEG is then
+    # decoded at a reduced scale) and the most pixels one may have (see `configure`).
+    size_hint: tuple[int, int] | None = None
+    max_pixels: int = MAX_PIXELS
+
+    def configure(self, size: tuple[int, int] | None = None, max_pixels: int | None = None) -> Source:
+        """Sets how images are decoded: ``size`` they will be fitted to, ``max_pixels``."""
+        if size is not None:
+            self.size_hint = tuple(size)
+        if max_pixels is not None:
+            self.max_pixels = int(max_pixels)
+        return self
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -90,110 +97,49 @@ class Source:
     def close(self) -> None:
         """Releases open files (a video's decoder)."""
 
-
-# ---------------------------------------------------------------- pixels
-
-def to_rgb_uint8(a: np.ndarray) -> np.ndarray:
-    """Any image array (``[h, w]``, ``[h, w, 1|3|4]``; uint8, 16-bit, float 0..1 or
-    0..255) as RGB uint8 ``[h, w, 3]``; `ItemError` where that makes no sense."""
-    a = np.asarray(a)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise ItemError(f"not an image: array of shape {a.shape}")
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    elif a.shape[-1] == 4:
-        a = a[..., :3]
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype.kind in "ui":
-        top = 65535.0 if a.max(initial=0) > 255 else 255.0
-        return np.clip(np.rint(a.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
-    if a.dtype.kind == "f":
-        if not np.isfinite(a).all():
-            raise ItemError("image has NaN or infinite pixels")
-        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
-        return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
-    if a.dtype == bool:
-        return a.astype(np.uint8) * 255
-    raise ItemError(f"unsupported pixel type {a.dtype}")
+    def fingerprint(self) -> tuple[np.ndarray | None, dict[str, str]]:
+        """What identifies the data cheaply, for ``--resume``: per-item digests ``[N]``
+        uint64 (files: size and modification time) or ``None``, and a sample of content
+        hashes ``{id: hex}`` (a few items' bytes)."""
+        return None, {}
 
 
-def decode(data: bytes, name: str = "") -> np.ndarray:
-    """Encoded image bytes -> RGB uint8, upright. Raises `ItemError`."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def safe_id(name: str) -> str:
+    """An item name that can be stored and printed: bytes of a file name that are not
+    UTF-8 (kept by Python as surrogates) become ``\\xNN`` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
-    if not data:
-        raise ItemError("empty file (0 bytes)")
+
+def _digest(*parts) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+    return int.from_bytes(h.digest(), "little")
+
+
+SAMPLE_ITEMS = 32  # items whose bytes are hashed for a data fingerprint
+SAMPLE_BYTES = 1 << 16  # ... their first and last 64 KiB
+
+
+def file_sample_hash(path: Path) -> str:
+    """sha256 of a file's size, first and last 64 KiB: a cheap content check."""
+    h = hashlib.sha256()
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ItemError(f"image too large ({im.width}x{im.height} pixels)")
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-                arr = np.asarray(im)
-                if im.mode == "F":
-                    arr = arr / max(float(arr.max(initial=0)), 1e-12)
-                return to_rgb_uint8(arr if im.mode == "F" else arr.astype(np.int64))
-            return np.asarray(im.convert("RGB"), np.uint8)
-    except ItemError:
-        raise
-    except UnidentifiedImageError:
-        raise ItemError("not an image file (unrecognised format)") from None
-    except Image.DecompressionBombError as e:
-        raise ItemError(f"image too large ({e})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ItemError(f"cannot decode image: {e}") from None
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            h.update(str(size).encode())
+            h.update(f.read(SAMPLE_BYTES))
+            if size > 2 * SAMPLE_BYTES:
+                f.seek(-SAMPLE_BYTES, os.SEEK_END)
+                h.update(f.read(SAMPLE_BYTES))
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    return h.hexdigest()[:16]
 
 
-def fit(image: np.ndarray, size: tuple[int, int], policy: str = "squash", mask: np.ndarray | None = None):
-    """``image`` RGB uint8 ``[h, w, 3]`` at the model's ``size`` ``(H, W)``.
-
-    Policies: ``squash`` resizes to ``size`` ignoring the aspect ratio (Keras's
-    ``load_img(target_size=...)``); ``crop`` resizes the shorter side to fit and
-    centre-crops; ``pad`` resizes the longer side to fit and pads with black, centred.
-    Bilinear filtering (Pillow, antialiased when shrinking). A ``mask`` ``[h, w]`` is
-    carried along (nearest neighbour) and returned second when given.
-    """
-    from PIL import Image
-
-    if policy not in RESIZE_POLICIES:
-        raise ConvlensError(f"unknown resize policy {policy!r}; choose {', '.join(RESIZE_POLICIES)}")
-    h, w = image.shape[:2]
-    if min(h, w) < MIN_SIDE:
-        raise ItemError(f"image too small ({w}x{h}; at least {MIN_SIDE}x{MIN_SIDE})")
-    H, W = size
-    im = Image.fromarray(image)
-    mk = None if mask is None else Image.fromarray(np.asarray(mask, np.uint8) * 255)
-
-    def resize(img, wh, resample):
-        return img if img.size == wh else img.resize(wh, resample)
-
-    if policy == "squash":
-        im = resize(im, (W, H), Image.BILINEAR)
-        mk = None if mk is None else resize(mk, (W, H), Image.NEAREST)
-    elif policy == "crop":
-        s = max(H / h, W / w)
-        nw, nh = max(W, round(w * s)), max(H, round(h * s))
-        box = ((nw - W) // 2, (nh - H) // 2, (nw - W) // 2 + W, (nh - H) // 2 + H)
-        im = resize(im, (nw, nh), Image.BILINEAR).crop(box)
-        mk = None if mk is None else resize(mk, (nw, nh), Image.NEAREST).crop(box)
-    else:
-        s = min(H / h, W / w)
-        nw, nh = min(W, max(1, round(w * s))), min(H, max(1, round(h * s)))
-        canvas = Image.new("RGB", (W, H))
-        canvas.paste(resize(im, (nw, nh), Image.BILINEAR), ((W - nw) // 2, (H - nh) // 2))
-        im = canvas
-        if mk is not None:
-            mcanvas = Image.new("L", (W, H))
-            mcanvas.paste(resize(mk, (nw, nh), Image.NEAREST), ((W - nw) // 2, (H - nh) // 2))
-            mk = mcanvas
-    out = np.asarray(im, np.uint8)
-    if mask is None:
-        return out
-    return out, np.asarray(mk) > 127
+def sample_indices(n: int, k: int = SAMPLE_ITEMS) -> np.ndarray:
+    return np.unique(np.linspace(0, max(n - 1, 0), min(n, k)).round().astype(int)) if n else np.zeros(0, int)
 
 
 # ---------------------------------------------------------------- files and folders
@@ -232,7 +178,7 @@ class FileSource(Source):
     def __init__(self, paths: Sequence[Path], labels=None, class_names=None, mask_paths=None,
                  description: str = ""):
         self.paths = [Path(p) for p in paths]
-        self.ids = [str(p) for p in self.paths]
+        self.ids = [safe_id(str(p)) for p in self.paths]
         self.labels = (np.full(len(self.paths), -1, np.int32) if labels is None
                        else np.asarray(labels, np.int32))
         self.class_names = None if class_names is None else tuple(class_names)
@@ -245,11 +191,11 @@ class FileSource(Source):
             data = self.paths[i].read_bytes()
         except OSError as e:
             raise ItemError(f"cannot read file: {e.strerror or e}") from None
-        img = decode(data, self.ids[i])
+        img = decode(data, self.ids[i], self.size_hint, self.max_pixels)
         mask = None
         if self.mask_paths is not None and self.mask_paths[i] is not None:
             try:
-                m = decode(Path(self.mask_paths[i]).read_bytes())
+                m = decode(Path(self.mask_paths[i]).read_bytes(), max_pixels=self.max_pixels)
             except (OSError, ItemError) as e:
                 raise ItemError(f"cannot read its mask {self.mask_paths[i]}: {e}") from None
             if m.shape[:2] != img.shape[:2]:
@@ -257,6 +203,16 @@ class FileSource(Source):
                                 f"image is {img.shape[1]}x{img.shape[0]}")
             mask = m.max(axis=-1) > 0
         return Item(img, mask)
+
+    def fingerprint(self):
+        digests = np.empty(len(self.paths), np.uint64)
+        for i, p in enumerate(self.paths):
+            try:
+                st = p.stat()
+                digests[i] = _digest(st.st_size, st.st_mtime_ns)
+            except OSError:
+                digests[i] = _digest("missing")
+        return digests, {self.ids[i]: file_sample_hash(self.paths[i]) for i in sample_indices(len(self.paths))}
 
 
 def folder_source(root: str | Path, masks: str | Path | None = None) -> FileSource:
@@ -311,6 +267,13 @@ class ArraySource(Source):
         mask = None if self.masks is None else np.asarray(self.masks[i]).astype(bool).reshape(
             np.shape(self.masks[i])[:2])
         return Item(to_rgb_uint8(self.images[i]), mask)
+
+    def fingerprint(self):
+        sample = {}
+        for i in sample_indices(len(self.ids)):
+            a = np.ascontiguousarray(np.asarray(self.images[i]))
+            sample[self.ids[i]] = hashlib.sha256(a.tobytes() + str((a.shape, a.dtype)).encode()).hexdigest()[:16]
+        return None, sample
 
 
 def array_source(path: str | Path) -> ArraySource:
@@ -414,22 +377,38 @@ class TfdsSource(Source):
         except Exception as e:  # noqa: BLE001 - a damaged record must not stop the run
             raise ItemError(f"cannot read record: {e}") from None
         img = rec[self.image_key]
-        img = decode(img) if isinstance(img, bytes) else to_rgb_uint8(img)
+        img = decode(img, size=self.size_hint, max_pixels=self.max_pixels) if isinstance(img, bytes) \
+            else to_rgb_uint8(img)
         mask = None
         if self.mask_key is not None:
             m = rec[self.mask_key]
-            m = decode(m) if isinstance(m, bytes) else to_rgb_uint8(m)
+            m = decode(m, max_pixels=self.max_pixels) if isinstance(m, bytes) else to_rgb_uint8(m)
             mask = m.max(axis=-1) > 0 if m.shape[:2] == img.shape[:2] else None
         label = int(rec[self.label_key]) if self.label_key else None
         return Item(img, mask, label)
+
+    def fingerprint(self):
+        sample = {}
+        for i in sample_indices(len(self.ids)):
+            try:
+                img = self.ds[i][self.image_key]
+                data = img if isinstance(img, bytes) else np.asarray(img).tobytes()
+                sample[self.ids[i]] = hashlib.sha256(data).hexdigest()[:16]
+            except Exception as e:  # noqa: BLE001 - a damaged record is part of the data's identity
+                sample[self.ids[i]] = f"unreadable: {type(e).__name__}"
+        return None, sample
 
 
 # ---------------------------------------------------------------- entry point
 
 def open_source(specs: str | Sequence[str], *, data_dir: str | None = None, masks: str | None = None,
-                every: int | None = None) -> Source:
+                every: int | None = None, max_pixels: int | None = None) -> Source:
     """A `Source` from a command-line spec (see the module docstring) or a list of files;
     video files give a `convlens.engine.video.VideoSource` of every ``every``-th frame."""
+    return _open_source(specs, data_dir=data_dir, masks=masks, every=every).configure(max_pixels=max_pixels)
+
+
+def _open_source(specs, *, data_dir, masks, every) -> Source:
     specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
     if not specs:
         raise ConvlensError("no data given")
@@ -464,7 +443,7 @@ def open_source(specs: str | Sequence[str], *, data_dir: str | None = None, mask
 def load_image(path: Path, size: tuple[int, int], resize: str = "squash") -> np.ndarray:
     """One image file as RGB uint8 ``[H, W, 3]`` at ``size``; a `ConvlensError` if bad."""
     try:
-        return fit(decode(Path(path).read_bytes()), size, resize)
+        return fit(decode(Path(path).read_bytes(), str(path), size), size, resize)
     except (ItemError, OSError) as e:
         raise ConvlensError(f"cannot read image {path}: {e}") from None
 

@@ -186,7 +186,8 @@ class VideoSource(Source):
         self.items = [(f, k) for f, v in enumerate(self.files) for k in range(0, len(v), self.every)]
         for v in self.files:
             v.wanted = lambda k: k % self.every == 0
-        self.ids = [f"{self.files[f].path}#frame{k}" for f, k in self.items]
+        from convlens.engine.sources import safe_id
+        self.ids = [safe_id(f"{self.files[f].path}#frame{k}") for f, k in self.items]
         self.labels = np.full(len(self.items), -1, np.int32)
         self.class_names = None
         parts = [f"{v.path} ({len(v)} frames, {v.fps:.3g} fps, {v.width}x{v.height} {v.codec})" for v in self.files]
@@ -212,6 +213,18 @@ class VideoSource(Source):
     def close(self):
         for v in self.files:
             v.close()
+
+    def fingerprint(self):
+        from convlens.engine.sources import _digest, file_sample_hash
+        per_file = []
+        for v in self.files:
+            try:
+                st = v.path.stat()
+                per_file.append(_digest(st.st_size, st.st_mtime_ns, len(v)))
+            except OSError:
+                per_file.append(_digest("missing"))
+        digests = np.asarray([per_file[f] for f, _ in self.items], np.uint64)
+        return digests, {str(v.path): file_sample_hash(v.path) for v in self.files[:32]}
 
 
 # ---------------------------------------------------------------- live streams

@@ -23,7 +23,7 @@ def filter_images(model: Model, params, layer: str) -> dict:
       colour images, otherwise ``[c_out, c_in, kh, kw]`` grey tiles.
     """
     node = model.graph.node(layer)
-    if node.cls not in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D"):
+    if node.kind != "conv":
         raise ConvlensError(f"{layer!r} is a {node.cls}, not a convolution; conv layers: "
                             + ", ".join(model.conv_layer_names))
     v = params[node.name]

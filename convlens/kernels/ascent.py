@@ -36,14 +36,13 @@ caffe-mode VGG and a rescaling convnet are treated alike.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from convlens.errors import ConvlensError
+from convlens.config import Config, option
 from convlens.models.network import Model
 
 # ---------------------------------------------------------------- objectives
@@ -173,11 +172,12 @@ COLOR_CORRELATION = _COLOR / np.max(np.linalg.norm(_COLOR, axis=0))
 
 
 @dataclasses.dataclass(frozen=True)
-class AscentConfig:
+class AscentConfig(Config):
     """Options of a feature visualisation.
 
     Attributes:
-      recipe: ``classic`` or ``lucid`` (see the module docstring).
+      recipe: classic (Deep Learning with Python) or lucid (Fourier parameterisation,
+        transforms, Adam; see the module docstring).
       size: image side in pixels.
       steps: ascent steps (0: the recipe's own, 40 classic / 256 lucid).
       lr: step size (0: the recipe's own, 1 pixel unit classic / Adam 0.05 lucid).
@@ -187,17 +187,13 @@ class AscentConfig:
         of steps take too long to compile unrolled). Speed only.
     """
 
-    recipe: str = "classic"
-    size: int = 128
-    steps: int = 0
-    lr: float = 0.0
-    unroll: int = 0
+    recipe: str = option("classic", choices=RECIPES)
+    size: int = option(128, min=8, max=4096)
+    steps: int = option(0, min=0, max=100_000)
+    lr: float = option(0.0, min=0)
+    unroll: int = option(0, min=0)
 
-    def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise ConvlensError(f"unknown recipe {self.recipe!r}; choose {', '.join(RECIPES)}")
-        if self.size < 8 or self.steps < 0 or self.lr < 0 or self.unroll < 0:
-            raise ConvlensError("ascent needs size >= 8, steps >= 0, lr >= 0 and unroll >= 0")
+    _owner = "ascent"
 
     @property
     def n_steps(self) -> int:
@@ -355,28 +351,6 @@ def visualize(model: Model, params, objective: Objective, units, cfg: AscentConf
     return finish(model, params, objective, units, cfg, state, s0)
 
 
-def unit_keys(seed: int, layer_index: int, units):
-    """Key of each unit: ``fold_in(fold_in(key(seed), layer_index), unit)``."""
-    base = jax.random.fold_in(jax.random.key(seed), layer_index)
-    return jax.vmap(lambda u: jax.random.fold_in(base, u))(jnp.asarray(units, jnp.int32))
-
-
 def conv_flops(model: Model, layer: str, size: int) -> int:
-    """FLOPs of one forward pass up to ``layer`` (convolutions only) for one image."""
-    shapes = model.output_shapes(1, (size, size))
-    total = 0
-    for node in model.graph.nodes:
-        if node.cls in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D"):
-            out = shapes[node.name]
-            cin = shapes[node.inputs[0]][-1]
-            kh, kw = node.config["kernel_size"]
-            if node.cls == "Conv2D":
-                total += 2 * math.prod(out[1:3]) * kh * kw * cin * out[-1] // node.config.get("groups", 1)
-            elif node.cls == "DepthwiseConv2D":
-                total += 2 * math.prod(out[1:3]) * kh * kw * out[-1]
-            else:
-                total += 2 * math.prod(out[1:3]) * (kh * kw * cin * node.config["depth_multiplier"] + cin *
-                                                    node.config["depth_multiplier"] * out[-1])
-        if node.name == layer:
-            break
-    return total
+    """FLOPs of one forward pass up to ``layer`` for one image (the layer types' ``flops`` trait)."""
+    return model.flops(1, (size, size), upto=layer)

@@ -11,7 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convlens.errors import ConvlensError
+from convlens.errors import ConvlensError, OptionError
+
+# What a baseline option may name besides a pixel value (0..255); "image:" takes a path.
+BASELINE_CHOICES = ("mean", "blur", "image:")
 
 
 class Pixels:
@@ -27,7 +30,7 @@ class Pixels:
 
     @classmethod
     def load(cls, path: str) -> Pixels:
-        from convlens.engine.sources import ItemError, decode
+        from convlens.pixels import ItemError, decode
         try:
             with open(path, "rb") as f:
                 return cls(decode(f.read()), name=str(path))
@@ -70,6 +73,8 @@ def parse_baseline(value, method: str, extra: tuple[str, ...] = ()):
     if isinstance(value, dict) and "sha256" in value:  # a stored config read back
         value = f"image:{value.get('image', '')}"
     if isinstance(value, Pixels) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        if not isinstance(value, Pixels) and not (math.isfinite(value) and 0 <= value <= 255):
+            raise OptionError(f"{method} baseline {value!r}: a pixel value must be a finite number in 0..255")
         return value if isinstance(value, Pixels) else float(value)
     if isinstance(value, str):
         if value.startswith("image:"):
@@ -77,11 +82,11 @@ def parse_baseline(value, method: str, extra: tuple[str, ...] = ()):
         if value in ("mean", "blur", *extra):
             return value
         try:
-            return float(value)
+            return parse_baseline(float(value), method, extra)
         except ValueError:
             pass
     choices = ", ".join(f"'{c}'" for c in ("mean", "blur", *extra))
-    raise ConvlensError(f"{method} baseline {value!r}: give a pixel value (0 = black), {choices} or 'image:PATH'")
+    raise OptionError(f"{method} baseline {value!r}: give a pixel value (0 = black), {choices} or 'image:PATH'")
 
 
 def baseline_images(images, cfg):
@@ -93,7 +98,7 @@ def baseline_images(images, cfg):
 def baseline_pixels(images, b, blur_sigma: float = 8.0):
     """``images [B, H, W, C]`` replaced by the baseline ``b`` (see `parse_baseline`)."""
     if isinstance(b, Pixels):
-        from convlens.engine.sources import fit, to_rgb_uint8
+        from convlens.pixels import fit, to_rgb_uint8
         px = fit(to_rgb_uint8(b.array), images.shape[1:3], "squash").astype(np.float32)
         return jnp.broadcast_to(jnp.asarray(px), images.shape)
     if b == "mean":

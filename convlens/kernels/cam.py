@@ -23,16 +23,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from convlens.config import Config
 from convlens.errors import ConvlensError
 from convlens.kernels import common
-from convlens.kernels.registry import INPUT_ATTR, INPUT_MAP, LAYER_MAP, MethodSpec, Output, register
+from convlens.kernels.spec import INPUT_ATTR, INPUT_MAP, LAYER_FIXED, LAYER_MAP, LAYER_SPATIAL, MethodSpec, Output
 from convlens.models.network import Model
 
 EPS = 1e-7
 
 
 @dataclasses.dataclass(frozen=True)
-class CamConfig:
+class CamConfig(Config):
     """Options of the CAM family.
 
     Attributes:
@@ -71,15 +72,18 @@ def cam_from_weights(acts, weights):
     return jax.nn.relu(jnp.sum(weights * acts, axis=-1))
 
 
-def _resolve_layer(model: Model, cfg: CamConfig, method: str) -> str:
+def resolve_layer(model: Model, cfg, method: str) -> str:
+    """``cfg.layer``, or the default spatial layer, checked."""
     layer = cfg.layer or common.default_layer(model)
     return common.check_spatial_layer(model, layer, method)
 
 
 def gradient_cam(weights_fn, method):
+    """A gradient CAM kernel from its ``weights_fn(acts [B, 1, h, w, c], grads [B, T, h, w, c])
+    -> [B, T, 1|h, 1|w, c]`` (the only thing a member of the family supplies)."""
     def explain(model: Model, params, images, targets, cfg: CamConfig, keys=None):
         """``images [B, H, W, C]`` -> ``cam [B, T, h, w]`` and ``heatmap [B, T, H, W]``."""
-        layer = _resolve_layer(model, cfg, method)
+        layer = resolve_layer(model, cfg, method)
         logits, t, acts, grads = common.layer_gradients(model, params, images, layer, targets)
         a = acts[:, None]
         cam = cam_from_weights(a, weights_fn(a, grads))
@@ -92,16 +96,15 @@ def cam_structure(model: Model) -> tuple[str, str]:
     (Dropout/Flatten/linear layers in between allowed), or a clear error."""
     g = model.graph
     node = g.by_name[g.output]
-    if node.cls in ("Activation", "Softmax") and node.config.get("activation") != "linear":
+    if node.kind == "activation" and node.config.get("activation") != "linear":
         node = g.by_name[node.inputs[0]]
-    if node.cls != "Dense":
+    if node.kind != "dense":
         raise ConvlensError(
             f"CAM needs a model ending in GlobalAveragePooling2D + Dense (like ResNet50 or MobileNetV2); "
             f"{model.name!r} ends in {node.cls} {node.name!r}: use gradcam instead")
     dense = node
     node = g.by_name[node.inputs[0]]
-    while node.cls in ("Dropout", "Flatten", "SpatialDropout2D", "GaussianNoise", "GaussianDropout",
-                       "AlphaDropout", "ActivityRegularization"):
+    while node.kind in ("identity", "flatten"):  # inference-time identities (a flattened GAP output too)
         node = g.by_name[node.inputs[0]]
     if node.cls != "GlobalAveragePooling2D":
         raise ConvlensError(
@@ -138,22 +141,28 @@ def guided_gradcam(model: Model, params, images, targets, cfg: CamConfig, keys=N
             "targets": out["targets"], "logits": out["logits"]}
 
 
-_CAM_OUT = (Output("cam", LAYER_MAP, "map at the explained layer's resolution"),
-            Output("heatmap", INPUT_MAP, "the map resized (bilinear) to the input"))
+CAM_OUTPUTS = (Output("cam", LAYER_MAP, "map at the explained layer's resolution"),
+               Output("heatmap", INPUT_MAP, "the map resized (bilinear) to the input"))
 
-for _name, _fn, _doc in [
-    ("gradcam", _gradcam_w, "Grad-CAM: channel weights = mean gradient"),
-    ("gradcampp", _gradcampp_w, "Grad-CAM++: higher-order gradient weights"),
-    ("hirescam", _hirescam_w, "HiRes-CAM: gradient x activation, element-wise"),
-    ("layercam", _layercam_w, "Layer-CAM: ReLU(gradient) x activation, element-wise"),
-    ("xgradcam", _xgradcam_w, "XGrad-CAM: activation-normalised gradient weights"),
-]:
-    register(MethodSpec(_name, "cam", CamConfig, gradient_cam(_fn, _name), _CAM_OUT, True, False, _doc))
 
-register(MethodSpec("cam", "cam", CamConfig, cam, _CAM_OUT, True, False,
-                    "CAM: final Dense weights over GlobalAveragePooling features (signed, no gradients)"))
-register(MethodSpec("guided_gradcam", "cam", CamConfig, guided_gradcam,
-                    (Output("attribution", INPUT_ATTR, "guided backprop x Grad-CAM heatmap"),
-                     Output("heatmap", INPUT_MAP, "max |attribution| over channels"),
-                     Output("cam", LAYER_MAP, "the Grad-CAM map")), True, False,
-                    "Guided Grad-CAM: guided backprop x Grad-CAM"))
+def cam_spec(name: str, weights_fn, doc: str) -> MethodSpec:
+    """The declaration of a gradient CAM variant: one ``weights_fn`` and a line of doc."""
+    return MethodSpec(name, "cam", CamConfig, gradient_cam(weights_fn, name), CAM_OUTPUTS, False, doc,
+                      layer=LAYER_SPATIAL)
+
+
+SPECS = (
+    cam_spec("gradcam", _gradcam_w, "Grad-CAM: channel weights = mean gradient"),
+    cam_spec("gradcampp", _gradcampp_w, "Grad-CAM++: higher-order gradient weights"),
+    cam_spec("hirescam", _hirescam_w, "HiRes-CAM: gradient x activation, element-wise"),
+    cam_spec("layercam", _layercam_w, "Layer-CAM: ReLU(gradient) x activation, element-wise"),
+    cam_spec("xgradcam", _xgradcam_w, "XGrad-CAM: activation-normalised gradient weights"),
+    MethodSpec("cam", "cam", CamConfig, cam, CAM_OUTPUTS, False,
+               "CAM: final Dense weights over GlobalAveragePooling features (signed, no gradients)",
+               layer=LAYER_FIXED, fixed_layer=lambda model: cam_structure(model)[0]),
+    MethodSpec("guided_gradcam", "cam", CamConfig, guided_gradcam,
+               (Output("attribution", INPUT_ATTR, "guided backprop x Grad-CAM heatmap"),
+                Output("heatmap", INPUT_MAP, "max |attribution| over channels"),
+                Output("cam", LAYER_MAP, "the Grad-CAM map")), False,
+               "Guided Grad-CAM: guided backprop x Grad-CAM", layer=LAYER_SPATIAL),
+)

@@ -32,18 +32,19 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from convlens.config import Config, option
 from convlens.errors import ConvlensError
 from convlens.kernels import common
-from convlens.kernels.cam import _CAM_OUT, CamConfig, _resolve_layer, cam_from_weights
-from convlens.kernels.baselines import baseline_images, parse_baseline
-from convlens.kernels.registry import MethodSpec, register
+from convlens.kernels.baselines import BASELINE_CHOICES, baseline_images, parse_baseline
+from convlens.kernels.cam import CAM_OUTPUTS, CamConfig, cam_from_weights, resolve_layer
+from convlens.kernels.spec import LAYER_SPATIAL, MethodSpec
 from convlens.models.network import Model
 
 NORM_EPS = 1e-8  # pytorch-grad-cam's min-max normalisation of the masks
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoreCamConfig:
+class ScoreCamConfig(Config):
     """Options of Score-CAM.
 
     Attributes:
@@ -62,24 +63,22 @@ class ScoreCamConfig:
     """
 
     layer: str | None = None
-    channels: int = 0
-    score: str = "channel_softmax"
-    baseline: float | str = 0.0
-    blur_sigma: float = 8.0
-    chunk: int = 0
-    memory_mb: int = 1024
+    channels: int = option(0, min=0)
+    score: str = option("channel_softmax", choices=("channel_softmax", "prob"))
+    baseline: float | str = option(0.0, min=0, max=255, choices=BASELINE_CHOICES)
+    blur_sigma: float = option(8.0, above=0)
+    chunk: int = option(0, min=0)
+    memory_mb: int = option(1024, min=1)
+
+    _owner = "scorecam"
 
     def __post_init__(self):
-        if self.channels < 0:
-            raise ConvlensError(f"scorecam channels must be >= 0 (0 = all), got {self.channels}")
-        if self.score not in ("channel_softmax", "prob"):
-            raise ConvlensError(f"scorecam score {self.score!r}: channel_softmax or prob")
         object.__setattr__(self, "baseline", parse_baseline(self.baseline, "scorecam"))
-        common.check_chunking("scorecam", self.chunk, self.memory_mb)
+        super().__post_init__()
 
 
 @dataclasses.dataclass(frozen=True)
-class AblationCamConfig:
+class AblationCamConfig(Config):
     """Options of Ablation-CAM.
 
     Attributes:
@@ -89,11 +88,10 @@ class AblationCamConfig:
     """
 
     layer: str | None = None
-    chunk: int = 0
-    memory_mb: int = 1024
+    chunk: int = option(0, min=0)
+    memory_mb: int = option(1024, min=1)
 
-    def __post_init__(self):
-        common.check_chunking("ablationcam", self.chunk, self.memory_mb)
+    _owner = "ablationcam"
 
 
 def _layer_forward(model: Model, params, images, layer: str, targets):
@@ -118,7 +116,7 @@ def channel_masks(acts, chans, size: tuple[int, int]):
 
 def score_cam(model: Model, params, images, targets, cfg: ScoreCamConfig, keys=None):
     """Score-CAM: ``cam [B, T, h, w]`` and ``heatmap [B, T, H, W]`` (see the module docstring)."""
-    layer = _resolve_layer(model, cfg, "scorecam")
+    layer = resolve_layer(model, cfg, "scorecam")
     logits, t, a = _layer_forward(model, params, images, layer, targets)
     b, _, _, c = a.shape
     size = images.shape[1:3]
@@ -183,7 +181,7 @@ def ablation_scores(model: Model, params, images, layer: str, acts, chunk: int, 
 
 def ablation_cam(model: Model, params, images, targets, cfg: AblationCamConfig, keys=None):
     """Ablation-CAM: ``cam [B, T, h, w]`` and ``heatmap [B, T, H, W]`` (see the module docstring)."""
-    layer = _resolve_layer(model, cfg, "ablationcam")
+    layer = resolve_layer(model, cfg, "ablationcam")
     logits, t, a = _layer_forward(model, params, images, layer, targets)
     lz = ablation_scores(model, params, images, layer, a, cfg.chunk, cfg.memory_mb)  # [B, c, K]
     y = common.target_scores(model, logits, t)  # [B, T]
@@ -208,7 +206,7 @@ def principal_direction(acts):
 def eigen_cam(model: Model, params, images, targets, cfg: CamConfig, keys=None):
     """Eigen-CAM: ``cam [B, T, h, w]`` and ``heatmap [B, T, H, W]``, the same map for
     every target (see the module docstring)."""
-    layer = _resolve_layer(model, cfg, "eigencam")
+    layer = resolve_layer(model, cfg, "eigencam")
     logits, t, a = _layer_forward(model, params, images, layer, targets)
     centred, v = principal_direction(a)
     cam = cam_from_weights(centred[:, None], v[:, None, None, None, :])  # [B, 1, h, w]
@@ -216,9 +214,12 @@ def eigen_cam(model: Model, params, images, targets, cfg: CamConfig, keys=None):
     return _out(cam, images, t, logits)
 
 
-register(MethodSpec("scorecam", "cam", ScoreCamConfig, score_cam, _CAM_OUT, True, False,
-                    "Score-CAM: channel weights from the target's score on channel-masked images (no gradients)"))
-register(MethodSpec("ablationcam", "cam", AblationCamConfig, ablation_cam, _CAM_OUT, True, False,
-                    "Ablation-CAM: channel weights = relative logit drop with the channel set to 0"))
-register(MethodSpec("eigencam", "cam", CamConfig, eigen_cam, _CAM_OUT, True, False,
-                    "Eigen-CAM: first principal component of the activations (class-agnostic)"))
+SPECS = (
+    MethodSpec("scorecam", "cam", ScoreCamConfig, score_cam, CAM_OUTPUTS, False,
+               "Score-CAM: channel weights from the target's score on channel-masked images (no gradients)",
+               layer=LAYER_SPATIAL),
+    MethodSpec("ablationcam", "cam", AblationCamConfig, ablation_cam, CAM_OUTPUTS, False,
+               "Ablation-CAM: channel weights = relative logit drop with the channel set to 0", layer=LAYER_SPATIAL),
+    MethodSpec("eigencam", "cam", CamConfig, eigen_cam, CAM_OUTPUTS, False,
+               "Eigen-CAM: first principal component of the activations (class-agnostic)", layer=LAYER_SPATIAL),
+)

@@ -10,13 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from convlens.errors import ConvlensError
-from convlens.models.layers import CONV_TYPES
 from convlens.models.network import Model
 
 Array = jax.Array
 Targets = Array | int
-
-POOL_TYPES = ("MaxPooling2D", "AveragePooling2D")
 
 
 def select_targets(logits: Array, targets: Targets) -> Array:
@@ -99,7 +96,7 @@ def default_layer(model: Model) -> str:
     shapes = model.output_shapes()
     for node in reversed(model.graph.nodes):
         s = shapes[node.name]
-        if len(s) == 4 and node.cls not in POOL_TYPES and node.cls != "InputLayer" and s[1] * s[2] > 1:
+        if len(s) == 4 and node.kind not in ("pool", "input") and s[1] * s[2] > 1:
             return node.name
     raise ConvlensError(f"model {model.name!r} has no spatial layer (4-D output) to explain")
 
@@ -116,7 +113,7 @@ def check_spatial_layer(model: Model, layer: str, method: str) -> str:
 
 
 def is_conv(model: Model, layer: str) -> bool:
-    return model.graph.node(layer).cls in CONV_TYPES
+    return model.graph.node(layer).kind == "conv"
 
 
 # ---------------------------------------------------------------- many forward passes per image
@@ -136,12 +133,6 @@ def image_bytes(model: Model, size: tuple[int, int], skip: frozenset = frozenset
         names = names[names.index(model.graph.node(after).name):]
     sizes = [math.prod(shapes[n][1:]) for n in names if n not in skip]
     return 4 * 2 * max(sizes + [1])
-
-
-def check_chunking(method: str, chunk: int, memory_mb: int) -> None:
-    """The ``chunk`` / ``memory_mb`` options every many-pass method takes, checked."""
-    if chunk < 0 or memory_mb < 1:
-        raise ConvlensError(f"{method}: chunk must be >= 0 (0: from memory_mb) and memory_mb >= 1")
 
 
 def copies_per_step(chunk: int, memory_mb: int, batch: int, copies: int, per_image_bytes: int) -> int:

@@ -19,19 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convlens.errors import ConvlensError
+from convlens.errors import ConvlensError, OptionError
 from convlens.kernels import common
-from convlens.kernels.registry import INPUT_ATTR, INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output, register
+from convlens.config import Config, option
+from convlens.kernels.spec import INPUT_ATTR, INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output
 from convlens.models.network import Model
 
 
 @dataclasses.dataclass(frozen=True)
-class GradientConfig:
+class GradientConfig(Config):
     """Plain gradient methods take no options."""
 
 
 @dataclasses.dataclass(frozen=True)
-class SmoothGradConfig:
+class SmoothGradConfig(Config):
     """SmoothGrad (Smilkov et al. 2017).
 
     Attributes:
@@ -40,13 +41,15 @@ class SmoothGradConfig:
       chunk: images (copies x batch) per forward/backward pass: memory, not results.
     """
 
-    samples: int = 50
-    noise: float = 0.15
-    chunk: int = 8
+    samples: int = option(50, min=1)
+    noise: float = option(0.15, min=0, max=10)
+    chunk: int = option(8, min=1)
+
+    _owner = "smoothgrad"
 
 
 @dataclasses.dataclass(frozen=True)
-class IntegratedGradientsConfig:
+class IntegratedGradientsConfig(Config):
     """Integrated gradients (Sundararajan et al. 2017).
 
     Attributes:
@@ -57,10 +60,23 @@ class IntegratedGradientsConfig:
       chunk: images (path points x batch) per forward/backward pass.
     """
 
-    steps: int = 64
-    baseline: float | str = 0.0
-    rule: str = "gausslegendre"
-    chunk: int = 8
+    steps: int = option(64, min=1)
+    baseline: float | str = option(0.0, min=0, max=255, choices=("mean",))
+    rule: str = option("gausslegendre", choices=("gausslegendre", "trapezoid", "midpoint"))
+    chunk: int = option(8, min=1)
+
+    _owner = "integrated_gradients"
+
+    def __post_init__(self):
+        if isinstance(self.baseline, str) and self.baseline != "mean":
+            try:
+                object.__setattr__(self, "baseline", float(self.baseline))
+            except ValueError:
+                raise OptionError(f"integrated_gradients baseline {self.baseline!r}: give a pixel value "
+                                    "(e.g. 0) or 'mean'") from None
+        super().__post_init__()
+        if self.rule == "trapezoid" and self.steps < 2:
+            raise OptionError("integrated_gradients: the trapezoid rule needs steps >= 2")
 
 
 def _saliency_map(attr):
@@ -135,8 +151,6 @@ def _per_step(chunk: int, batch: int) -> int:
 def smoothgrad(model: Model, params, images, targets, cfg: SmoothGradConfig, keys):
     """Mean gradient over noisy copies: ``attribution [B, T, H, W, C]``, ``heatmap``
     = max |mean gradient| over channels."""
-    if cfg.samples < 1 or cfg.noise < 0:
-        raise ConvlensError("smoothgrad needs samples >= 1 and noise >= 0")
     logits, t = _clean_forward(model, params, images, targets)
     sigma = cfg.noise * 255.0
 
@@ -199,22 +213,25 @@ def integrated_gradients(model: Model, params, images, targets, cfg: IntegratedG
 
 
 _ATTR = (Output("attribution", INPUT_ATTR, "per-pixel, per-channel attribution"),)
-register(MethodSpec("gradient", "gradient", GradientConfig, gradient,
-                    _ATTR + (Output("heatmap", INPUT_MAP, "max |gradient| over channels"),), False, False,
-                    "vanilla gradient of the target logit w.r.t. the pixels"))
-register(MethodSpec("gradient_x_input", "gradient", GradientConfig, gradient_x_input,
-                    _ATTR + (Output("heatmap", INPUT_MAP, "channel sum of the attribution"),), False, False,
-                    "gradient x pixel value"))
-register(MethodSpec("smoothgrad", "gradient", SmoothGradConfig, smoothgrad,
-                    _ATTR + (Output("heatmap", INPUT_MAP, "max |mean gradient| over channels"),), False, True,
-                    "SmoothGrad: gradient averaged over noisy copies"))
-register(MethodSpec("integrated_gradients", "gradient", IntegratedGradientsConfig, integrated_gradients,
-                    _ATTR + (Output("heatmap", INPUT_MAP, "channel sum of the attribution"),
-                             Output("delta", (SAMPLE, TARGET), "sum(attribution) - (f(x) - f(baseline))")),
-                    False, False, "integrated gradients from a baseline image"))
-register(MethodSpec("guided_backprop", "gradient", GradientConfig, _rule_gradient("guided"),
-                    _ATTR + (Output("heatmap", INPUT_MAP, "max |attribution| over channels"),), False, False,
-                    "guided backpropagation (ReLU gradient rule)"))
-register(MethodSpec("deconvnet", "gradient", GradientConfig, _rule_gradient("deconvnet"),
-                    _ATTR + (Output("heatmap", INPUT_MAP, "max |attribution| over channels"),), False, False,
-                    "deconvnet (Zeiler & Fergus ReLU gradient rule)"))
+
+
+def _spec(name, config, fn, heatmap_doc, stochastic, doc, extra=()):
+    return MethodSpec(name, "gradient", config, fn, _ATTR + (Output("heatmap", INPUT_MAP, heatmap_doc),) + extra,
+                      stochastic, doc)
+
+
+SPECS = (
+    _spec("gradient", GradientConfig, gradient, "max |gradient| over channels", False,
+          "vanilla gradient of the target logit w.r.t. the pixels"),
+    _spec("gradient_x_input", GradientConfig, gradient_x_input, "channel sum of the attribution", False,
+          "gradient x pixel value"),
+    _spec("smoothgrad", SmoothGradConfig, smoothgrad, "max |mean gradient| over channels", True,
+          "SmoothGrad: gradient averaged over noisy copies"),
+    _spec("integrated_gradients", IntegratedGradientsConfig, integrated_gradients, "channel sum of the attribution",
+          False, "integrated gradients from a baseline image",
+          (Output("delta", (SAMPLE, TARGET), "sum(attribution) - (f(x) - f(baseline))"),)),
+    _spec("guided_backprop", GradientConfig, _rule_gradient("guided"), "max |attribution| over channels", False,
+          "guided backpropagation (ReLU gradient rule)"),
+    _spec("deconvnet", GradientConfig, _rule_gradient("deconvnet"), "max |attribution| over channels", False,
+          "deconvnet (Zeiler & Fergus ReLU gradient rule)"),
+)

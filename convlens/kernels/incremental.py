@@ -15,11 +15,11 @@ border is shifted inward so it stays inside the map (a superset of the changed v
 hence still exact). ``tau < 1`` caps regions at ``tau`` of each map's side instead,
 dropping the outer part of the projective field (approximate, Krypton's thresholding).
 
-Supported: sequential chains (each layer fed by the previous one) of Conv2D,
-DepthwiseConv2D and SeparableConv2D (dilation 1), Max/AveragePooling2D (average pooling
-with VALID padding), ZeroPadding2D and pointwise layers (activations, BatchNorm,
-Rescaling, dropout-like layers); anything else (Flatten, Dense, global pooling ...) is
-where the full computation takes over. Other graphs raise a clear error.
+Supported: sequential chains (each layer fed by the previous one) of windowed layers
+(convolutions with dilation 1, max and average pooling, the latter with VALID padding),
+zero padding and pointwise layers (the layer types' ``window``, ``border`` and
+``pointwise`` traits); anything else (Flatten, Dense, global pooling ...) is where the
+full computation takes over. Other graphs raise a clear error.
 """
 
 from __future__ import annotations
@@ -35,10 +35,6 @@ from jax import lax
 from convlens.errors import ConvlensError
 from convlens.models.network import Model
 
-WINDOWED = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling2D", "AveragePooling2D")
-POINTWISE = ("Activation", "ReLU", "LeakyReLU", "BatchNormalization", "Rescaling", "Normalization", "Dropout",
-             "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization",
-             "Softmax", "Sequential", "Functional")
 SWITCH_FRACTION = 0.5  # compute in full once a region covers this much of its map
 
 
@@ -86,16 +82,15 @@ def chain(model: Model) -> list:
 
 
 def _window_params(node, in_hw):
-    cfg = node.config
-    if node.cls in ("MaxPooling2D", "AveragePooling2D"):
-        k, s = cfg["pool_size"], cfg["strides"]
-    else:
-        if tuple(cfg.get("dilation", (1, 1))) != (1, 1):
-            return None
-        k, s = cfg["kernel_size"], cfg["strides"]
-    if node.cls == "AveragePooling2D" and cfg["padding"] == "SAME":
+    lt = node.layer_type
+    if lt.window is None:
+        return None
+    k, s, padding, dilation = lt.window(node.config)
+    if tuple(dilation) != (1, 1):
+        return None
+    if lt.border == "count" and padding == "SAME":
         return None  # its border divisor counts real pixels only: not a plain window op
-    pads = lax.padtype_to_pads(in_hw, k, s, cfg["padding"])
+    pads = lax.padtype_to_pads(in_hw, k, s, padding)
     return tuple(k), tuple(s), tuple(tuple(p) for p in pads)
 
 
@@ -127,17 +122,15 @@ def plan(model: Model, size: tuple[int, int], window: tuple[int, int], starts_y,
         if len(out_shape) != 4:
             break
         d_out = out_shape[1:3]
-        if node.cls in POINTWISE:
+        if node.layer_type.pointwise:
             stages.append(Stage(node.name, node.cls, "pointwise", region, off))
             continue
-        if node.cls == "ZeroPadding2D":
+        if node.kind == "pad":
             (t, _), (left, _) = node.config["padding"]
             stages.append(Stage(node.name, node.cls, "pad", region, off + np.array([t, left])))
             off = stages[-1].offsets
             prev_hw = d_out
             continue
-        if node.cls not in WINDOWED:
-            break
         wp = _window_params(node, prev_hw)
         if wp is None:
             break
@@ -175,7 +168,7 @@ def plan(model: Model, size: tuple[int, int], window: tuple[int, int], starts_y,
         region = tuple(new_region)
         stages.append(Stage(node.name, node.cls, "window", region, off, tuple(canvas), tuple(m_lo), tuple(win),
                             np.stack(cstart, 1), np.stack(rel, 1), tuple(full_pads),
-                            -np.inf if node.cls == "MaxPooling2D" else 0.0))
+                            -np.inf if node.layer_type.border == "-inf" else 0.0))
         prev_hw = d_out
     return stages, r0, np.stack([oy, ox], 1)
 

@@ -36,15 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convlens.errors import ConvlensError
+from convlens.config import Config, option
+from convlens.errors import OptionError
 from convlens.kernels import common
-from convlens.kernels.baselines import Pixels, baseline_images, parse_baseline
-from convlens.kernels.registry import INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output, register
+from convlens.kernels.baselines import BASELINE_CHOICES, Pixels, baseline_images, parse_baseline
+from convlens.kernels.spec import INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output
 from convlens.models.network import Model
 
 
 @dataclasses.dataclass(frozen=True)
-class OcclusionConfig:
+class OcclusionConfig(Config):
     """Options of occlusion sensitivity.
 
     Attributes:
@@ -65,15 +66,17 @@ class OcclusionConfig:
         remaining positions, those where the coarse drop is largest, evaluated.
     """
 
-    window: int | tuple[int, int] = 16
-    stride: int | tuple[int, int] = 8
-    baseline: float | str | Pixels = 0.0
-    blur_sigma: float = 8.0
-    chunk: int = 0
-    memory_mb: int = 1024
+    window: int | tuple[int, int] = option(16, min=1, max=1 << 16)
+    stride: int | tuple[int, int] = option(8, min=1, max=1 << 16)
+    baseline: float | str | Pixels = option(0.0, min=0, max=255, choices=BASELINE_CHOICES)
+    blur_sigma: float = option(8.0, above=0)
+    chunk: int = option(0, min=0)
+    memory_mb: int = option(1024, min=1)
     incremental: bool = False
-    tau: float = 1.0
-    drilldown: float = 1.0
+    tau: float = option(1.0, above=0, max=1)
+    drilldown: float = option(1.0, min=0, max=1)
+
+    _owner = "occlusion"
 
     def __post_init__(self):
         def pair(v):
@@ -85,18 +88,23 @@ class OcclusionConfig:
             object.__setattr__(self, "window", pair(self.window))
             object.__setattr__(self, "stride", pair(self.stride))
         except (TypeError, ValueError):
-            raise ConvlensError(f"occlusion window/stride must be n or (h, w); got {self.window!r}, "
+            raise OptionError(f"occlusion window/stride must be n or (h, w); got {self.window!r}, "
                                 f"{self.stride!r}") from None
-        if len(self.window) != 2 or len(self.stride) != 2 or min(self.window + self.stride) < 1:
-            raise ConvlensError("occlusion window and stride must be positive: n or (h, w)")
+        if len(self.window) != 2 or len(self.stride) != 2:
+            raise OptionError("occlusion window and stride must be n or (h, w)")
         object.__setattr__(self, "baseline", parse_baseline(self.baseline, "occlusion"))
-        if not 0.0 < self.tau <= 1.0:
-            raise ConvlensError(f"tau must be in (0, 1], got {self.tau}")
-        if not 0.0 <= self.drilldown <= 1.0:
-            raise ConvlensError(f"drilldown must be in [0, 1], got {self.drilldown}")
+        super().__post_init__()
         if self.tau < 1.0 and not self.incremental:
-            raise ConvlensError("tau < 1 approximates the incremental mode: add incremental=true")
-        common.check_chunking("occlusion", self.chunk, self.memory_mb)
+            raise OptionError("tau < 1 approximates the incremental mode: add incremental=true")
+
+
+def check_fits(model: Model, cfg: OcclusionConfig) -> None:
+    """Refuses a window larger than the input: one position, a constant map, no information."""
+    h, w = model.input_size
+    if cfg.window[0] > h or cfg.window[1] > w:
+        raise OptionError(f"occlusion window {cfg.window[0]}x{cfg.window[1]} is larger than the model's "
+                            f"{h}x{w} input: it would cover the whole image at one position (a constant map); "
+                            "give a window smaller than the image")
 
 
 # ---------------------------------------------------------------- geometry
@@ -230,8 +238,10 @@ def occlusion(model: Model, params, images, targets, cfg: OcclusionConfig, keys=
 
 
 GRID = (SAMPLE, TARGET, "grid_y", "grid_x")
-register(MethodSpec("occlusion", "perturbation", OcclusionConfig, occlusion,
-                    (Output("sensitivity", GRID, "logit drop per window position"),
-                     Output("prob_drop", GRID, "probability drop per window position"),
-                     Output("heatmap", INPUT_MAP, "mean logit drop of the windows covering each pixel")),
-                    False, False, "occlusion sensitivity: score drop under a sliding patch"))
+SPECS = (
+    MethodSpec("occlusion", "perturbation", OcclusionConfig, occlusion,
+               (Output("sensitivity", GRID, "logit drop per window position"),
+                Output("prob_drop", GRID, "probability drop per window position"),
+                Output("heatmap", INPUT_MAP, "mean logit drop of the windows covering each pixel")),
+               False, "occlusion sensitivity: score drop under a sliding patch", check=check_fits),
+)

@@ -31,23 +31,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convlens.errors import ConvlensError
+from convlens.config import Config, option
+from convlens.errors import ConvlensError, OptionError
 from convlens.kernels import common
-from convlens.kernels.baselines import baseline_pixels, parse_baseline
-from convlens.kernels.registry import INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output, register
+from convlens.kernels.baselines import BASELINE_CHOICES, baseline_pixels, parse_baseline
+from convlens.kernels.spec import INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output
 from convlens.models.network import Model
 
 SEGMENTATIONS = ("slic", "grid")
 
 
-def _check(method: str, cfg) -> None:
-    if cfg.score not in ("logit", "prob"):
-        raise ConvlensError(f"{method} score {cfg.score!r}: logit or prob")
-    common.check_chunking(method, cfg.chunk, cfg.memory_mb)
-
-
 @dataclasses.dataclass(frozen=True)
-class LimeConfig:
+class LimeConfig(Config):
     """Options of LIME.
 
     Attributes:
@@ -67,34 +62,30 @@ class LimeConfig:
       memory_mb: activation memory per forward pass the automatic chunk aims at.
     """
 
-    samples: int = 1000
-    features: int = 49
-    segmentation: str = "slic"
-    compactness: float = 10.0
-    baseline: float | str = "segment_mean"
-    blur_sigma: float = 8.0
-    kernel_width: float = 0.25
-    ridge: float = 1.0
-    score: str = "logit"
-    chunk: int = 0
-    memory_mb: int = 1024
+    samples: int = option(1000, min=2)
+    features: int = option(49, min=1, max=4096)
+    segmentation: str = option("slic", choices=SEGMENTATIONS)
+    compactness: float = option(10.0, above=0)
+    baseline: float | str = option("segment_mean", min=0, max=255, choices=("segment_mean",) + BASELINE_CHOICES)
+    blur_sigma: float = option(8.0, above=0)
+    kernel_width: float = option(0.25, above=0)
+    ridge: float = option(1.0, min=0)
+    score: str = option("logit", choices=("logit", "prob"))
+    chunk: int = option(0, min=0)
+    memory_mb: int = option(1024, min=1)
+
+    _owner = "lime"
 
     def __post_init__(self):
-        if self.features < 1 or self.samples < 2:
-            raise ConvlensError(f"lime needs features >= 1 and samples >= 2, got {self.features} and {self.samples}")
-        if self.segmentation not in SEGMENTATIONS:
-            raise ConvlensError(f"lime segmentation {self.segmentation!r}: {' or '.join(SEGMENTATIONS)}")
-        if self.kernel_width <= 0 or self.ridge < 0 or self.compactness <= 0:
-            raise ConvlensError("lime needs kernel_width > 0, ridge >= 0 and compactness > 0")
-        if self.ridge == 0 and self.samples <= self.features:
-            raise ConvlensError(f"lime with ridge=0 needs more samples than features ({self.samples} <= "
-                                f"{self.features}): add samples or a ridge penalty")
         object.__setattr__(self, "baseline", parse_baseline(self.baseline, "lime", ("segment_mean",)))
-        _check("lime", self)
+        super().__post_init__()
+        if self.ridge == 0 and self.samples <= self.features:
+            raise OptionError(f"lime with ridge=0 needs more samples than features ({self.samples} <= "
+                                f"{self.features}): add samples or a ridge penalty")
 
 
 @dataclasses.dataclass(frozen=True)
-class RiseConfig:
+class RiseConfig(Config):
     """Options of RISE.
 
     Attributes:
@@ -109,20 +100,20 @@ class RiseConfig:
       memory_mb: activation memory per forward pass the automatic chunk aims at.
     """
 
-    samples: int = 4000
-    grid: int = 7
-    keep: float = 0.5
-    baseline: float | str = 0.0
-    blur_sigma: float = 8.0
-    score: str = "prob"
-    chunk: int = 0
-    memory_mb: int = 1024
+    samples: int = option(4000, min=1)
+    grid: int = option(7, min=1, max=1024)
+    keep: float = option(0.5, above=0, max=1)
+    baseline: float | str = option(0.0, min=0, max=255, choices=BASELINE_CHOICES)
+    blur_sigma: float = option(8.0, above=0)
+    score: str = option("prob", choices=("logit", "prob"))
+    chunk: int = option(0, min=0)
+    memory_mb: int = option(1024, min=1)
+
+    _owner = "rise"
 
     def __post_init__(self):
-        if self.samples < 1 or self.grid < 1 or not 0.0 < self.keep <= 1.0:
-            raise ConvlensError("rise needs samples >= 1, grid >= 1 and keep in (0, 1]")
         object.__setattr__(self, "baseline", parse_baseline(self.baseline, "rise"))
-        _check("rise", self)
+        super().__post_init__()
 
 
 # ---------------------------------------------------------------- superpixels
@@ -309,13 +300,15 @@ def rise(model: Model, params, images, targets, cfg: RiseConfig, keys):
     return {"heatmap": total / (n * cfg.keep), "targets": t, "logits": logits}
 
 
-register(MethodSpec("lime", "perturbation", LimeConfig, lime,
-                    (Output("weights", (SAMPLE, TARGET, "segment"), "surrogate coefficient per superpixel"),
-                     Output("intercept", (SAMPLE, TARGET), "surrogate intercept"),
-                     Output("r2", (SAMPLE, TARGET), "weighted R^2 of the surrogate on its samples"),
-                     Output("segments", (SAMPLE, "y", "x"), "superpixel label of each pixel"),
-                     Output("heatmap", INPUT_MAP, "each pixel's superpixel coefficient")),
-                    False, True, "LIME: weighted linear surrogate over superpixels switched on and off"))
-register(MethodSpec("rise", "perturbation", RiseConfig, rise,
-                    (Output("heatmap", INPUT_MAP, "random masks averaged, weighted by the target's score"),),
-                    False, True, "RISE: random masks weighted by the target's score on each masked image"))
+SPECS = (
+    MethodSpec("lime", "perturbation", LimeConfig, lime,
+               (Output("weights", (SAMPLE, TARGET, "segment"), "surrogate coefficient per superpixel"),
+                Output("intercept", (SAMPLE, TARGET), "surrogate intercept"),
+                Output("r2", (SAMPLE, TARGET), "weighted R^2 of the surrogate on its samples"),
+                Output("segments", (SAMPLE, "y", "x"), "superpixel label of each pixel"),
+                Output("heatmap", INPUT_MAP, "each pixel's superpixel coefficient")),
+               True, "LIME: weighted linear surrogate over superpixels switched on and off"),
+    MethodSpec("rise", "perturbation", RiseConfig, rise,
+               (Output("heatmap", INPUT_MAP, "random masks averaged, weighted by the target's score"),),
+               True, "RISE: random masks weighted by the target's score on each masked image"),
+)

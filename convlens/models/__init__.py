@@ -1,6 +1,14 @@
-"""Architectures, Keras import and preprocessing."""
+"""Architectures, Keras import and preprocessing.
 
-from convlens.models.network import Graph, Model, Node
-from convlens.models.preprocess import Preprocess
+Attributes load lazily: ``convlens.models.labels`` and ``preprocess`` are importable
+without JAX or Flax (the renderer reads label names), the network only when used."""
 
-__all__ = ["Graph", "Model", "Node", "Preprocess"]
+from convlens._lazy import lazy
+
+_LAZY = {"Graph": "convlens.models.network", "Model": "convlens.models.network", "Node": "convlens.models.network",
+         "Provenance": "convlens.models.network", "Preprocess": "convlens.models.preprocess"}
+
+__all__ = list(_LAZY)
+
+
+__getattr__ = lazy(globals(), _LAZY)

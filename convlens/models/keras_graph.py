@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from convlens.errors import UnsupportedLayerError
+from convlens.errors import InvalidLayerError, UnsupportedLayerError
 from convlens.models.layers import CODE_LAYERS, LAYER_TYPES
 from convlens.models.network import Graph, Node
 
@@ -83,7 +83,14 @@ class _Builder:
             return name
         _check_class(entry, lname)
         lt = LAYER_TYPES[cls]
-        parsed = lt.parse(cfg, lname)
+        if not isinstance(cfg, dict):
+            raise InvalidLayerError(f"layer {lname!r} ({cls}) has a config of type {type(cfg).__name__}, not a dict")
+        try:
+            parsed = lt.parse(cfg, lname)
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+            # A config no Keras version writes: name the layer, never a traceback.
+            raise InvalidLayerError(f"layer {lname!r} ({cls}) has an invalid config ({type(e).__name__}: {e}); "
+                                    "the model file is damaged or was not written by Keras") from None
         if lt.n_inputs is not None and len(inputs) != lt.n_inputs:
             raise UnsupportedLayerError(
                 f"layer {lname!r} ({cls}) is called on {len(inputs)} inputs; it takes {lt.n_inputs}")

@@ -150,12 +150,10 @@ def read_weights_file(path: str | Path, graph: Graph) -> "_Found":
 
 
 def load_weights(model: Model, path: str | Path) -> Params:
-    """Reads ``path`` (any Keras format) into ``model``'s params; all or nothing."""
+    """Reads ``path`` (any Keras format) into ``model``'s params; all or nothing. The
+    model is not changed (its provenance is the caller's: `convlens.load_model` records it)."""
     found = read_weights_file(path, model.graph)
-    params = merge_params(model, found, path)
-    model.source = str(path)
-    model.weights_sha256 = sha256(path)
-    return params
+    return merge_params(model, found, path)
 
 
 # ----------------------------------------------------------------------------- matching
@@ -351,11 +349,10 @@ def _spread_nested(graph: Graph, scope, wnames, arrays, found: _Found) -> None:
 
 def load_model_file(path: str | Path, **model_kw) -> tuple[Model, Params]:
     """A `Model` and its params from a ``.keras`` or full-model ``.h5`` file."""
+    from convlens.models.network import Provenance
     graph, found = read_model_file(path)
-    model = Model(graph, **model_kw)
+    model = Model(graph, provenance=Provenance.of(str(path), sha256(path)), **model_kw)
     params = merge_params(model, found, path)
-    model.source = str(path)
-    model.weights_sha256 = sha256(path)
     return model, params
 
 

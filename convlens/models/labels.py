@@ -24,11 +24,28 @@ def decode_topk(scores, class_names, k: int = 5) -> list[list[tuple[int, str, fl
     scores = np.asarray(scores, np.float64)
     if scores.shape[-1] == 1:
         scores = np.concatenate([1.0 - scores, scores], axis=-1)
-    k = min(k, scores.shape[-1])
-    idx = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
-    names = class_names or tuple(str(i) for i in range(scores.shape[-1]))
-    return [[(int(i), names[i] if i < len(names) else str(i), float(s[i])) for i in row]
-            for row, s in zip(idx, scores)]
+    idx, top = topk(scores, min(k, scores.shape[-1]))
+    return [[(int(i), name_of(i, class_names), float(p)) for i, p in zip(row, ps)] for row, ps in zip(idx, top)]
+
+
+def decode_stored(indices, probs, class_names) -> list[tuple[int, str, float]]:
+    """A store's top-k row (``predictions/topk_index``, ``topk_prob``) as ``(index, label,
+    probability)``, failed entries (-1) dropped."""
+    return [(int(c), name_of(c, class_names), float(p)) for c, p in zip(indices, probs) if c >= 0]
+
+
+def name_of(c, class_names) -> str:
+    """Class ``c``'s label, or its index where there is no name for it."""
+    c = int(c)
+    return class_names[c] if class_names and 0 <= c < len(class_names) else str(c)
+
+
+def topk(probs, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most probable classes of ``probs`` ``[B, K]``, best first (ties: lower
+    index first): ``(indices [B, k] int32, their probabilities [B, k])``."""
+    probs = np.asarray(probs)
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k].astype(np.int32)
+    return order, np.take_along_axis(probs, order, 1)
 
 
 def probabilities(logits, activation: str | None) -> np.ndarray:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convlens.errors import UnsupportedLayerError
+from convlens.errors import InvalidLayerError, UnsupportedLayerError
 
 Array = jax.Array
 
@@ -149,13 +149,29 @@ def init_var_np(var: Var, rng) -> "np.ndarray":
 # --------------------------------------------------------------------------
 # Helpers
 
-def _pair(v, layer, what) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    if len(v) != 2:
-        raise UnsupportedLayerError(f"layer {layer!r}: {what} {v!r} is not a pair")
-    return (int(v[0]), int(v[1]))
+# Largest size, stride, unit count or padding a layer config may declare: anything larger
+# is a damaged or hostile file, not a convnet (a 100,000-pixel padding once crashed XLA).
+MAX_DIM = 1 << 16
+
+
+def _int(v, layer, what, minimum: int = 1, maximum: int = MAX_DIM) -> int:
+    """A whole number from a config, in ``[minimum, maximum]``, or an error naming the layer."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise InvalidLayerError(f"layer {layer!r}: {what} {v!r} is not a whole number; the model file is "
+                                "damaged or was not written by Keras")
+    v = int(v)
+    if not minimum <= v <= maximum:
+        raise InvalidLayerError(f"layer {layer!r}: {what} {v} is out of range ({minimum}..{maximum}); the model "
+                                "file is damaged or was not written by Keras")
+    return v
+
+
+def _pair(v, layer, what, minimum: int = 1) -> tuple[int, int]:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = (v, v)
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise InvalidLayerError(f"layer {layer!r}: {what} {v!r} is not a pair of whole numbers")
+    return (_int(v[0], layer, what, minimum), _int(v[1], layer, what, minimum))
 
 
 def _channels_last(cfg, layer, cls):
@@ -188,15 +204,45 @@ def _axis_list(axis, layer, cls) -> tuple[int, ...]:
     return tuple(int(a) for a in axis)
 
 
+# What kind of computation a layer class is, for code that must reason about a graph
+# (default layers, CAM's structure, incremental occlusion, FLOP counts) without naming
+# Keras classes: conv, dense, pool (windowed), global_pool, flatten, reshape, norm,
+# activation, merge, pad, crop, scale, identity (only acts while training), container
+# (a nested model's output), input.
+KINDS = ("input", "conv", "dense", "pool", "global_pool", "flatten", "reshape", "norm", "activation", "merge",
+         "pad", "crop", "scale", "identity", "container")
+# Kinds that act on every position independently with the same spatial map out as in.
+POINTWISE_KINDS = ("norm", "activation", "scale", "identity", "container")
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerType:
-    """How convlens computes one Keras layer class."""
+    """How convlens computes one Keras layer class.
+
+    Attributes:
+      parse, variables, apply: see the module docstring.
+      kind: one of `KINDS`.
+      n_inputs: inputs the layer takes (``None``: any number >= 1).
+      activation_key: the config key holding a fused activation.
+      window: ``cfg -> (kernel (kh, kw), strides, padding, dilation)`` for windowed layers.
+      flops: ``(cfg, in_shapes, out_shape) -> multiply-adds x 2`` of one call (per batch).
+      border: how a windowed layer treats its SAME padding: ``zeros`` (convolutions),
+        ``-inf`` (max pooling) or ``count`` (average pooling divides by the real pixels).
+    """
 
     parse: Callable[[dict, str], dict]
     variables: Callable[[dict, Sequence[tuple]], list[Var]]
     apply: Callable[..., Array]
     n_inputs: int | None = 1  # None: any number >= 1
     activation_key: str | None = None  # cfg key holding a fused activation
+    kind: str = "activation"
+    window: Callable[[dict], tuple] | None = None
+    flops: Callable[[dict, Sequence[tuple], tuple], int] | None = None
+    border: str = "zeros"
+
+    @property
+    def pointwise(self) -> bool:
+        return self.kind in POINTWISE_KINDS
 
 
 def _no_vars(cfg, shapes):
@@ -220,10 +266,10 @@ def _act(cfg, x, logits, relu=jax.nn.relu):
 
 def _parse_conv(cfg, name):
     _channels_last(cfg, name, "Conv2D")
-    return dict(filters=int(cfg["filters"]), kernel_size=_pair(cfg["kernel_size"], name, "kernel_size"),
+    return dict(filters=_int(cfg.get("filters"), name, "filters"), kernel_size=_pair(cfg["kernel_size"], name, "kernel_size"),
                 strides=_pair(cfg.get("strides", 1), name, "strides"), padding=_padding(cfg, name, "Conv2D"),
                 dilation=_pair(cfg.get("dilation_rate", 1), name, "dilation_rate"),
-                groups=int(cfg.get("groups", 1) or 1), use_bias=bool(cfg.get("use_bias", True)),
+                groups=_int(cfg.get("groups", 1) or 1, name, "groups"), use_bias=bool(cfg.get("use_bias", True)),
                 activation=parse_activation(cfg.get("activation"), name))
 
 
@@ -250,7 +296,7 @@ def _parse_depthwise(cfg, name):
                 strides=_pair(cfg.get("strides", 1), name, "strides"),
                 padding=_padding(cfg, name, "DepthwiseConv2D"),
                 dilation=_pair(cfg.get("dilation_rate", 1), name, "dilation_rate"),
-                depth_multiplier=int(cfg.get("depth_multiplier", 1)), use_bias=bool(cfg.get("use_bias", True)),
+                depth_multiplier=_int(cfg.get("depth_multiplier", 1), name, "depth_multiplier"), use_bias=bool(cfg.get("use_bias", True)),
                 activation=parse_activation(cfg.get("activation"), name))
 
 
@@ -276,7 +322,7 @@ def _apply_depthwise(cfg, v, xs, logits=False, relu=jax.nn.relu):
 
 def _parse_separable(cfg, name):
     out = _parse_depthwise(cfg, name)
-    out["filters"] = int(cfg["filters"])
+    out["filters"] = _int(cfg.get("filters"), name, "filters")
     return out
 
 
@@ -299,7 +345,7 @@ def _apply_separable(cfg, v, xs, logits=False, relu=jax.nn.relu):
 
 
 def _parse_dense(cfg, name):
-    return dict(units=int(cfg["units"]), use_bias=bool(cfg.get("use_bias", True)),
+    return dict(units=_int(cfg.get("units"), name, "units", maximum=1 << 20), use_bias=bool(cfg.get("use_bias", True)),
                 activation=parse_activation(cfg.get("activation"), name))
 
 
@@ -489,11 +535,13 @@ def _identity(cfg, v, xs, logits=False, relu=jax.nn.relu):
 def _parse_zeropad(cfg, name):
     _channels_last(cfg, name, "ZeroPadding2D")
     p = cfg.get("padding", 1)
-    if isinstance(p, int):
+    if isinstance(p, int) and not isinstance(p, bool):
         p = ((p, p), (p, p))
-    elif all(isinstance(a, int) for a in p):
-        p = ((p[0], p[0]), (p[1], p[1]))
-    return dict(padding=tuple(tuple(int(b) for b in a) for a in p))
+    elif isinstance(p, (list, tuple)) and all(isinstance(a, int) and not isinstance(a, bool) for a in p):
+        p = ((p[0], p[0]), (p[1], p[1])) if len(p) == 2 else p
+    if not isinstance(p, (list, tuple)) or len(p) != 2:
+        raise InvalidLayerError(f"layer {name!r}: padding {p!r} is not n, (h, w) or ((top, bottom), (left, right))")
+    return dict(padding=tuple(_pair(a, name, "padding", minimum=0) for a in p))
 
 
 def _apply_zeropad(cfg, v, xs, logits=False, relu=jax.nn.relu):
@@ -554,7 +602,13 @@ def _apply_normalization(cfg, v, xs, logits=False, relu=jax.nn.relu):
 
 
 def _parse_reshape(cfg, name):
-    return dict(target_shape=tuple(int(a) for a in cfg["target_shape"]))
+    shape = cfg.get("target_shape")
+    if not isinstance(shape, (list, tuple)) or not shape:
+        raise InvalidLayerError(f"layer {name!r}: target_shape {shape!r} is not a list of sizes")
+    dims = tuple(_int(a, name, "target_shape", minimum=-1, maximum=1 << 24) for a in shape)
+    if 0 in dims or dims.count(-1) > 1:
+        raise InvalidLayerError(f"layer {name!r}: target_shape {list(dims)} has a zero or more than one -1")
+    return dict(target_shape=dims)
 
 
 def _apply_reshape(cfg, v, xs, logits=False, relu=jax.nn.relu):
@@ -583,7 +637,7 @@ def _apply_subtract(cfg, v, xs, logits=False, relu=jax.nn.relu):
 
 
 def _parse_concat(cfg, name):
-    return dict(axis=int(cfg.get("axis", -1)))
+    return dict(axis=_int(cfg.get("axis", -1), name, "axis", minimum=-4, maximum=3))
 
 
 def _apply_concat(cfg, v, xs, logits=False, relu=jax.nn.relu):
@@ -594,51 +648,93 @@ def _parse_input(cfg, name):
     shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
     if shape is None and cfg.get("input_shape") is not None:
         shape = [None, *cfg["input_shape"]]
-    return dict(shape=None if shape is None else tuple(None if s is None else int(s) for s in shape[1:]))
+    if shape is not None and (not isinstance(shape, (list, tuple)) or not shape):
+        raise InvalidLayerError(f"input layer {name!r}: shape {shape!r} is not a list of sizes")
+    return dict(shape=None if shape is None else tuple(None if s is None else _int(s, name, "input size")
+                                                      for s in shape[1:]))
 
+
+def _conv_window(cfg):
+    return tuple(cfg["kernel_size"]), tuple(cfg["strides"]), cfg["padding"], tuple(cfg["dilation"])
+
+
+def _pool_window(cfg):
+    return tuple(cfg["pool_size"]), tuple(cfg["strides"]), cfg["padding"], (1, 1)
+
+
+def _flops_conv(cfg, ins, out):
+    kh, kw = cfg["kernel_size"]
+    return 2 * math.prod(out[:3]) * kh * kw * ins[0][-1] * out[-1] // cfg["groups"]
+
+
+def _flops_depthwise(cfg, ins, out):
+    kh, kw = cfg["kernel_size"]
+    return 2 * math.prod(out[:3]) * kh * kw * out[-1]
+
+
+def _flops_separable(cfg, ins, out):
+    kh, kw = cfg["kernel_size"]
+    mid = ins[0][-1] * cfg["depth_multiplier"]
+    return 2 * math.prod(out[:3]) * (kh * kw * mid + mid * out[-1])
+
+
+def _flops_dense(cfg, ins, out):
+    return 2 * math.prod(ins[0][:-1]) * ins[0][-1] * out[-1]
+
+
+def _type(parse, variables, apply, kind, **kw):
+    return LayerType(parse, variables, apply, kind=kind, **kw)
+
+
+_IDENTITY = dict(parse=_parse_nothing, variables=_no_vars, apply=_identity, kind="identity")
 
 LAYER_TYPES: dict[str, LayerType] = {
-    "InputLayer": LayerType(_parse_input, _no_vars, _identity, n_inputs=0),
-    "Conv2D": LayerType(_parse_conv, _vars_conv, _apply_conv, activation_key="activation"),
-    "DepthwiseConv2D": LayerType(_parse_depthwise, _vars_depthwise, _apply_depthwise, activation_key="activation"),
-    "SeparableConv2D": LayerType(_parse_separable, _vars_separable, _apply_separable, activation_key="activation"),
-    "Dense": LayerType(_parse_dense, _vars_dense, _apply_dense, activation_key="activation"),
-    "MaxPooling2D": LayerType(_parse_pool("MaxPooling2D"), _no_vars, _apply_maxpool),
-    "AveragePooling2D": LayerType(_parse_pool("AveragePooling2D"), _no_vars, _apply_avgpool),
-    "GlobalAveragePooling2D": LayerType(_parse_global_pool("GlobalAveragePooling2D"), _no_vars, _apply_gap),
-    "GlobalMaxPooling2D": LayerType(_parse_global_pool("GlobalMaxPooling2D"), _no_vars, _apply_gmp),
-    "Flatten": LayerType(lambda c, n: (_channels_last(c, n, "Flatten"), {})[1], _no_vars, _apply_flatten),
-    "Reshape": LayerType(_parse_reshape, _no_vars, _apply_reshape),
-    "BatchNormalization": LayerType(_parse_batchnorm, _vars_batchnorm, _apply_batchnorm),
-    "Activation": LayerType(_parse_activation_layer, _no_vars, _apply_activation_layer, activation_key="activation"),
-    "ReLU": LayerType(_parse_relu, _no_vars, _apply_relu),
-    "LeakyReLU": LayerType(_parse_leaky, _no_vars, _apply_leaky),
-    "Softmax": LayerType(_parse_softmax, _no_vars, _apply_softmax, activation_key="activation"),
-    "Add": LayerType(_parse_nothing, _no_vars, _merge(jnp.add), n_inputs=None),
-    "Subtract": LayerType(_parse_nothing, _no_vars, _apply_subtract, n_inputs=2),
-    "Multiply": LayerType(_parse_nothing, _no_vars, _merge(jnp.multiply), n_inputs=None),
-    "Average": LayerType(_parse_nothing, _no_vars, _apply_average, n_inputs=None),
-    "Maximum": LayerType(_parse_nothing, _no_vars, _merge(jnp.maximum), n_inputs=None),
-    "Minimum": LayerType(_parse_nothing, _no_vars, _merge(jnp.minimum), n_inputs=None),
-    "Concatenate": LayerType(_parse_concat, _no_vars, _apply_concat, n_inputs=None),
-    "ZeroPadding2D": LayerType(_parse_zeropad, _no_vars, _apply_zeropad),
-    "Cropping2D": LayerType(_parse_crop, _no_vars, _apply_crop),
-    "Rescaling": LayerType(_parse_rescaling, _no_vars, _apply_rescaling),
-    "Normalization": LayerType(_parse_normalization, _vars_normalization, _apply_normalization),
+    "InputLayer": _type(_parse_input, _no_vars, _identity, "input", n_inputs=0),
+    "Conv2D": _type(_parse_conv, _vars_conv, _apply_conv, "conv", activation_key="activation", window=_conv_window,
+                    flops=_flops_conv),
+    "DepthwiseConv2D": _type(_parse_depthwise, _vars_depthwise, _apply_depthwise, "conv", activation_key="activation",
+                             window=_conv_window, flops=_flops_depthwise),
+    "SeparableConv2D": _type(_parse_separable, _vars_separable, _apply_separable, "conv", activation_key="activation",
+                             window=_conv_window, flops=_flops_separable),
+    "Dense": _type(_parse_dense, _vars_dense, _apply_dense, "dense", activation_key="activation", flops=_flops_dense),
+    "MaxPooling2D": _type(_parse_pool("MaxPooling2D"), _no_vars, _apply_maxpool, "pool", window=_pool_window,
+                          border="-inf"),
+    "AveragePooling2D": _type(_parse_pool("AveragePooling2D"), _no_vars, _apply_avgpool, "pool", window=_pool_window,
+                              border="count"),
+    "GlobalAveragePooling2D": _type(_parse_global_pool("GlobalAveragePooling2D"), _no_vars, _apply_gap,
+                                    "global_pool"),
+    "GlobalMaxPooling2D": _type(_parse_global_pool("GlobalMaxPooling2D"), _no_vars, _apply_gmp, "global_pool"),
+    "Flatten": _type(lambda c, n: (_channels_last(c, n, "Flatten"), {})[1], _no_vars, _apply_flatten, "flatten"),
+    "Reshape": _type(_parse_reshape, _no_vars, _apply_reshape, "reshape"),
+    "BatchNormalization": _type(_parse_batchnorm, _vars_batchnorm, _apply_batchnorm, "norm"),
+    "Activation": _type(_parse_activation_layer, _no_vars, _apply_activation_layer, "activation",
+                        activation_key="activation"),
+    "ReLU": _type(_parse_relu, _no_vars, _apply_relu, "activation"),
+    "LeakyReLU": _type(_parse_leaky, _no_vars, _apply_leaky, "activation"),
+    "Softmax": _type(_parse_softmax, _no_vars, _apply_softmax, "activation", activation_key="activation"),
+    "Add": _type(_parse_nothing, _no_vars, _merge(jnp.add), "merge", n_inputs=None),
+    "Subtract": _type(_parse_nothing, _no_vars, _apply_subtract, "merge", n_inputs=2),
+    "Multiply": _type(_parse_nothing, _no_vars, _merge(jnp.multiply), "merge", n_inputs=None),
+    "Average": _type(_parse_nothing, _no_vars, _apply_average, "merge", n_inputs=None),
+    "Maximum": _type(_parse_nothing, _no_vars, _merge(jnp.maximum), "merge", n_inputs=None),
+    "Minimum": _type(_parse_nothing, _no_vars, _merge(jnp.minimum), "merge", n_inputs=None),
+    "Concatenate": _type(_parse_concat, _no_vars, _apply_concat, "merge", n_inputs=None),
+    "ZeroPadding2D": _type(_parse_zeropad, _no_vars, _apply_zeropad, "pad"),
+    "Cropping2D": _type(_parse_crop, _no_vars, _apply_crop, "crop"),
+    "Rescaling": _type(_parse_rescaling, _no_vars, _apply_rescaling, "scale"),
+    "Normalization": _type(_parse_normalization, _vars_normalization, _apply_normalization, "norm"),
     # Layers that only act while training are the identity at inference.
-    "Dropout": LayerType(_parse_nothing, _no_vars, _identity),
-    "SpatialDropout2D": LayerType(_parse_nothing, _no_vars, _identity),
-    "GaussianNoise": LayerType(_parse_nothing, _no_vars, _identity),
-    "GaussianDropout": LayerType(_parse_nothing, _no_vars, _identity),
-    "AlphaDropout": LayerType(_parse_nothing, _no_vars, _identity),
-    "ActivityRegularization": LayerType(_parse_nothing, _no_vars, _identity),
+    "Dropout": LayerType(**_IDENTITY),
+    "SpatialDropout2D": LayerType(**_IDENTITY),
+    "GaussianNoise": LayerType(**_IDENTITY),
+    "GaussianDropout": LayerType(**_IDENTITY),
+    "AlphaDropout": LayerType(**_IDENTITY),
+    "ActivityRegularization": LayerType(**_IDENTITY),
     # A nested model appears as an identity node on its own output (see keras_graph).
-    "Sequential": LayerType(_parse_nothing, _no_vars, _identity),
-    "Functional": LayerType(_parse_nothing, _no_vars, _identity),
+    "Sequential": _type(_parse_nothing, _no_vars, _identity, "container"),
+    "Functional": _type(_parse_nothing, _no_vars, _identity, "container"),
 }
-
-# Classes whose output is a spatial feature map of the layer's own making.
-CONV_TYPES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
+assert all(t.kind in KINDS for t in LAYER_TYPES.values())
 
 # Classes Keras refuses to deserialise safely and convlens refuses outright.
 CODE_LAYERS = ("Lambda", "TFOpLambda", "SlicingOpLambda")

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from convlens.errors import ConvlensError
-from convlens.models.layers import CONV_TYPES, LAYER_TYPES, RELU_RULES, SQUASHING, init_var, init_var_np
+from convlens.models.layers import LAYER_TYPES, RELU_RULES, SQUASHING, init_var, init_var_np
 
 Array = jax.Array
 Params = dict[str, dict[str, Array]]
@@ -67,6 +67,11 @@ class Node:
     def layer_type(self):
         return LAYER_TYPES[self.cls]
 
+    @property
+    def kind(self) -> str:
+        """What the layer computes (`convlens.models.layers.KINDS`): ``conv``, ``pool`` ..."""
+        return LAYER_TYPES[self.cls].kind
+
 
 @dataclasses.dataclass(frozen=True)
 class Graph:
@@ -76,6 +81,14 @@ class Graph:
     nodes: tuple[Node, ...]
     input: str
     output: str
+
+    def __hash__(self) -> int:
+        # Graphs key compile caches: hash the (immutable) nodes once.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.name, self.nodes, self.input, self.output))
+            self.__dict__["_hash"] = h
+        return h
 
     @functools.cached_property
     def by_name(self) -> dict[str, Node]:
@@ -155,29 +168,116 @@ class Network(nn.Module):
         return {o: values[o] for o in outputs}
 
 
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """Where a model's weights came from, and how to load it again.
+
+    Attributes:
+      source: the weights or model file, ``random-init:SEED``, or ``None`` (built in Python).
+      weights_sha256: the file's sha256, where there is a file.
+      load_args: `convlens.load_model` keywords that load the model again, as sorted
+        ``(key, value)`` pairs (values JSON-like), or ``None``.
+    """
+
+    source: str | None = None
+    weights_sha256: str | None = None
+    load_args: tuple[tuple[str, Any], ...] | None = None
+
+    @classmethod
+    def of(cls, source=None, weights_sha256=None, load_args: Mapping | None = None) -> Provenance:
+        args = None if load_args is None else tuple(sorted((k, _freeze(v)) for k, v in load_args.items()))
+        return cls(source, weights_sha256, args)
+
+    def load_kwargs(self) -> dict | None:
+        """``load_args`` as a dict of plain values (lists for tuples), or ``None``."""
+        if self.load_args is None:
+            return None
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.load_args}
+
+
+def _freeze(v):
+    return tuple(_freeze(a) for a in v) if isinstance(v, (list, tuple)) else v
+
+
 class Model:
-    """A convnet ready for explanation: graph, preprocessing and labels.
+    """A convnet ready for explanation: graph, preprocessing, labels and provenance.
+
+    Immutable: equal models are interchangeable and key compiled kernels; change one with
+    `replace` (``model.replace(preprocess=Preprocess("tf"))``), which returns a new model.
 
     Args:
       graph: the layers.
       preprocess: how uint8 RGB pixels become the graph's input (see `preprocess`).
       class_names: label of each output unit, or ``None``.
       default_size: ``(H, W)`` used where the graph accepts any size.
+      provenance: where the weights came from (`Provenance`).
     """
 
+    __slots__ = ("graph", "name", "preprocess_spec", "class_names", "default_size", "input_size", "channels",
+                 "provenance", "__dict__")
+
     def __init__(self, graph: Graph, *, preprocess=None, class_names: Sequence[str] | None = None,
-                 default_size: tuple[int, int] = (224, 224)):
+                 default_size: tuple[int, int] = (224, 224), provenance: Provenance | None = None):
         from convlens.models.preprocess import Preprocess
-        self.graph = graph
-        self.name = graph.name
-        self.module = Network(graph)
-        self.preprocess_spec = preprocess if preprocess is not None else Preprocess("none")
-        self.class_names = None if class_names is None else tuple(class_names)
+        put = object.__setattr__
+        put(self, "graph", graph)
+        put(self, "name", graph.name)
+        put(self, "preprocess_spec", preprocess if preprocess is not None else Preprocess("none"))
+        put(self, "class_names", None if class_names is None else tuple(str(c) for c in class_names))
+        put(self, "default_size", tuple(default_size))
         h, w, c = graph.input_shape
-        self.input_size = (h or default_size[0], w or default_size[1])
-        self.channels = c
-        self.source: str | None = None
-        self.weights_sha256: str | None = None
+        put(self, "input_size", (h or default_size[0], w or default_size[1]))
+        put(self, "channels", c)
+        put(self, "provenance", provenance or Provenance())
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"Model is immutable: use model.replace({name}=...) for a changed copy")
+
+    def __delattr__(self, name):
+        raise AttributeError("Model is immutable")
+
+    def replace(self, **changes) -> Model:
+        """A copy with some of ``graph``, ``preprocess``, ``class_names``, ``default_size`` or
+        ``provenance`` changed (the keywords of the constructor)."""
+        kw = {"graph": self.graph, "preprocess": self.preprocess_spec, "class_names": self.class_names,
+              "default_size": self.default_size, "provenance": self.provenance}
+        unknown = set(changes) - set(kw)
+        if unknown:
+            raise TypeError(f"Model.replace got unknown fields: {', '.join(sorted(unknown))}")
+        kw.update(changes)
+        graph = kw.pop("graph")
+        return Model(graph, **kw)
+
+    def _key(self):
+        return (self.graph, self.preprocess_spec, self.class_names, self.default_size, self.provenance)
+
+    def __eq__(self, other):
+        return isinstance(other, Model) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    @property
+    def computation(self) -> tuple:
+        """What a compiled kernel depends on (graph, preprocessing, input size): the part
+        of the model that keys compile caches. Labels and provenance do not."""
+        return (self.graph, self.preprocess_spec, self.input_size, self.channels)
+
+    @property
+    def source(self) -> str | None:
+        return self.provenance.source
+
+    @property
+    def weights_sha256(self) -> str | None:
+        return self.provenance.weights_sha256
+
+    @property
+    def load_args(self) -> dict | None:
+        return self.provenance.load_kwargs()
+
+    @functools.cached_property
+    def module(self) -> Network:
+        return Network(self.graph)
 
     # ---------------------------------------------------------------- structure
 
@@ -188,7 +288,7 @@ class Model:
 
     @property
     def conv_layer_names(self) -> tuple[str, ...]:
-        return tuple(n.name for n in self.graph.nodes if n.cls in CONV_TYPES)
+        return tuple(n.name for n in self.graph.nodes if n.kind == "conv")
 
     @property
     def output_activation(self) -> str | None:
@@ -227,7 +327,7 @@ class Model:
 
         At a ``size`` the model's Dense layers cannot take, only the layers that can be
         computed at that size are listed (the convolutional part)."""
-        cache = self.__dict__.setdefault("_shape_cache", {})
+        cache = self.__dict__.setdefault("_shape_cache", {})  # a cache, not state: shapes follow the graph
         if (batch, size) in cache:
             return cache[(batch, size)]
         x = self.dummy_input(batch, size)
@@ -319,6 +419,24 @@ class Model:
                 return self.conv_layer_names
             layers = [s for s in layers.split(",") if s]
         return tuple(self.graph.node(name).name for name in layers)
+
+    def flops(self, batch: int = 1, size: tuple[int, int] | None = None, upto: str | None = None) -> int:
+        """FLOPs of a forward pass (2 x the multiply-adds of convolutions and dense layers)
+        for ``batch`` images at ``size``, up to and including layer ``upto``."""
+        shapes = self.output_shapes(batch, size)
+        total = 0
+        for node in self.graph.nodes:
+            f = node.layer_type.flops
+            if f is not None and node.name in shapes:
+                total += f(node.config, [shapes[i] for i in node.inputs], shapes[node.name])
+            if node.name == upto:
+                break
+        return total
+
+    def activation_bytes(self, batch: int = 1, size: tuple[int, int] | None = None) -> int:
+        """Bytes of every layer's float32 output for ``batch`` images: what a backward pass
+        keeps, and an upper bound for a forward pass."""
+        return 4 * sum(math.prod(s) for s in self.output_shapes(batch, size).values())
 
     def count_params(self) -> tuple[int, int]:
         """``(trainable, non_trainable)`` variable counts, as Keras reports them."""

@@ -7,11 +7,12 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from convlens.errors import ConvlensError
+from convlens.config import Config, option
+from convlens.errors import ConvlensError, OptionError
 from convlens.models import smallnets, vgg
 from convlens.models.labels import imagenet_class_names
-from convlens.models.network import Graph, Model, Params
-from convlens.models.preprocess import Preprocess
+from convlens.models.network import Graph, Model, Params, Provenance
+from convlens.models.preprocess import MODES, Preprocess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,44 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadOptions(Config):
+    """How MODEL is loaded (the command line's model options).
+
+    Attributes:
+      weights: Keras weights for a built-in model (.weights.h5, .h5, .keras).
+      random_init: use random weights on purpose: a seed (built-in models only).
+      top: with the classifier (include_top); --no-top for the headless network.
+      input_size: input size HxW of a built-in (any size without the top).
+      preprocess: override the model's preprocessing (files default to none).
+    """
+
+    name_or_path: str = option("", cli=False)
+    weights: str | None = None
+    random_init: int | None = option(None, min=0)
+    top: bool = True
+    input_size: str | None = None
+    preprocess: str | None = option(None, choices=MODES)
+
+    _owner = "model options"
+
+    def input_shape(self) -> tuple[int, int, int] | None:
+        """``--input-size HxW`` as ``(H, W, 3)``."""
+        if not self.input_size:
+            return None
+        try:
+            h, w = (int(v) for v in self.input_size.lower().split("x"))
+        except ValueError:
+            raise OptionError(f"--input-size {self.input_size!r} is not HxW (e.g. 224x224)") from None
+        if not (8 <= h <= 8192 and 8 <= w <= 8192):
+            raise OptionError(f"--input-size {self.input_size!r}: each side must be 8..8192 pixels")
+        return (h, w, 3)
+
+    def model_kwargs(self) -> dict:
+        return {"name_or_path": self.name_or_path, "weights": self.weights, "random_init": self.random_init,
+                "include_top": self.top, "input_shape": self.input_shape(), "preprocess": self.preprocess}
+
+
 def build_model(name: str, *, include_top: bool = True, input_shape=None) -> Model:
     """A built-in `Model` (no params: see `load_model`)."""
     if name not in MODELS:
@@ -88,13 +127,14 @@ def load_model(name_or_path: str, *, weights: str | None = None, random_init: in
       preprocess: override the preprocessing mode (files default to ``none``).
       class_names: labels for a model read from a file.
     """
-    model, params = _load(name_or_path, weights=weights, random_init=random_init, include_top=include_top,
-                          input_shape=input_shape, preprocess=preprocess, class_names=class_names)
+    model, params, source, sha = _load(name_or_path, weights=weights, random_init=random_init,
+                                       include_top=include_top, input_shape=input_shape, preprocess=preprocess,
+                                       class_names=class_names)
     # How to load it again (audits reopen the model of a store).
-    model.load_args = {"name_or_path": str(name_or_path), "weights": None if weights is None else str(weights),
-                       "random_init": random_init, "include_top": include_top,
-                       "input_shape": None if input_shape is None else list(input_shape), "preprocess": preprocess}
-    return model, params
+    args = {"name_or_path": str(name_or_path), "weights": None if weights is None else str(weights),
+            "random_init": random_init, "include_top": include_top,
+            "input_shape": None if input_shape is None else list(input_shape), "preprocess": preprocess}
+    return model.replace(provenance=Provenance.of(source, sha, args)), params
 
 
 def _load(name_or_path, *, weights, random_init, include_top, input_shape, preprocess, class_names):
@@ -103,14 +143,13 @@ def _load(name_or_path, *, weights, random_init, include_top, input_shape, prepr
     if name_or_path in MODELS:
         model = build_model(name_or_path, include_top=include_top, input_shape=input_shape)
         if preprocess:
-            model.preprocess_spec = Preprocess(preprocess)
+            model = model.replace(preprocess=Preprocess(preprocess))
         if weights is not None and random_init is not None:
             raise ConvlensError("give either --weights or --random-init, not both")
         if weights is not None:
-            return model, keras_io.load_weights(model, weights)
+            return model, keras_io.load_weights(model, weights), str(weights), keras_io.sha256(weights)
         if random_init is not None:
-            model.source = f"random-init:{random_init}"
-            return model, model.init(random_init)
+            return model, model.init(random_init), f"random-init:{random_init}", None
         raise ConvlensError(
             f"model {name_or_path!r} needs weights: pass --weights FILE (a Keras .h5/.keras file), or "
             "--random-init SEED to use random weights on purpose")
@@ -123,10 +162,12 @@ def _load(name_or_path, *, weights, random_init, include_top, input_shape, prepr
     model, params = keras_io.load_model_file(
         path, preprocess=Preprocess(preprocess or "none"),
         class_names=class_names)
+    source, sha = model.source, model.weights_sha256
     if weights is not None:
         params = keras_io.load_weights(model, weights)
+        source, sha = str(weights), keras_io.sha256(weights)
     if model.class_names is None and (model.graph.by_name[model.graph.output].config.get("units") == 1000):
-        model.class_names = imagenet_class_names()
-    return model, params
+        model = model.replace(class_names=imagenet_class_names())
+    return model, params, source, sha
 
 

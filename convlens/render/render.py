@@ -26,13 +26,43 @@ What is drawn depends on what the store holds:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
+from convlens.config import Config, option
 from convlens.engine import store
-from convlens.errors import ConvlensError
+from convlens.errors import ConvlensError, OptionError
+from convlens.models.labels import name_of
 from convlens.render import images as im
+
+STYLES = ("blend", "camshow")
+
+
+@dataclasses.dataclass(frozen=True)
+class LookOptions(Config):
+    """How maps are drawn over images.
+
+    Attributes:
+      cmap: colour map (jet, viridis, turbo, inferno ...).
+      style: blend (on the image) or camshow (on a darkened grey copy, above a threshold).
+      alpha: overlay opacity, 0..1.
+      limit: items drawn as overlays.
+    """
+
+    cmap: str = "jet"
+    style: str = option("blend", choices=STYLES)
+    alpha: float = option(0.5, min=0, max=1)
+    limit: int = option(64, min=0)
+
+    _owner = "render"
+
+    def __post_init__(self):
+        super().__post_init__()
+        import matplotlib
+        if self.cmap not in matplotlib.colormaps:
+            raise OptionError(f"unknown colour map {self.cmap!r}: try jet, viridis, inferno, turbo")
 
 
 def class_names_of(root) -> tuple[str, ...] | None:
@@ -52,17 +82,30 @@ def prediction_title(root, i: int, names) -> str:
     idx, prob = root["predictions/topk_index"][i], root["predictions/topk_prob"][i]
     if idx[0] < 0:
         return f"{item}: failed"
-    parts = [f"{names[c] if names and 0 <= c < len(names) else c} {p:.2f}" for c, p in zip(idx[:3], prob[:3])]
+    parts = [f"{name_of(c, names)} {p:.2f}" for c, p in zip(idx[:3], prob[:3])]
     label = ""
     if "labels" in root and root["labels"][i] >= 0:
         lab = int(root["labels"][i])
         dn = root.attrs.get("class_names")
-        label = f" (label {dn[lab] if dn and lab < len(dn) else lab})"
+        label = f" (label {name_of(lab, dn)})"
     return f"{Path(item).name}{label}: " + ", ".join(parts)
 
 
+def _heatmap_of(entry: dict) -> str | None:
+    # Stores of schema 2 did not name the map output: theirs was called "heatmap".
+    if "heatmap" in entry:
+        return entry["heatmap"]
+    return "heatmap" if "heatmap" in (entry.get("outputs") or {}) else None
+
+
 def heatmap_methods(root) -> list[str]:
-    return [m for m, e in (root.attrs.get("methods") or {}).items() if "heatmap" in e.get("outputs", {})]
+    """Methods of a store with a map to draw (their store entry names it)."""
+    return [m for m, e in (root.attrs.get("methods") or {}).items() if _heatmap_of(e)]
+
+
+def heat_path(root, method: str) -> str:
+    """The array holding ``method``'s map ``[N, T, H, W]``."""
+    return f"{method}/{_heatmap_of((root.attrs.get('methods') or {})[method])}"
 
 
 def item_panel(root, i: int, methods, names, cmap="jet", alpha=0.5, style="blend", tile: int = 160) -> np.ndarray:
@@ -70,13 +113,13 @@ def item_panel(root, i: int, methods, names, cmap="jet", alpha=0.5, style="blend
     img = np.asarray(root["inputs"][i])
     tiles, labels = [im.upscale(img, tile)], ["input"]
     for m in methods:
-        heat = np.asarray(root[f"{m}/heatmap"][i])
+        heat = np.asarray(root[heat_path(root, m)][i])
         targets = np.asarray(root[f"{m}/targets"][i]) if f"{m}/targets" in root else np.zeros(len(heat), int)
         for t in range(heat.shape[0]):
             ov = im.overlay(img, heat[t], cmap=cmap, alpha=alpha, style=style)
             tiles.append(im.upscale(ov, tile))
             c = int(targets[t])
-            labels.append(f"{m}: {names[c] if names and 0 <= c < len(names) else c}")
+            labels.append(f"{m}: {name_of(c, names)}")
     size = max(t.shape[0] for t in tiles)
     tiles = [t if t.shape[0] == size else im.upscale(t, size)[:size, :size] for t in tiles]
     return im.titled(im.grid(tiles, len(tiles), labels), prediction_title(root, i, names))
@@ -103,7 +146,7 @@ def render_overlays(root, out: Path, cmap, alpha, style, limit) -> list[Path]:
     for i in items:
         files.append(im.save_png(item_panel(root, i, methods, names, cmap, alpha, style), out / "overlays" / f"{i}.png"))
     for m in methods:
-        tiles = [im.overlay(np.asarray(root["inputs"][i]), np.asarray(root[f"{m}/heatmap"][i, 0]), cmap=cmap,
+        tiles = [im.overlay(np.asarray(root["inputs"][i]), np.asarray(root[heat_path(root, m)][i, 0]), cmap=cmap,
                             alpha=alpha, style=style) for i in items[:64]]
         if tiles:
             tiles = [im.upscale(t, 96) for t in tiles]
@@ -204,14 +247,14 @@ def render_audit(root, out: Path, cmap: str, alpha: float, style: str) -> list[P
             if np.isnan(mean).all():
                 continue
             tiles.append(im.upscale(im.colour(im.normalise(mean), cmap), 128))
-            labels.append(cls_names[c] if cls_names and c < len(cls_names) else str(c))
+            labels.append(name_of(c, cls_names))
         if tiles:
             files.append(im.save_png(im.titled(im.grid(tiles, min(8, len(tiles)), labels),
                                                f"{m}: mean map per class"), out / "audit" / f"{m}_class_means.png"))
         sus = e["summary"].get("most_suspicious", [])[:8]
         if sus and "inputs" in root:
             tiles = [im.upscale(im.overlay(np.asarray(root["inputs"][s["index"]]),
-                                           np.asarray(root[f"{m}/heatmap"][s["index"], 0]), cmap=cmap, alpha=alpha,
+                                           np.asarray(root[heat_path(root, m)][s["index"], 0]), cmap=cmap, alpha=alpha,
                                            style=style), 128) for s in sus]
             labels = [f"{Path(s['id']).name} ({s['suspicion']:.2f})" for s in sus]
             files.append(im.save_png(im.titled(im.grid(tiles, min(4, len(tiles)), labels),
@@ -287,17 +330,17 @@ def render_training(root, out: Path, cmap: str, alpha: float, style: str, limit:
     labels = np.asarray(root["labels"][:limit]) if "labels" in root else np.full(len(inputs), -1)
     files = []
     for m in heatmap_methods(root):
-        heat = np.asarray(root[f"{m}/heatmap"][:, :limit, 0])  # [E, N, H, W]: the first target
+        heat = np.asarray(root[heat_path(root, m)][:, :limit, 0])  # [E, N, H, W]: the first target
         targets = np.asarray(root[f"{m}/targets"][:, :limit, 0]) if f"{m}/targets" in root else None
         tiles = [[im.upscale(im.overlay(inputs[i], heat[k, i], cmap=cmap, alpha=alpha, style=style), 112)
                   for i in range(len(inputs))] for k in range(len(epochs))]
         for i in range(len(inputs)):
             lab = int(labels[i])
-            what = f" (label {names[lab] if names and 0 <= lab < len(names) else lab})" if lab >= 0 else ""
+            what = f" (label {name_of(lab, names)})" if lab >= 0 else ""
             tags = []
             for k, e in enumerate(epochs):
                 t = "" if targets is None else int(targets[k, i])
-                tags.append(f"epoch {e}" + ("" if t == "" else f": {names[t] if names and 0 <= t < len(names) else t}"))
+                tags.append(f"epoch {e}" + ("" if t == "" else f": {name_of(t, names)}"))
             strip = im.titled(im.grid([im.upscale(inputs[i], 112)] + [tiles[k][i] for k in range(len(epochs))],
                                       len(epochs) + 1, ["input", *tags]), f"{m} — {ids[i]}{what}")
             files.append(im.save_png(strip, out / "training" / m / f"item{i}.png"))
@@ -327,22 +370,35 @@ def render_training(root, out: Path, cmap: str, alpha: float, style: str, limit:
     return files
 
 
+RENDER_MARKER = ".convlens-render"
+
+
+def claim_folder(out: Path, marker: str, what: str) -> None:
+    """Makes ``out`` a folder this command may write into: new, empty, or marked as made by
+    the same command before (``marker``); anything else is refused (it is the user's)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConvlensError(f"{what} {out} is not a folder; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+        raise ConvlensError(f"{what} {out} is a folder convlens did not make ({sum(1 for _ in out.iterdir())} "
+                            "entries): convlens writes only into new, empty or its own folders; choose another path")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / marker).write_text("written by convlens; it may replace the files in this folder\n")
+
+
 def render_store(path, out_dir, *, cmap: str = "jet", alpha: float = 0.5, style: str = "blend", limit: int = 64,
                  per_row: int = 16, video: str = "mp4") -> dict[str, list[Path]]:
-    """Draws everything the store at ``path`` holds into ``out_dir``; returns the files by
-    group. ``video``: how a video run's overlays are written back (mp4, webm, gif, png or none)."""
+    """Draws everything the store at ``path`` holds into ``out_dir`` (a new or empty folder,
+    or one an earlier render made); returns the files by group. ``video``: how a video
+    run's overlays are written back (mp4, webm, gif, png or none)."""
     from convlens.render.video import VIDEO_FORMATS, render_videos
     if video not in (*VIDEO_FORMATS, "none"):
-        raise ConvlensError(f"unknown video format {video!r}: {', '.join(VIDEO_FORMATS)} or none")
-    if style not in ("blend", "camshow"):
-        raise ConvlensError(f"unknown overlay style {style!r}: blend or camshow")
-    try:
-        import matplotlib
-        matplotlib.colormaps[cmap]
-    except KeyError:
-        raise ConvlensError(f"unknown colour map {cmap!r}: try jet, viridis, inferno, turbo") from None
+        raise OptionError(f"unknown video format {video!r}: {', '.join(VIDEO_FORMATS)} or none")
+    if per_row < 1:
+        raise OptionError(f"per_row must be at least 1, got {per_row}")
+    LookOptions(cmap=cmap, style=style, alpha=alpha, limit=limit)  # checks them
     root = store.open_store(path)
     out = Path(out_dir)
+    claim_folder(out, RENDER_MARKER, "render --out")
     groups = {"overlays": render_overlays(root, out, cmap, alpha, style, limit),
               "activations": render_activations(root, out, per_row),
               "weights": render_weights(root, out),

@@ -17,9 +17,26 @@ from pathlib import Path
 import numpy as np
 
 from convlens.engine import store
+from convlens.errors import ConvlensError, OptionError
 from convlens.render import images as im
-from convlens.render.render import _done_items, heatmap_methods, item_panel, render_store
-from convlens.render.render import class_names_of
+from convlens.render.render import (RENDER_MARKER, _done_items, claim_folder, class_names_of, heatmap_methods,
+                                    item_panel, render_store)
+
+REPORT_MARKER = ".convlens-report"
+GENERATOR = "<meta name='generator' content='convlens report'>"
+
+
+def check_ours(page: Path) -> None:
+    """Refuses to overwrite an existing file that is not a page of a convlens report."""
+    if page.is_symlink() or page.is_dir():
+        raise ConvlensError(f"report --out {page} is not a file path; give a new .html file")
+    if page.exists():
+        try:
+            head = page.read_text(encoding="utf-8", errors="replace")[:2000]
+        except OSError:
+            head = ""
+        if GENERATOR not in head:
+            raise ConvlensError(f"report --out {page} is an existing file convlens did not write; choose another path")
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:0 16px;
@@ -42,7 +59,7 @@ window.addEventListener('load', function () {
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>{GENERATOR}<title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body data-images='pending'>{body}{CHECK}</body></html>")
 
 
@@ -60,10 +77,15 @@ def report(path, out, *, per_page: int = 48, cmap: str = "jet", alpha: float = 0
            limit: int = 64) -> list[Path]:
     """Writes the report for the store at ``path`` to ``out`` (an .html file); returns the pages."""
     out = Path(out)
+    if per_page < 1:
+        raise OptionError(f"report: per_page must be at least 1, got {per_page}")
     files_dir = out.with_name(out.stem + "_files")
-    if files_dir.exists():
-        shutil.rmtree(files_dir)
     root = store.open_store(path)
+    check_ours(out)
+    if files_dir.is_dir() and not files_dir.is_symlink() and (files_dir / REPORT_MARKER).exists():
+        shutil.rmtree(files_dir)  # the pictures of an earlier report of ours: drawn again
+    claim_folder(files_dir, REPORT_MARKER, "the report's picture folder")
+    (files_dir / RENDER_MARKER).write_text("written by convlens\n")
     a = dict(root.attrs)
     groups = render_store(path, files_dir, cmap=cmap, alpha=alpha, style=style, limit=limit, video="webm")
     rel = files_dir.name
@@ -87,7 +109,7 @@ def report(path, out, *, per_page: int = 48, cmap: str = "jet", alpha: float = 0
         if n == 0:
             body.append("<div class='ok'>The audit raised no flag.</div>")
         try:
-            from convlens.engine.audit import compare_table
+            from convlens.render.tables import compare_table
             body.append("<p>Methods ranked by faithfulness (insertion AUC − deletion AUC; cost from the run):</p>"
                         f"<pre>{html.escape(compare_table(path))}</pre>")
         except Exception:  # noqa: BLE001 - a ranking needs metrics; the flags stand without it
@@ -169,6 +191,7 @@ def report(path, out, *, per_page: int = 48, cmap: str = "jet", alpha: float = 0
         links = []
         for k in range(n_pages):
             page_file = out.with_name(f"{out.stem}-items-{k + 1}.html")
+            check_ours(page_file)
             part = items[k * per_page:(k + 1) * per_page]
             blocks = []
             for i in part:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from convlens.errors import ConvlensError
+from convlens.models.labels import name_of
 from convlens.render import images as im
 
 VIDEO_FORMATS = ("mp4", "webm", "gif", "png")
@@ -143,7 +144,7 @@ def render_videos(root, out: Path, *, fmt: str = "mp4", cmap: str = "jet", alpha
     (stored input) with its first target's map, the top label and the time, at the
     frames' own times. Failed frames are left out."""
     from convlens.engine import store
-    from convlens.render.render import class_names_of, heatmap_methods
+    from convlens.render.render import class_names_of, heat_path, heatmap_methods
 
     v = root.attrs.get("video")
     methods = heatmap_methods(root)
@@ -170,10 +171,10 @@ def render_videos(root, out: Path, *, fmt: str = "mp4", cmap: str = "jet", alpha
             for start in range(0, len(items), BLOCK):
                 blk = items[start:start + BLOCK]
                 inputs = root["inputs"].get_orthogonal_selection((blk,))
-                heats = {m: root[f"{m}/heatmap"].get_orthogonal_selection((blk, slice(0, 1)))[:, 0] for m in methods}
+                heats = {m: root[heat_path(root, m)].get_orthogonal_selection((blk, slice(0, 1)))[:, 0] for m in methods}
                 for j, i in enumerate(blk):
                     c = int(top[i])
-                    label = names[c] if names and 0 <= c < len(names) else str(c)
+                    label = name_of(c, names)
                     # Stored inputs are model-sized: enlarged (pixels kept sharp) for viewing.
                     img = im.upscale(np.asarray(inputs[j]), 240)
                     for m, w in writers.items():

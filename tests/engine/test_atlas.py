@@ -13,6 +13,7 @@ import convlens
 from convlens.engine import store
 from convlens.engine.atlas import parse_filters, run_atlas
 from convlens.errors import ConvlensError
+from convlens.engine.executor import item_keys
 from convlens.kernels import ascent as A
 from tests.engine.test_crash_and_scale import cli, finish
 from tests.engine.test_runner import arrays_of, assert_same_arrays
@@ -40,7 +41,7 @@ def test_atlas_store_holds_the_kernels_patterns(tiny, tmp_path):
     # Layer index 4 of vgg_tiny's conv layers; the same images as the kernel called directly.
     units = jnp.asarray(g["filters"][:])
     ref = jax.device_get(A.visualize(model, params, A.channel("block3_conv1"), units, CFG,
-                                     A.unit_keys(0, model.conv_layer_names.index("block3_conv1"), units)))
+                                     item_keys(0, units, salt=model.conv_layer_names.index("block3_conv1"))))
     np.testing.assert_array_equal(g["patterns"][:], ref["patterns"])
     np.testing.assert_allclose(g["scores"][:], ref["scores"], rtol=1e-5)
 

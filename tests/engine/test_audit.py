@@ -56,7 +56,8 @@ def test_planted_shortcut_is_flagged_where_it_is(shortcut_run):
     assert root["audit/gradcam/grid_mass"].shape == (160, 4, 4)
     assert root["audit/gradcam/class_mean"].shape == (2, 64, 64)
     assert root.attrs["audit"]["methods"]["gradcam"]["flags"]
-    text = audit.compare_table(out)
+    from convlens.render.tables import compare_table
+    text = compare_table(out)
     assert "gradcam" in text and "occlusion" in text
 
 

@@ -70,9 +70,11 @@ def test_eight_devices_match_one(data_npy, tmp_path):
     one, eight = tmp_path / "one.zarr", tmp_path / "eight.zarr"
     args = ["run", "smallcnn", "--random-init", "0", "-m", "gradcam,integrated_gradients", "-o", "steps=4",
             "--batch-size", "8", "--no-progress", "--data", str(data_npy)]
-    finish(cli(*args, "--out", str(one)))
+    # XLA's own settings in both: the tuned settings of a sharded and an unsharded program may
+    # differ, and with them the rounding of sums; this compares the sharding alone.
+    finish(cli(*args, "--out", str(one), env={"CONVLENS_XLA": "default"}))
     flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    finish(cli(*args, "--out", str(eight), env={"XLA_FLAGS": flags}))
+    finish(cli(*args, "--out", str(eight), env={"XLA_FLAGS": flags, "CONVLENS_XLA": "default"}))
     a, b = arrays_of(one), arrays_of(eight)
     assert a.keys() == b.keys()
     for k in a:

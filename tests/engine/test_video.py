@@ -251,7 +251,7 @@ def test_cli_video_run_render_and_live(clip, tmp_path, capsys):
     (["live", "vgg_tiny", "--random-init", "0", "rtsp://127.0.0.1:9/none", "--out", "OUT", "--timeout", "1"], 1,
      "cannot open the stream rtsp://127.0.0.1:9/none"),
     (["run", "vgg_tiny", "--random-init", "0", "--data", "BAD", "--out", "OUT"], 1, "is not a video file FFmpeg"),
-    (["run", "vgg_tiny", "--random-init", "0", "--data", "CLIP", "--every", "0", "--out", "OUT"], 1,
+    (["run", "vgg_tiny", "--random-init", "0", "--data", "CLIP", "--every", "0", "--out", "OUT"], 2,
      "--every must be at least 1"),
 ])
 def test_cli_video_errors_are_one_line(clip, tmp_path, capsys, argv, code, text):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import convlens
-from convlens.api import image_keys
-from convlens.kernels.registry import METHODS, all_outputs
+from convlens.engine.executor import item_keys
+from convlens.kernels.registry import METHODS
 from tests.kernels.nets import gap_net, with_random_biases
 
 FAST = {"smoothgrad": {"samples": 6}, "integrated_gradients": {"steps": 8}, "occlusion": {"window": 6, "stride": 5},
@@ -46,7 +46,7 @@ def test_declared_outputs_and_dims(net, method):
         assert np.isfinite(arr).all(), f"{method}.{name} has non-finite values"
         assert np.abs(arr).max() > 0, f"{method}.{name} is all zeros"
     assert e.targets.shape == (3, 2) and e.logits.shape == (3, 6)
-    assert {o.name for o in all_outputs(spec)} >= {"targets", "logits"}
+    assert {o.name for o in spec.all_outputs} >= {"targets", "logits"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -55,7 +55,7 @@ def test_jit_equals_eager(net, method):
     spec = METHODS[method]
     e = convlens.explain(model, params, x, method, target="top1", key=3, **FAST.get(method, {}))
     with jax.disable_jit():
-        eager = spec.explain(model, params, jnp.asarray(x), 1, e.config, image_keys(3, 0, len(x)))
+        eager = spec.explain(model, params, jnp.asarray(x), 1, e.config, item_keys(3, np.arange(len(x))))
     for name in e.outputs:
         close(np.asarray(eager[name]), e[name], f"{method}.{name}")
 

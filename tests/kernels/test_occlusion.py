@@ -181,8 +181,13 @@ def test_bad_options():
         convlens.explain(model, params, x, "occlusion", tau=0.5)
     with pytest.raises(ConvlensError, match="baseline 'grey'"):
         convlens.explain(model, params, x, "occlusion", baseline="grey")
-    with pytest.raises(ConvlensError, match="window and stride must be positive"):
+    with pytest.raises(ConvlensError, match="window=0 is out of range"):
         convlens.explain(model, params, x, "occlusion", window=0)
+    with pytest.raises(ConvlensError, match="baseline nan: a pixel value must be a finite number"):
+        convlens.explain(model, params, x, "occlusion", baseline=float("nan"))
+    # A window larger than the image would give one position and a constant map.
+    with pytest.raises(ConvlensError, match="window 20x20 is larger than the model's 16x16 input"):
+        convlens.explain(model, params, x, "occlusion", window=20)
 
 
 def test_matches_captum(small):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import convlens
-from convlens.api import compiled, image_keys, resolve_config
+from convlens.api import resolve
+from convlens.engine.executor import Explain, function, item_keys
 from convlens.errors import ConvlensError
 from convlens.kernels import sampling
 from convlens.kernels.registry import METHODS
@@ -89,12 +90,12 @@ def test_lime_with_slic_on_a_photo_recovers_a_model_linear_in_pixels():
 
 
 def test_lime_samples_follow_the_key_and_its_kernel_matches_lime():
-    keys = image_keys(3, 0, 2)
+    keys = item_keys(3, np.arange(2))
     used = jnp.asarray(np.arange(10)[None, :] < np.array([[10], [6]]))
     z = np.asarray(sampling.lime_samples(keys, 50, 10, used))
     assert (z[:, 0] == used).all() and (z[1, :, 6:] == 0).all()
     assert 0.4 < z[:, 1:, :6].mean() < 0.6
-    again = np.asarray(sampling.lime_samples(image_keys(3, 0, 2), 80, 10, used))[:, :50]
+    again = np.asarray(sampling.lime_samples(item_keys(3, np.arange(2)), 80, 10, used))[:, :50]
     np.testing.assert_array_equal(z, again)  # sample i does not depend on how many are drawn
     # lime_image: cosine distance to the all-on row, kernel sqrt(exp(-d^2 / 0.25^2)).
     k = np.asarray(sampling.lime_kernel(jnp.asarray(z), used, 0.25))
@@ -143,7 +144,7 @@ def test_rise_equals_a_naive_one_mask_at_a_time_loop():
     n = 20
     e = convlens.explain(model, params, x, "rise", target=[1, 4], samples=n, grid=3, keep=0.4, baseline=30,
                          key=5, chunk=6)
-    keys = image_keys(5, 0, 2)
+    keys = item_keys(5, np.arange(2))
     want = np.zeros((2, 2, 16, 16))
     for b in range(2):
         for i in range(n):
@@ -276,10 +277,11 @@ def test_peak_memory_follows_the_chunk_not_the_copies():
 
     def temp(model, method, **opts):
         params = with_random_biases(model, 0)
-        cfg = resolve_config(model, METHODS[method], opts)
+        cfg = resolve(model, method, opts)
         x = jnp.zeros((2, 32, 32, 3), jnp.float32)
-        fn = compiled(model, method, cfg, 1)
-        return fn.lower(params, x, None, image_keys(0, 0, 2)).compile().memory_analysis().temp_size_in_bytes
+        fn = function(Explain(model, method, cfg, 1))
+        return fn.lowered(params, {"images": x}, item_keys(0, np.arange(2))).compile().memory_analysis() \
+            .temp_size_in_bytes
 
     wide = net(256)
     all_at_once = 2 * 256 * image_bytes(wide, (32, 32))  # every channel's copy of both images
@@ -297,11 +299,16 @@ def test_peak_memory_follows_the_chunk_not_the_copies():
 def test_bad_options_are_one_line_errors(gap):
     model, params = gap
     x = rand_images(1, (16, 16))
-    for method, opts, match in [("lime", {"segmentation": "quickshift"}, "slic or grid"),
+    for method, opts, match in [("lime", {"segmentation": "quickshift"}, "segmentation='quickshift'.*slic, grid"),
                                 ("lime", {"ridge": 0.0, "samples": 10, "features": 49}, "more samples"),
-                                ("rise", {"keep": 0.0}, "keep in"), ("rise", {"baseline": "zebra"}, "baseline"),
-                                ("scorecam", {"score": "bogus"}, "channel_softmax or prob"),
+                                ("lime", {"kernel_width": float("nan")}, "kernel_width=nan is not a finite"),
+                                ("rise", {"keep": 0.0}, "keep=0.0 is out of range"),
+                                ("rise", {"baseline": "zebra"}, "baseline"),
+                                ("rise", {"baseline": float("inf")}, "baseline"),
+                                ("scorecam", {"score": "bogus"}, "channel_softmax, prob"),
                                 ("scorecam", {"layer": "gap"}, "spatial layer"),
-                                ("ablationcam", {"chunk": -1}, "chunk must be")]:
+                                ("smoothgrad", {"noise": float("nan")}, "noise=nan is not a finite"),
+                                ("integrated_gradients", {"baseline": float("nan")}, "baseline"),
+                                ("ablationcam", {"chunk": -1}, "chunk=-1 is out of range")]:
         with pytest.raises(ConvlensError, match=match):
             convlens.explain(model, params, x, method, **opts)

@@ -1,0 +1,531 @@
+"""The one place convlens compiles, keys, pads, shards, dispatches and fetches.
+
+Every driver — `convlens.explain`, data-set runs (`runner`), the training recorder,
+``live``, the atlas and the audit's re-runs — hands its work to an `Executor` as
+*computations* (hashable values naming a pure function of ``(params, inputs, keys)``)
+and *batches* (host arrays with a leading item axis, plus each item's global index).
+None of them compiles, pads or makes keys itself.
+
+* **Compiled once, keyed by values.** `function` returns a callable that compiles its
+  computation on first use for each set of argument shapes; the cache key is the
+  computation's value (for a model: its graph, preprocessing and input size — never
+  the params, which are arguments, never constants) and the arguments' shapes, dtypes and
+  shardings. Equal values share one executable; a changed value compiles anew.
+* **XLA options per computation.** On XLA:CPU the best setting of YNNPACK's library
+  fusions differs by model, method and batch shape (VGG16's gradients gain from
+  YNNPACK's individual dots, small convnets lose). The executor tries the candidates of
+  `CPU_CANDIDATES` the first time a computation runs on a machine, keeps the fastest, and
+  remembers the choice on disk (`tuning_cache`), so later runs compile once with it.
+  Nothing is set process-wide (``XLA_FLAGS`` is left to the user; a user setting of
+  the same flag wins).
+* **Keys.** Item ``i`` draws from ``fold_in(key, i)`` (``key`` a seed or a JAX key,
+  optionally salted, e.g. by an atlas layer): the same noise whatever the batch,
+  chunk, device or process.
+* **Fixed shapes.** A batch shorter than the compiled one is padded by repeating its
+  last row and the padding is dropped on fetching, so nothing recompiles.
+* **Devices.** Batches are sharded over the local devices along a ``data`` axis
+  (params replicated).
+* **Pipelining.** `stream` dispatches group ``n+1`` before fetching group ``n`` (one
+  ``device_get`` per group), so the host's decoding and writing overlap the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convlens.errors import ConvlensError
+
+# ---------------------------------------------------------------- computations
+
+
+class Computation:
+    """A pure function ``fn(params, inputs: {name: [B, ...]}, keys [B]) -> {name: [B, ...]}``
+    known by value: equal computations share compiled code.
+
+    Subclasses define `key` (a hashable value: everything the function depends on but
+    its arguments), `inputs` (the batch inputs it reads) and `__call__`. A computation
+    that runs as several compiled steps from the host (a loop of dispatches) overrides
+    `dispatch`.
+    """
+
+    inputs: tuple[str, ...] = ()
+    label: str = ""
+
+    def key(self) -> tuple:
+        raise NotImplementedError
+
+    def __call__(self, params, inputs: Mapping[str, jax.Array], keys) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def dispatch(self, executor: Executor, params, inputs, keys):
+        """Dispatches the computation (asynchronously) and returns its device outputs."""
+        return executor.function(self)(params, inputs, keys)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.key() == other.key()
+
+    def __hash__(self):
+        return hash((type(self).__name__, self.key()))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.label or ''})"
+
+
+class Explain(Computation):
+    """A registered method on pixels: ``inputs`` ``images`` ``[B, H, W, C]`` float32 and,
+    unless the top classes are chosen inside (``top_k``), ``targets`` ``[B, T]`` int32."""
+
+    def __init__(self, model, method: str, cfg, top_k: int | None):
+        from convlens.kernels.registry import METHODS
+        self.model, self.method, self.cfg, self.top_k = model, method, cfg, top_k
+        self.spec = METHODS[method]
+        self.inputs = ("images",) if top_k is not None else ("images", "targets")
+        self.label = method
+
+    def key(self):
+        return (self.model.computation, self.method, self.cfg, self.top_k)
+
+    def __call__(self, params, inputs, keys):
+        t = self.top_k if self.top_k is not None else inputs["targets"]
+        return self.spec.explain(self.model, params, inputs["images"], t, self.cfg, keys)
+
+
+class Forward(Computation):
+    """The model's logits of pixels ``images`` ``[B, H, W, C]``."""
+
+    inputs = ("images",)
+
+    def __init__(self, model):
+        self.model = model
+        self.label = "forward"
+
+    def key(self):
+        return (self.model.computation,)
+
+    def __call__(self, params, inputs, keys):
+        from convlens.kernels.common import forward_logits
+        return {"logits": forward_logits(self.model, params, inputs["images"])}
+
+
+class Fn(Computation):
+    """Any pure function ``fn(params, inputs, keys)``, keyed by ``key`` (which must
+    capture everything ``fn`` closes over, e.g. ``(model.computation, cfg)``)."""
+
+    def __init__(self, fn: Callable, key: tuple, inputs: tuple[str, ...], label: str = ""):
+        self.fn, self._key, self.inputs, self.label = fn, key, inputs, label
+
+    def key(self):
+        return self._key
+
+    def __call__(self, params, inputs, keys):
+        return self.fn(params, inputs, keys)
+
+
+# ---------------------------------------------------------------- XLA options
+
+YNN = "xla_cpu_experimental_ynn_fusion_type"
+# The XLA:CPU settings tried per computation: XLA's own default (YNNPACK's library
+# fusions for dots, elementwise ops and reductions), YNNPACK for individual dots only,
+# and no YNNPACK at all.
+CPU_CANDIDATES: dict[str, dict[str, str]] = {
+    "default": {},
+    "ynn-dot": {YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "ynn-off": {YNN: ""},
+}
+TUNE_MIN_SECONDS = 0.004  # below this per call, the settings cannot matter in absolute terms
+TUNE_MAX_SECONDS = 20.0  # above it, measuring every candidate costs more than it can save
+TUNE_MARGIN = 0.05  # another setting must be this much faster to replace XLA's default
+
+
+def xla_mode() -> str:
+    """``CONVLENS_XLA``: ``auto`` (tune per computation, the default), ``default`` (XLA's
+    own settings), or a name in `CPU_CANDIDATES`."""
+    mode = os.environ.get("CONVLENS_XLA", "auto").strip().lower() or "auto"
+    if mode != "auto" and mode not in CPU_CANDIDATES:
+        raise ConvlensError(f"CONVLENS_XLA={mode!r}: choose auto or {', '.join(CPU_CANDIDATES)}")
+    if YNN.replace("xla_cpu_experimental_", "") in os.environ.get("XLA_FLAGS", ""):
+        return "default"  # the user set the flag process-wide: theirs wins
+    return mode
+
+
+def tuning_cache() -> Path:
+    """Where tuned choices are remembered: ``$CONVLENS_CACHE/xla-options.json``
+    (default ``~/.cache/convlens``)."""
+    root = os.environ.get("CONVLENS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "convlens")
+    return Path(root) / "xla-options.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _machine() -> str:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    cpu += line.strip()
+    except OSError:
+        pass
+    import jaxlib
+    return f"{jax.__version__}/{jaxlib.__version__}/{jax.default_backend()}/{jax.local_device_count()}/{cpu}"
+
+
+_tune_lock = threading.Lock()
+
+
+def _read_choices() -> dict:
+    try:
+        return json.loads(tuning_cache().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(fingerprint: str, entry: dict) -> None:
+    with _tune_lock:
+        choices = _read_choices()
+        choices[fingerprint] = entry
+        path = tuning_cache()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(choices, indent=0, sort_keys=True))
+            os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+        except OSError:
+            pass  # a read-only home: tune again next time, never fail for it
+
+
+def _time_call(compiled, args, reps: int = 2) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@dataclasses.dataclass
+class Tuning:
+    """How one executable's XLA options were chosen (for benchmarks and tests)."""
+
+    choice: str
+    seconds: dict[str, float]
+    source: str  # "measured", "remembered", "fixed" or "not worth measuring"
+
+
+def _choose(lowered, args, label: str) -> tuple[Any, Tuning]:
+    """Compiles ``lowered`` with the XLA options to use here, measuring them if needed."""
+    mode = xla_mode()
+    if jax.default_backend() != "cpu":
+        return lowered.compile(), Tuning("default", {}, "fixed")
+    if mode != "auto":
+        return _compile(lowered, mode), Tuning(mode, {}, "fixed")
+    fingerprint = hashlib.sha256((_machine() + "\n" + lowered.as_text()).encode()).hexdigest()
+    known = _read_choices().get(fingerprint)
+    if known and known.get("choice") in CPU_CANDIDATES:
+        return _compile(lowered, known["choice"]), Tuning(known["choice"], known.get("seconds", {}), "remembered")
+    first = _compile(lowered, "default")
+    jax.block_until_ready(first(*args))  # the warm-up every computation needs anyway
+    t_default = _time_call(first, args, reps=1)
+    seconds = {"default": t_default}
+    if not TUNE_MIN_SECONDS <= t_default <= TUNE_MAX_SECONDS:
+        _remember(fingerprint, {"choice": "default", "seconds": seconds, "label": label})
+        return first, Tuning("default", seconds, "not worth measuring")
+    compiled = {"default": first}
+    for name in CPU_CANDIDATES:
+        if name == "default":
+            continue
+        c = _compile(lowered, name)
+        jax.block_until_ready(c(*args))
+        seconds[name] = _time_call(c, args)
+        compiled[name] = c
+    seconds["default"] = min(t_default, _time_call(first, args))
+    best = min(seconds, key=seconds.get)
+    if seconds[best] > (1 - TUNE_MARGIN) * seconds["default"]:
+        best = "default"  # within noise of XLA's default: keep it
+    _remember(fingerprint, {"choice": best, "seconds": seconds, "label": label})
+    return compiled[best], Tuning(best, seconds, "measured")
+
+
+def _compile(lowered, name: str):
+    opts = CPU_CANDIDATES[name]
+    return lowered.compile(compiler_options=opts) if opts else lowered.compile()
+
+
+# ---------------------------------------------------------------- compiled functions
+
+_COMPILED: dict[tuple, tuple[Any, Tuning]] = {}
+_COMPILED_LOCK = threading.Lock()
+_CACHE_LIMIT = 256
+
+
+def _signature(args) -> tuple:
+    leaves, tree = jax.tree.flatten(args)
+    sig = []
+    for x in leaves:
+        sharding = getattr(x, "sharding", None)
+        sig.append((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__)),
+                    None if sharding is None or isinstance(x, np.ndarray) else repr(sharding)))
+    return (tree, tuple(sig))
+
+
+class Function:
+    """A computation compiled on first use for each argument signature (see `function`)."""
+
+    def __init__(self, comp: Computation):
+        self.comp = comp
+
+    def lowered(self, *args):
+        return jax.jit(self.comp).lower(*args)
+
+    def compiled(self, *args):
+        key = (self.comp, _signature(args))
+        hit = _COMPILED.get(key)
+        if hit is None:
+            hit = _choose(self.lowered(*args), args, self.comp.label or type(self.comp).__name__)
+            with _COMPILED_LOCK:
+                if len(_COMPILED) >= _CACHE_LIMIT:
+                    _COMPILED.pop(next(iter(_COMPILED)))
+                _COMPILED[key] = hit
+        return hit
+
+    def tuning(self, *args) -> Tuning:
+        return self.compiled(*args)[1]
+
+    def __call__(self, *args):
+        return self.compiled(*args)[0](*args)
+
+
+def function(comp: Computation) -> Function:
+    """``comp`` as a callable compiled once per argument signature (cached by value)."""
+    return Function(comp)
+
+
+def clear_cache() -> None:
+    """Forgets every compiled executable (tests of the cache)."""
+    with _COMPILED_LOCK:
+        _COMPILED.clear()
+
+
+def cache_size() -> int:
+    return len(_COMPILED)
+
+
+def signatures(comp: Computation) -> int:
+    """How many executables of ``comp`` are cached (one per argument signature)."""
+    return sum(1 for key in list(_COMPILED) if key[0] == comp)
+
+
+# ---------------------------------------------------------------- keys and padding
+
+def item_keys(key, indices, salt: int | None = None):
+    """Per-item PRNG keys ``fold_in(base, i)`` for item indices ``indices [n]``; ``key``
+    is an int seed or a JAX key, ``salt`` (e.g. an atlas layer) is folded in first."""
+    base = jax.random.key(int(key)) if isinstance(key, (int, np.integer)) else key
+    if salt is not None:
+        base = jax.random.fold_in(base, int(salt))
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(np.asarray(indices), jnp.int32))
+
+
+def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+    """``a [m, ...]`` padded to ``[n, ...]`` by repeating its last row (``m <= n``)."""
+    m = len(a)
+    if m == n:
+        return a
+    if m == 0:
+        raise ValueError("cannot pad an empty batch")
+    return np.concatenate([a, np.repeat(a[-1:], n - m, axis=0)])
+
+
+@dataclasses.dataclass
+class Batch:
+    """Host arrays of ``n`` items (``inputs``, each ``[n, ...]``) and their global indices."""
+
+    inputs: dict[str, np.ndarray]
+    indices: np.ndarray
+
+    def __len__(self):
+        return len(self.indices)
+
+
+@dataclasses.dataclass
+class Pending:
+    """Dispatched work: device outputs per computation name for one batch, and how many
+    of its rows are real."""
+
+    outputs: dict[str, Any]
+    n: int
+
+
+# ---------------------------------------------------------------- the executor
+
+class Executor:
+    """Runs computations over batches of a fixed size on the local devices.
+
+    Args:
+      params: the model's variables (put on the devices once, replicated).
+      batch: items per compiled call (rounded up to a multiple of the device count).
+      key: an int seed or a JAX key for per-item keys; salt: folded in first.
+      devices: the devices to shard over (default: all local devices).
+      timing: charge each computation its device time (a background thread, closed by
+        `close`; use the executor as a context manager).
+
+    Example::
+
+        with Executor(params, batch=8, key=0) as ex:
+            for tag, results in ex.stream({"gradcam": task}, groups):
+                ...
+    """
+
+    def __init__(self, params, *, batch: int, key=0, salt: int | None = None, devices=None,
+                 timing: bool = False):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        if batch < 1:
+            raise ConvlensError("the batch size must be at least 1")
+        self.devices = list(devices or jax.local_devices())
+        nd = len(self.devices)
+        self.batch = -(-batch // nd) * nd
+        self.key, self.salt = key, salt
+        self.mesh = Mesh(np.asarray(self.devices), ("data",))
+        self.data = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.params = self.put_params(params)
+        self.seconds: dict[str, float] = {}
+        self._timer = _Timer(self.seconds) if timing else None
+        if self._timer is not None:
+            self._timer.start()
+
+    # context management: the timer thread never outlives the executor
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+
+    def put_params(self, params):
+        return jax.device_put(params, self.replicated) if len(self.devices) > 1 else params
+
+    def function(self, comp: Computation) -> Function:
+        return function(comp)
+
+    def keys(self, indices) -> jax.Array:
+        return item_keys(self.key, indices, self.salt)
+
+    def _device_inputs(self, comp: Computation, batch: Batch) -> dict:
+        out = {}
+        for name in comp.inputs:
+            if name not in batch.inputs:
+                raise ValueError(f"{comp!r} needs input {name!r}; the batch has {', '.join(batch.inputs)}")
+            a = pad_rows(np.asarray(batch.inputs[name]), self.batch)
+            out[name] = jax.device_put(a, self.data) if len(self.devices) > 1 else jnp.asarray(a)
+        return out
+
+    def submit(self, comps: Mapping[str, Computation], batch: Batch, params=None) -> Pending:
+        """Dispatches every computation of ``comps`` on ``batch`` (at most ``self.batch``
+        items); returns without waiting for the device."""
+        n = len(batch)
+        if not 0 < n <= self.batch:
+            raise ValueError(f"a batch of {n} items for an executor of batch {self.batch}")
+        idx = pad_rows(np.asarray(batch.indices), self.batch)
+        keys = self.keys(idx)
+        if len(self.devices) > 1:
+            keys = jax.device_put(keys, self.data)
+        p = self.params if params is None else self.put_params(params)
+        outs = {}
+        for name, comp in comps.items():
+            out = comp.dispatch(self, p, self._device_inputs(comp, batch), keys)
+            if self._timer is not None:
+                self._timer.add(name, out)
+            outs[name] = out
+        return Pending(outs, n)
+
+    @staticmethod
+    def fetch(pendings: Sequence[Pending]) -> list[dict[str, dict[str, np.ndarray]]]:
+        """Host copies of dispatched work (one ``device_get`` for all of it), padding
+        rows dropped: per pending, ``{computation: {output: [n, ...]}}``."""
+        host = jax.device_get([p.outputs for p in pendings])
+        return [{c: {k: np.asarray(v)[:p.n] for k, v in outs.items()} for c, outs in h.items()}
+                for h, p in zip(host, pendings)]
+
+    def run(self, comps: Mapping[str, Computation], batch: Batch, params=None) -> dict[str, dict[str, np.ndarray]]:
+        """`submit` then `fetch` one batch."""
+        return self.fetch([self.submit(comps, batch, params)])[0]
+
+    def stream(self, comps: Mapping[str, Computation], groups: Iterable[tuple[Any, Sequence[Batch]]],
+               params=None) -> Iterator[tuple[Any, list[dict[str, dict[str, np.ndarray]]]]]:
+        """For each ``(tag, batches)`` of ``groups``: dispatches every batch, then fetches
+        the previous group and yields ``(its tag, its results per batch)``; so group
+        ``n+1`` is on the device while group ``n`` is on the host."""
+        pending = None
+        for tag, batches in groups:
+            dispatched = (tag, [self.submit(comps, b, params) for b in batches])
+            if pending is not None:
+                yield pending[0], self.fetch(pending[1])
+            pending = dispatched
+        if pending is not None:
+            yield pending[0], self.fetch(pending[1])
+
+    def split(self, inputs: Mapping[str, np.ndarray], start: int = 0) -> list[Batch]:
+        """Arrays of ``N`` items cut into batches of at most ``self.batch`` (global
+        indices from ``start``)."""
+        n = len(next(iter(inputs.values())))
+        return [Batch({k: v[s:s + self.batch] for k, v in inputs.items()},
+                      np.arange(start + s, start + min(n, s + self.batch)))
+                for s in range(0, n, self.batch)]
+
+
+def merge(results: Sequence[Mapping[str, Mapping[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
+    """Per-batch results concatenated along the item axis."""
+    first = results[0]
+    return {c: {k: np.concatenate([r[c][k] for r in results]) for k in first[c]} for c in first}
+
+
+class _Timer(threading.Thread):
+    """Waits for dispatched results in order and charges each computation its own device
+    time (results of one device queue finish in dispatch order)."""
+
+    def __init__(self, seconds: dict[str, float]):
+        super().__init__(daemon=True, name="convlens-timer")
+        self.q: queue.Queue = queue.Queue()
+        self.seconds = seconds
+        self.last = None
+
+    def add(self, name, value):
+        self.q.put((name, value, time.perf_counter()))
+
+    def run(self):
+        while True:
+            got = self.q.get()
+            if got is None:
+                return
+            name, value, t0 = got
+            try:
+                jax.block_until_ready(value)
+            except Exception:  # noqa: BLE001 - the dispatching thread reports device errors
+                pass
+            t1 = time.perf_counter()
+            start = t0 if self.last is None else max(t0, self.last)
+            self.seconds[name] = self.seconds.get(name, 0.0) + (t1 - start)
+            self.last = t1
+
+    def close(self):
+        self.q.put(None)
+        self.join()

@@ -1,0 +1,225 @@
+"""The shape of the package: importable pieces, one executor, values as cache keys, and a
+renderer without JAX. Each test here failed on the code before the redesign (issue 17)."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import convlens
+from convlens.engine import executor
+from convlens.engine.executor import Batch, Executor, Explain, Fn
+from convlens.models.preprocess import Preprocess
+from tests.kernels.nets import gap_net, with_random_biases
+
+PACKAGE = Path(convlens.__file__).parent
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+
+
+@pytest.mark.parametrize("module", ["cam", "cam_gradfree", "gradients", "occlusion", "sampling", "spec", "common",
+                                    "metrics", "ascent", "incremental", "baselines"])
+def test_every_kernel_module_imports_on_its_own(module):
+    # The registry once imported the method modules for their side effect and they imported
+    # it back: `from convlens.kernels.cam import cam_from_weights` failed in a fresh interpreter.
+    r = _fresh(f"import convlens.kernels.{module} as m; print(sorted(vars(m))[:1])")
+    assert r.returncode == 0, r.stderr
+    r = _fresh("from convlens.kernels.cam import cam_from_weights, gradient_cam, CAM_OUTPUTS, cam_spec; print('ok')")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_registry_is_assembled_from_declarations_without_side_effects():
+    from convlens.kernels import registry
+    assembled = registry._assemble()
+    assert list(assembled) == list(registry.METHODS) and len(assembled) == 19
+    # Importing a method module twice registers nothing twice (there is no registration).
+    import importlib
+
+    import convlens.kernels.cam as cam
+    importlib.reload(cam)
+    assert len(registry._assemble()) == 19
+
+
+def _imagenet_store(path: Path):
+    from convlens.engine import store
+    n, h, w = 2, 24, 24
+    root = store.create(path, attrs={"model": "vgg16", "model_class_names": "imagenet-1k", "methods": {
+        "gradcam": {"config": {}, "outputs": {"heatmap": ["sample", "target", "y", "x"],
+                                              "targets": ["sample", "target"]}, "heatmap": "heatmap"}}})
+    store.write(root, "ids", np.asarray(["a.png", "b.png"]))
+    store.write(root, "status", np.ones(n, np.uint8))
+    store.write(root, "inputs", np.full((n, h, w, 3), 128, np.uint8))
+    store.write(root, "predictions/topk_index", np.asarray([[281, 285], [1, 2]], np.int32))
+    store.write(root, "predictions/topk_prob", np.asarray([[0.9, 0.1], [0.6, 0.3]], np.float32))
+    yy = np.linspace(0, 1, h)[:, None] * np.ones(w)
+    store.write(root, "gradcam/heatmap", np.broadcast_to(yy, (n, 1, h, w)).astype(np.float32),
+                ("sample", "target", "y", "x"))
+    store.write(root, "gradcam/targets", np.asarray([[281], [1]], np.int32), ("sample", "target"))
+    store.finish(path)
+
+
+def test_rendering_an_imagenet_store_never_imports_jax(tmp_path):
+    # render -> models.labels -> models/__init__ -> network -> flax used to pull in JAX.
+    _imagenet_store(tmp_path / "s.zarr")
+    code = f"""
+import sys
+from convlens.render.render import render_store
+from convlens.render.report import report
+groups = render_store({str(tmp_path / 's.zarr')!r}, {str(tmp_path / 'pics')!r})
+report({str(tmp_path / 's.zarr')!r}, {str(tmp_path / 'r.html')!r})
+from convlens.engine import store
+from convlens.render.render import class_names_of, prediction_title
+root = store.open_store({str(tmp_path / 's.zarr')!r})
+print('TITLE', prediction_title(root, 0, class_names_of(root)))
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax'))
+print('HEAVY', heavy)
+print('FILES', sum(len(v) for v in groups.values()))
+"""
+    r = _fresh(code)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stdout, r.stdout
+    assert int(r.stdout.split("FILES")[1]) >= 3
+    # The ImageNet label of class 281 is in the drawn titles: labels were read without JAX.
+    assert "TITLE a.png: tabby" in r.stdout, r.stdout
+
+
+def test_model_is_immutable_and_compiled_kernels_follow_its_value():
+    # `model.preprocess_spec = ...` once changed the model but not the kernel compiled for it.
+    model = gap_net()
+    params = with_random_biases(model, 0)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    with pytest.raises(AttributeError, match="immutable"):
+        model.preprocess_spec = Preprocess("caffe")
+    before = convlens.explain(model, params, x, "gradcam")
+    caffe = model.replace(preprocess=Preprocess("caffe"))
+    after = convlens.explain(caffe, params, x, "gradcam")
+    logits = np.asarray(caffe.apply(params, caffe.preprocess(jnp.asarray(x)), logits=True)[0])
+    np.testing.assert_allclose(after.logits, logits, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(after.logits, before.logits)
+    assert model.preprocess_spec == Preprocess("rescale")  # the original is untouched
+
+
+def test_equal_models_share_one_executable_and_changed_ones_compile_anew():
+    a, b = gap_net(), gap_net()  # built separately: equal values
+    assert a == b and hash(a) == hash(b) and a is not b
+    params = with_random_biases(a, 1)
+    x = np.zeros((3, 16, 16, 3), np.float32)
+    cfg = convlens.api.resolve(a, "gradcam")
+    comps = [Explain(m, "gradcam", cfg, 1) for m in (a, b)]
+    assert comps[0] == comps[1]
+    executor.clear_cache()
+    for c in comps:
+        with Executor(params, batch=3) as ex:
+            ex.run({"g": c}, Batch({"images": x}, np.arange(3)))
+    assert executor.signatures(comps[0]) == 1
+    other = Explain(a.replace(preprocess=Preprocess("tf")), "gradcam", cfg, 1)
+    assert other != comps[0]
+    # Provenance is not part of what a kernel computes: it does not recompile.
+    from convlens.models.network import Provenance
+    same = Explain(a.replace(provenance=Provenance.of("w.h5", "abc")), "gradcam", cfg, 1)
+    assert same == comps[0]
+
+
+def test_executor_pads_keys_and_dispatches_ahead():
+    """The last batch is padded (results unchanged), item keys follow the global index,
+    and group n+1 is dispatched before group n is fetched."""
+    model = gap_net()
+    params = with_random_biases(model, 2)
+    x = np.random.default_rng(1).uniform(0, 255, (5, 16, 16, 3)).astype(np.float32)
+    cfg = convlens.api.resolve(model, "smoothgrad", {"samples": 3})
+    comp = {"s": Explain(model, "smoothgrad", cfg, 1)}
+    events = []
+
+    class Spy(Executor):
+        def submit(self, comps, batch, params=None):
+            events.append(("submit", int(batch.indices[0])))
+            return super().submit(comps, batch, params)
+
+        @staticmethod
+        def fetch(pendings):
+            events.append(("fetch", None))
+            return Executor.fetch(pendings)
+
+    with Spy(params, batch=2, key=7) as ex:
+        parts = [r for _, rs in ex.stream(comp, ((b, [b]) for b in ex.split({"images": x}))) for r in rs]
+    assert [e[0] for e in events] == ["submit", "submit", "fetch", "submit", "fetch", "fetch"]
+    got = executor.merge(parts)["s"]["attribution"]
+    with Executor(params, batch=5, key=7) as ex:
+        whole = ex.run(comp, Batch({"images": x}, np.arange(5)))["s"]["attribution"]
+    np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-6)
+    # Item i's noise is fold_in(key, i): item 3 alone, at index 3, gets the same map.
+    with Executor(params, batch=1, key=7) as ex:
+        one = ex.run(comp, Batch({"images": x[3:4]}, np.asarray([3])))["s"]["attribution"]
+    np.testing.assert_allclose(one[0], whole[3], rtol=1e-5, atol=1e-6)
+
+
+def test_xla_options_are_measured_once_remembered_and_change_no_number(monkeypatch, tmp_path):
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CONVLENS_XLA", "auto")
+    monkeypatch.setattr(executor, "TUNE_MIN_SECONDS", 0.0)
+    fake = {"default": 3.0, "ynn-dot": 1.0, "ynn-off": 2.0}
+    order = iter(["default"] + ["ynn-dot"] * 2 + ["ynn-off"] * 2 + ["default"] * 2)
+    monkeypatch.setattr(executor, "_time_call", lambda compiled, args, reps=2: fake[next(order)])
+    model = gap_net()
+    params = with_random_biases(model, 3)
+    comp = Fn(lambda p, i, k: {"y": model.apply(p, model.preprocess(i["x"]), logits=True)[0] * 1.0},
+              ("tuning-test", model.computation), ("x",), "tuning-test")
+    x = np.random.default_rng(2).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    fn = executor.function(comp)
+    keys = executor.item_keys(0, np.arange(4))
+    executor.clear_cache()
+    t = fn.tuning(params, {"x": x}, keys)
+    assert t.source == "measured" and t.choice == "ynn-dot", t
+    saved = json.loads((tmp_path / "xla-options.json").read_text())
+    assert [v["choice"] for v in saved.values()] == ["ynn-dot"]
+    executor.clear_cache()
+    assert fn.tuning(params, {"x": x}, keys).source == "remembered"
+    # Every setting computes the same numbers (to float rounding).
+    lowered = fn.lowered(params, {"x": x}, keys)
+    outs = [np.asarray(executor._compile(lowered, name)(params, {"x": x}, keys)["y"]) for name in executor.CPU_CANDIDATES]
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)
+    executor.clear_cache()
+
+
+def test_no_xla_flags_are_set_at_import():
+    r = _fresh("import os; os.environ.pop('XLA_FLAGS', None); import convlens, convlens.api; "
+               "print(repr(os.environ.get('XLA_FLAGS')))")
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stdout + r.stderr
+
+
+def test_only_the_executor_compiles():
+    """No driver compiles by itself: ``jax.jit(...)`` and ``.lower(args)`` (a jitted
+    function's lowering) appear only in the executor."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel in ("engine/executor.py", "demo.py"):  # the demo's training loop trains; it explains nothing
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            jit = node.func.attr == "jit" and isinstance(node.func.value, ast.Name) and node.func.value.id == "jax"
+            lower = node.func.attr == "lower" and (node.args or node.keywords)  # str.lower() takes none
+            if jit or lower:
+                offenders.append(f"{rel}:{node.lineno}")
+    assert offenders == [], offenders
+
+
+def test_layer_kinds_replace_class_name_lists_in_kernels():
+    offenders = []
+    for path in (PACKAGE / "kernels").rglob("*.py"):
+        text = path.read_text()
+        for cls in ("\"Conv2D\"", "\"MaxPooling2D\"", "\"Dropout\"", "\"GlobalAveragePooling2D\"", "\"Dense\""):
+            if cls in text:
+                offenders.append(f"{path.name}: {cls}")
+    # CAM is defined by GlobalAveragePooling2D itself (not any global pooling): the one
+    # class name a kernel may say.
+    assert offenders in ([], ["cam.py: \"GlobalAveragePooling2D\""]), offenders
