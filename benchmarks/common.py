@@ -101,3 +101,32 @@ def machine() -> dict:
         simd = ""
     return {"cpu": cpu, "simd": simd, "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version()}
+
+
+def explain_fn(model, method: str, opts: dict | None = None, top_k: int = 1):
+    """The compiled kernel convlens runs for ``method`` (the executor's: XLA options chosen
+    per computation), as ``fn(params, images [B, H, W, C], targets=None, keys=None) -> outputs``
+    (``targets`` unused: the top ``top_k`` classes are explained)."""
+    from convlens.api import resolve
+    from convlens.engine.executor import Explain, function
+    f = function(Explain(model, method, resolve(model, method, opts or {}), top_k))
+
+    def fn(params, x, targets=None, keys=None):
+        return f(params, {"images": x}, keys_for(x.shape[0]) if keys is None else keys)
+    return fn
+
+
+def forward_fn(model):
+    """The executor's compiled forward pass, ``fn(params, images) -> logits``."""
+    import numpy as np
+
+    from convlens.engine.executor import Forward, function, item_keys
+    f = function(Forward(model))
+    return lambda params, x: f(params, {"images": x}, item_keys(0, np.arange(x.shape[0])))["logits"]
+
+
+def keys_for(n: int):
+    import numpy as np
+
+    from convlens.engine.executor import item_keys
+    return item_keys(0, np.arange(n))

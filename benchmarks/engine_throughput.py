@@ -27,15 +27,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import convlens  # noqa: E402  - sets convlens's XLA flags before JAX starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import best_time, load_arrays, machine  # noqa: E402
+from common import best_time, load_arrays, machine, explain_fn, keys_for  # noqa: E402
 
 from convlens.engine import runner  # noqa: E402
-from convlens.api import compiled, resolve_config  # noqa: E402
-from convlens.kernels.registry import METHODS  # noqa: E402
 from convlens.models.registry import build_model  # noqa: E402
 
 
@@ -72,15 +69,13 @@ def main():
     a = ap.parse_args()
     model = build_model("vgg16")
     params = jax.tree.map(jnp.asarray, load_arrays("vgg16"))
-    model.source = "benchmark weights"
     tmp = Path(tempfile.mkdtemp(prefix="convlens-bench-"))
     try:
         folder = make_folder(tmp / "photos", a.images)
         b = a.batch
-        cfg = resolve_config(model, METHODS["gradcam"], {})
-        fn = compiled(model, "gradcam", cfg, 1)
+        fn = explain_fn(model, "gradcam", {}, 1)
         x = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (b, 224, 224, 3)).astype("float32"))
-        keys = runner.item_keys(0, np.arange(b))
+        keys = keys_for(b)
         t_kernel = best_time(lambda: jax.block_until_ready(fn(params, x, None, keys)), a.reps)
         kernel = b / t_kernel
         print(f"kernel only: {kernel:.2f} images/s (batch {b})", flush=True)

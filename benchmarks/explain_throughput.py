@@ -20,14 +20,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import convlens  # noqa: E402  - sets convlens's XLA flags before JAX starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import best_time, load_arrays, machine, torch_model  # noqa: E402
+from common import best_time, load_arrays, machine, torch_model, explain_fn, forward_fn, keys_for  # noqa: E402
 
-from convlens.api import compiled, image_keys, resolve_config  # noqa: E402
-from convlens.kernels.registry import METHODS  # noqa: E402
 from convlens.models.registry import build_model  # noqa: E402
 
 SMOOTH_SAMPLES = 8
@@ -54,7 +51,7 @@ def main():
     except ImportError:
         ca = None
         print("PyTorch/Captum not installed: convlens only")
-    fwd = jax.jit(lambda p, x: model.apply(p, model.preprocess(x))[0])
+    fwd = forward_fn(model)
     results = {"machine": machine(), "smoothgrad_samples": SMOOTH_SAMPLES, "batches": {}}
     for b in batches:
         x_np = np.random.default_rng(0).uniform(0, 255, (b, 224, 224, 3)).astype("float32")
@@ -71,9 +68,8 @@ def main():
         for method, opts in methods:
             if method == "smoothgrad" and b > 8:
                 continue  # 8 noisy copies of 32 images: minutes per call, same ratio as batch 8
-            cfg = resolve_config(model, METHODS[method], opts)
-            fn = compiled(model, method, cfg, 1)
-            keys = image_keys(0, 0, b)
+            fn = explain_fn(model, method, opts, 1)
+            keys = keys_for(b)
             out = fn(params, x, None, keys)
             t = best_time(lambda: jax.block_until_ready(fn(params, x, None, keys)), a.reps)
             rows[method] = b / t
@@ -100,10 +96,9 @@ def main():
         if b == 8:
             # Three classes per image: one forward and three backward passes (vmap over the
             # cotangents) against three calls of the PyTorch tools.
-            cfg = resolve_config(model, METHODS["gradcam"], {})
-            fn3 = compiled(model, "gradcam", cfg, 3)
-            keys = image_keys(0, 0, b)
-            out3 = fn3(params, x, None, keys)
+            fn3 = explain_fn(model, "gradcam", {}, 3)
+            keys = keys_for(b)
+            fn3(params, x, None, keys)  # compiles (and tunes) outside the timing
             t3 = best_time(lambda: jax.block_until_ready(fn3(params, x, None, keys)), a.reps)
             rows["gradcam_top3"] = b / t3
             line = f"  {'gradcam top-3':16s} convlens {b / t3:6.2f} images/s = {t_fwd / t3:.2f} x forward"

@@ -18,23 +18,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import convlens  # noqa: E402,F401  - sets convlens's XLA flags before JAX starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import best_time, load_arrays, machine  # noqa: E402
+from common import best_time, load_arrays, machine, explain_fn  # noqa: E402
 
 from convlens import demo  # noqa: E402
-from convlens.api import compiled, resolve_config  # noqa: E402
 from convlens.kernels import metrics  # noqa: E402
-from convlens.kernels.registry import METHODS  # noqa: E402
 from convlens.models.registry import build_model  # noqa: E402
 
 
 def measure(model, params, size, batch, steps, reps):
     x = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (batch, *size, 3)).astype(np.float32))
-    cfg = resolve_config(model, METHODS["gradcam"], {})
-    fn = compiled(model, "gradcam", cfg, 1)
+    fn = explain_fn(model, "gradcam", {}, 1)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(batch))
     out = fn(params, x, None, keys)
     t_exp = best_time(lambda: jax.block_until_ready(fn(params, x, None, keys)), reps)

@@ -25,14 +25,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import convlens  # noqa: E402,F401  - sets convlens's XLA flags before JAX starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import best_time, load_arrays, machine, torch_model  # noqa: E402
+from common import best_time, load_arrays, machine, torch_model, explain_fn, forward_fn  # noqa: E402
 
-from convlens.api import compiled, resolve_config  # noqa: E402
-from convlens.kernels.registry import METHODS  # noqa: E402
 from convlens.models.registry import build_model  # noqa: E402
 
 APPROX = {"approx (drilldown 0.25)": {"incremental": True, "drilldown": 0.25},
@@ -94,11 +91,12 @@ def main():
     x = jnp.asarray(photo())
     res = {"machine": machine(), "configs": {}}
     # The brute-force limit: plain batched forward throughput at the kernel's chunk size.
-    cfg0 = resolve_config(model, METHODS["occlusion"], {})
+    from convlens.kernels.occlusion import OcclusionConfig
+    cfg0 = OcclusionConfig()
     from convlens.kernels.common import copies_per_step, image_bytes
     chunk = copies_per_step(cfg0.chunk, cfg0.memory_mb, 1, 10_000, image_bytes(model, (224, 224)))
     xs = jnp.repeat(x, chunk, axis=0)
-    fwd = jax.jit(lambda p, v: model.apply(p, model.preprocess(v), logits=True)[0])
+    fwd = forward_fn(model)
     t = best_time(lambda: fwd(params, xs).block_until_ready(), 2)
     limit = chunk / t
     res["forward_images_per_s"] = limit
@@ -124,8 +122,7 @@ def main():
         rows = res["configs"][f"{win}/{st}"] = {}
         run = {}
         for name, opts in [("brute force", {}), ("incremental", {"incremental": True}), *APPROX.items()]:
-            cfg = resolve_config(model, METHODS["occlusion"], {"window": win, "stride": st, **opts})
-            fn = compiled(model, "occlusion", cfg, 1)
+            fn = explain_fn(model, "occlusion", {"window": win, "stride": st, **opts}, 1)
             secs, out = timed(fn, params, x, None, None)
             run[name] = out
             pos = out["sensitivity"].shape[-2] * out["sensitivity"].shape[-1]

@@ -30,15 +30,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import convlens  # noqa: E402,F401  - sets convlens's XLA flags before JAX starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import best_time, load_arrays, machine, torch_model  # noqa: E402
+from common import best_time, load_arrays, machine, torch_model, explain_fn, forward_fn, keys_for  # noqa: E402
 
-from convlens.api import compiled, image_keys, resolve_config  # noqa: E402
 from convlens.kernels.common import copies_per_step, image_bytes  # noqa: E402
-from convlens.kernels.registry import METHODS  # noqa: E402
 from convlens.models.registry import build_model  # noqa: E402
 
 MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
@@ -123,7 +120,7 @@ def main():
     model = build_model("vgg16")
     params = jax.tree.map(jnp.asarray, weights)
     x = jnp.asarray(photo())
-    keys = image_keys(0, 0, 1)
+    keys = keys_for(1)
     res = {"machine": machine(), "lime_samples": n_lime, "rise_samples": n_rise, "rows": {}}
     out_file = HERE / "results" / ("perturbation_throughput_quick.json" if a.quick else "perturbation_throughput.json")
     if only and out_file.exists():
@@ -134,7 +131,7 @@ def main():
 
     chunk = copies_per_step(0, 1024, 1, 10_000, image_bytes(model, (224, 224)))
     xs = jnp.repeat(x, chunk, axis=0)
-    fwd = jax.jit(lambda p, v: model.apply(p, model.preprocess(v), logits=True)[0])
+    fwd = forward_fn(model)
     limit = chunk / best_time(lambda: fwd(params, xs).block_until_ready(), 2)
     res["forward_images_per_s"], res["chunk"] = limit, chunk
     print(f"batched forward (batch {chunk}): {limit:.2f} images/s = the limit for perturbation methods", flush=True)
@@ -153,8 +150,7 @@ def main():
     runs = {}
 
     def ours(name, method, opts, copies):
-        cfg = resolve_config(model, METHODS[method], opts)
-        secs, out = timed(compiled(model, method, cfg, 1), params, x, None, keys)
+        secs, out = timed(explain_fn(model, method, opts, 1), params, x, None, keys)
         runs[name] = out
         row = {"seconds": secs, "copies": copies, "copies_per_s": copies / secs,
                "fraction_of_forward_limit": copies / secs / limit}

@@ -31,16 +31,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import convlens  # noqa: E402,F401  - sets convlens's XLA flags before JAX starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import best_time, load_arrays, machine  # noqa: E402
+from common import best_time, load_arrays, machine, explain_fn, keys_for  # noqa: E402
 
-from convlens.api import compiled, image_keys, resolve_config  # noqa: E402
 from convlens.engine import runner, sources  # noqa: E402
 from convlens.engine.video import VideoSource, av_module  # noqa: E402
-from convlens.kernels.registry import METHODS  # noqa: E402
 from convlens.live import live  # noqa: E402
 from convlens.models.registry import build_model  # noqa: E402
 
@@ -84,7 +81,6 @@ def main():
         warm = make_video(tmp / "warm.mp4", a.batch * 2)
         for name in (("smallcnn",) if a.quick else ("smallcnn", "vgg16")):
             model = build_model(name)
-            model.source = "benchmark weights"
             params = jax.tree.map(jnp.asarray, load_arrays(name))
             size = model.input_size
             row = res["models"][name] = {"input": list(size)}
@@ -92,11 +88,10 @@ def main():
             t = time.perf_counter()
             frames = [sources.fit(src.read(i).image, size) for i in range(len(src))]
             row["decode_fps"] = len(frames) / (time.perf_counter() - t)
-            cfg = resolve_config(model, METHODS["gradcam"], {})
-            fn = compiled(model, "gradcam", cfg, 1)
+            fn = explain_fn(model, "gradcam", {}, 1)
             for b, key in ((a.batch, "kernel_fps"), (1, "kernel_fps_batch1")):
                 x = jnp.asarray(np.stack(frames[:b]).astype(np.float32))
-                keys = image_keys(0, 0, b)
+                keys = keys_for(b)
                 row[key] = b / best_time(lambda: jax.block_until_ready(fn(params, x, None, keys)), 3)
             runner.run(model, params, VideoSource([str(warm)]), ["gradcam"], tmp / "warm.zarr",
                        batch_size=a.batch, progress=False, overwrite=True)

@@ -116,7 +116,8 @@ def explain(model: Model, params, images, method: str = "gradcam", *, target="to
     inputs = {"images": x}
     if t.top_k is None:
         inputs["targets"] = t.for_items(np.arange(len(x)))
-    with Executor(params, batch=bs, key=key) as ex:
+    # Measuring XLA settings pays off only for repeated work: several batches of it.
+    with Executor(params, batch=bs, key=key, tune=-(-len(x) // bs) >= 4) as ex:
         results = [r for _, rs in ex.stream({method: comp}, ((b, [b]) for b in ex.split(inputs))) for r in rs]
     merged = merge(results)[method]
     bad = [name for name, v in merged.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]

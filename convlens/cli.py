@@ -640,7 +640,7 @@ def _activations():
         x, ids = sources.load_images(list(images), m.input_size, resize or "squash")
         comp = Fn(lambda p, i, k: acts_of(m, p, i["images"], names), (m.computation, names), ("images",),
                   "activations")
-        with Executor(params, batch=len(x)) as ex:
+        with Executor(params, batch=len(x), tune=False) as ex:
             acts = ex.run({"a": comp}, Batch({"images": x.astype(np.float32)}, np.arange(len(x))))["a"]
         for name in names:
             a = acts[name]

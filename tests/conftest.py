@@ -8,6 +8,9 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 if "CONVLENS_CACHE" not in os.environ:
     import tempfile
     os.environ["CONVLENS_CACHE"] = tempfile.mkdtemp(prefix="convlens-test-cache-")
+# Tests check numbers, not speed: XLA's own settings throughout (measuring the candidates
+# would compile every kernel three times); tests/test_architecture.py tests the tuning itself.
+os.environ.setdefault("CONVLENS_XLA", "default")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -72,6 +72,7 @@ def image_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_explain_writes_store_matching_api(capsys, image_dir, tmp_path):
     import numpy as np
     import zarr
@@ -141,6 +142,7 @@ def test_unreadable_image_is_a_clear_error(capsys, tmp_path):
     assert err.count("\n") == 1 and f"{bad}: failed (not an image file" in out
 
 
+@pytest.mark.slow
 def test_occlusion_command_matches_api(capsys, image_dir, tmp_path):
     import numpy as np
 

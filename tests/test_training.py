@@ -42,6 +42,7 @@ def fit(x, y, callbacks, epochs=4):
     return m, h.history
 
 
+@pytest.mark.slow
 def test_callback_records_each_epoch_as_explain_would(data, tmp_path):
     from convlens.keras import ExplainCallback, convlens_model
     from convlens.models.keras_io import load_weights

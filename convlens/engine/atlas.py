@@ -148,7 +148,7 @@ def ascend(model: Model, params, objective: ascent.Objective, units, cfg: ascent
     images whichever loop runs it (dispatched, not fetched)."""
     comp = Ascent(model, objective, cfg, loop_mode(cfg, loop))
     units = jnp.asarray(units, jnp.int32)
-    with Executor(params, batch=len(units)) as ex:
+    with Executor(params, batch=len(units), tune=False) as ex:
         return comp.dispatch(ex, ex.params, {"units": units}, keys)
 
 

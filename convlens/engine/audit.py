@@ -443,7 +443,7 @@ def _sanity(root, mp, method, entry, targets, valid, cfg):
     batch = Batch({"images": x, "targets": targets[idx][:, None].astype(np.int32)}, np.arange(len(idx)))
     heat_name = spec.heatmap
 
-    with Executor(params, batch=len(idx)) as ex:
+    with Executor(params, batch=len(idx), tune=False) as ex:
         def explain(p):
             return ex.run(comp, batch, params=p)[method][heat_name][:, 0]
         counts, last, rho = sanity_check(model, params, explain)

@@ -225,8 +225,10 @@ class Tuning:
     source: str  # "measured", "remembered", "fixed" or "not worth measuring"
 
 
-def _choose(lowered, args, label: str) -> tuple[Any, Tuning]:
-    """Compiles ``lowered`` with the XLA options to use here, measuring them if needed."""
+def _choose(lowered, args, label: str, tune: bool) -> tuple[Any, Tuning]:
+    """Compiles ``lowered`` with the XLA options to use here: a choice remembered for this
+    program on this machine, else (``tune``: the work will repeat) the fastest measured
+    now, else XLA's default."""
     mode = xla_mode()
     if jax.default_backend() != "cpu":
         return lowered.compile(), Tuning("default", {}, "fixed")
@@ -236,6 +238,8 @@ def _choose(lowered, args, label: str) -> tuple[Any, Tuning]:
     known = _read_choices().get(fingerprint)
     if known and known.get("choice") in CPU_CANDIDATES:
         return _compile(lowered, known["choice"]), Tuning(known["choice"], known.get("seconds", {}), "remembered")
+    if not tune:
+        return _compile(lowered, "default"), Tuning("default", {}, "not measured (one-off work)")
     first = _compile(lowered, "default")
     jax.block_until_ready(first(*args))  # the warm-up every computation needs anyway
     t_default = _time_call(first, args, reps=1)
@@ -282,10 +286,12 @@ def _signature(args) -> tuple:
 
 
 class Function:
-    """A computation compiled on first use for each argument signature (see `function`)."""
+    """A computation compiled on first use for each argument signature (see `function`).
+    ``tune``: measure the XLA settings if this machine has no remembered choice (for work
+    that repeats: runs, live, atlases); one-off calls use XLA's default instead."""
 
-    def __init__(self, comp: Computation):
-        self.comp = comp
+    def __init__(self, comp: Computation, tune: bool = True):
+        self.comp, self.tune = comp, tune
 
     def lowered(self, *args):
         return jax.jit(self.comp).lower(*args)
@@ -294,7 +300,7 @@ class Function:
         key = (self.comp, _signature(args))
         hit = _COMPILED.get(key)
         if hit is None:
-            hit = _choose(self.lowered(*args), args, self.comp.label or type(self.comp).__name__)
+            hit = _choose(self.lowered(*args), args, self.comp.label or type(self.comp).__name__, self.tune)
             with _COMPILED_LOCK:
                 if len(_COMPILED) >= _CACHE_LIMIT:
                     _COMPILED.pop(next(iter(_COMPILED)))
@@ -308,9 +314,9 @@ class Function:
         return self.compiled(*args)[0](*args)
 
 
-def function(comp: Computation) -> Function:
+def function(comp: Computation, tune: bool = True) -> Function:
     """``comp`` as a callable compiled once per argument signature (cached by value)."""
-    return Function(comp)
+    return Function(comp, tune)
 
 
 def clear_cache() -> None:
@@ -381,6 +387,8 @@ class Executor:
       devices: the devices to shard over (default: all local devices).
       timing: charge each computation its device time (a background thread, closed by
         `close`; use the executor as a context manager).
+      tune: measure XLA settings for computations this machine has no choice for yet
+        (worth it for repeated work; one-off calls compile once with XLA's default).
 
     Example::
 
@@ -390,14 +398,14 @@ class Executor:
     """
 
     def __init__(self, params, *, batch: int, key=0, salt: int | None = None, devices=None,
-                 timing: bool = False):
+                 timing: bool = False, tune: bool = True):
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
         if batch < 1:
             raise ConvlensError("the batch size must be at least 1")
         self.devices = list(devices or jax.local_devices())
         nd = len(self.devices)
         self.batch = -(-batch // nd) * nd
-        self.key, self.salt = key, salt
+        self.key, self.salt, self.tune = key, salt, tune
         self.mesh = Mesh(np.asarray(self.devices), ("data",))
         self.data = NamedSharding(self.mesh, PartitionSpec("data"))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -424,7 +432,7 @@ class Executor:
         return jax.device_put(params, self.replicated) if len(self.devices) > 1 else params
 
     def function(self, comp: Computation) -> Function:
-        return function(comp)
+        return function(comp, self.tune)
 
     def keys(self, indices) -> jax.Array:
         return item_keys(self.key, indices, self.salt)

@@ -74,6 +74,7 @@ def test_parse_filters():
         parse_filters("12", 10)
 
 
+@pytest.mark.slow
 def test_atlas_kill9_then_resume(tmp_path):
     args = ["atlas", "vgg_tiny", "--random-init", "0", "--size", "32", "--steps", "20", "--batch", "2",
             "--loop", "host", "--no-progress"]

@@ -36,6 +36,7 @@ def shortcut_run(tmp_path_factory, shortcut_model):
     return model, params, out
 
 
+@pytest.mark.slow
 def test_planted_shortcut_is_flagged_where_it_is(shortcut_run):
     model, params, out = shortcut_run
     findings = audit.audit(out, audit.AuditConfig(sample=8, sanity_items=2), model=model, params=params,
@@ -61,6 +62,7 @@ def test_planted_shortcut_is_flagged_where_it_is(shortcut_run):
     assert "gradcam" in text and "occlusion" in text
 
 
+@pytest.mark.slow
 def test_control_raises_no_flag(tmp_path):
     model, params, src = trained(False)
     out = tmp_path / "control.zarr"
@@ -113,6 +115,7 @@ def test_deletion_insertion_match_naive_loop(replacement):
         assert out["increase"][b, 0] == float(pk > p)
 
 
+@pytest.mark.slow
 def test_sanity_check_separates_gradcam_from_an_input_only_method(shortcut_run):
     model, params, _ = shortcut_run
     x, _, _, _ = demo.shapes(4, seed=5)
@@ -130,12 +133,18 @@ def test_sanity_check_separates_gradcam_from_an_input_only_method(shortcut_run):
     assert rho_e[-1].mean() >= audit.AuditConfig().sanity_threshold
 
 
-def test_audit_errors(tmp_path, shortcut_run):
+def test_audit_errors(tmp_path):
+    from tests.kernels.nets import gap_net, with_random_biases
     with pytest.raises(ConvlensError, match="no such store"):
         audit.audit(tmp_path / "nope.zarr")
-    _, _, out = shortcut_run
+    model = gap_net()
+    src = sources.ArraySource(np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8))
+    out = tmp_path / "small.zarr"
+    runner.run(model, with_random_biases(model, 0), src, ["gradcam"], out, progress=False)
     with pytest.raises(ConvlensError, match="no heatmaps of nosuch"):
         audit.audit(out, methods=["nosuch"])
+    with pytest.raises(ConvlensError, match="audit: grid=0 is out of range"):
+        audit.AuditConfig(grid=0)
 
 
 # LIME on a 64-cell grid: SLIC cuts these flat 64x64 pictures into ~14 superpixels, too
@@ -144,6 +153,7 @@ NEW_METHODS = {"scorecam": {}, "ablationcam": {}, "eigencam": {},
                "lime": {"samples": 300, "features": 64, "segmentation": "grid"}, "rise": {"samples": 300}}
 
 
+@pytest.mark.slow
 def test_gradient_free_and_sampling_methods_find_the_planted_shortcut(shortcut_model, tmp_path):
     """Registered like the others, the new methods go through the engine, the audit (with
     its faithfulness metrics and randomisation check) and the renderer with no special

@@ -46,6 +46,7 @@ def done_count(path):
         return 0
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_equals_uninterrupted_run(data_npy, tmp_path):
     ref, crashed = tmp_path / "ref.zarr", tmp_path / "crashed.zarr"
     finish(cli(*RUN, "--data", str(data_npy), "--out", str(ref)))
@@ -66,6 +67,7 @@ def test_kill9_then_resume_equals_uninterrupted_run(data_npy, tmp_path):
     assert zarr.open_group(str(crashed), mode="r").attrs["run"]["done"] == n
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one(data_npy, tmp_path):
     one, eight = tmp_path / "one.zarr", tmp_path / "eight.zarr"
     args = ["run", "smallcnn", "--random-init", "0", "-m", "gradcam,integrated_gradients", "-o", "steps=4",
@@ -90,6 +92,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_store(data_npy, tmp_path):
     single, multi = tmp_path / "single.zarr", tmp_path / "multi.zarr"
     args = ["run", "smallcnn", "--random-init", "0", "-m", "gradcam", "--batch-size", "4", "--chunk", "8",

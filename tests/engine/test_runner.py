@@ -38,6 +38,7 @@ def assert_same_arrays(a, b):
             assert (a[k] == b[k]).all(), k
 
 
+@pytest.mark.slow
 def test_folder_run_matches_api_and_opens_in_xarray(tiny, folder, tmp_path):
     import xarray as xr
 
@@ -133,6 +134,7 @@ def test_store_is_never_replaced_silently_and_resume_checks_the_run(tiny, folder
     assert_same_arrays(before, arrays_of(out))
 
 
+@pytest.mark.slow
 def test_resume_recomputes_only_unfinished_chunks(tiny, folder, tmp_path):
     model, params = tiny
     full, part = tmp_path / "full.zarr", tmp_path / "part.zarr"

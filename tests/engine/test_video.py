@@ -182,6 +182,7 @@ def _rss_mb():
         return int(f.read().split()[1]) * 4096 / 2 ** 20
 
 
+@pytest.mark.slow
 def test_live_on_a_fast_stream_holds_a_bounded_number_of_frames(tmp_path):
     """A 640x480 file decoded as fast as possible (pace none) feeds the model far faster
     than it explains: frames are dropped, never queued, and memory stays flat."""
@@ -201,6 +202,7 @@ def test_live_on_a_fast_stream_holds_a_bounded_number_of_frames(tmp_path):
     assert len(times) == stats.processed and (np.diff(times) > 0).all()
 
 
+@pytest.mark.slow
 def test_live_paces_a_file_like_a_camera_and_stops_on_request(clip, tmp_path):
     import time
     model, params = red_detector()

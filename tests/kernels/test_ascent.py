@@ -28,6 +28,7 @@ def run(model, params, obj, units, cfg, seed=0, layer_index=0):
         params, units, item_keys(seed, units, salt=layer_index)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["classic", "lucid"])
 def test_batched_equals_one_filter_at_a_time(tiny, recipe):
     model, params = tiny
@@ -45,6 +46,7 @@ def test_batched_equals_one_filter_at_a_time(tiny, recipe):
                                    atol=1e-5)
 
 
+@pytest.mark.slow
 def test_objective_rises_for_every_filter_of_a_layer(vgg16):
     """Every filter that responds at all to the starting noise ends >= 5x higher; a filter
     that does not respond (dead ReLU with random weights) has no gradient to follow."""
@@ -64,6 +66,7 @@ def test_objective_rises_for_every_filter_of_a_layer(vgg16):
         assert float(jnp.abs(g).max()) == 0.0
 
 
+@pytest.mark.slow
 def test_classic_matches_reference_loop(vgg16):
     """The DLwP loop written out for one filter: plain jax.grad, RMS normalisation, step 1."""
     model, params = vgg16
@@ -102,6 +105,7 @@ def test_objectives_compose(tiny):
                                np.asarray(logits)[np.arange(3), [1, 2, 3]], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_class_and_lucid_objectives_rise(tiny):
     model, params = tiny
     out = run(model, params, A.class_logit(), [5, 9], A.AscentConfig(size=32, steps=20))
@@ -118,6 +122,7 @@ def test_bad_config():
         A.AscentConfig(size=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["classic", "lucid"])
 def test_host_loop_equals_compiled_loop(tiny, recipe):
     from convlens.engine.atlas import ascend

@@ -14,6 +14,7 @@ from tests.keras_helpers import randomize
 keras = pytest.importorskip("keras")
 
 
+@pytest.mark.slow
 def test_gradcam_matches_keras_reference(tmp_path, photos224):
     keras.utils.set_random_seed(11)
     km = keras.applications.VGG16(weights=None)

@@ -112,6 +112,7 @@ def test_probability_drop(tiny):
     np.testing.assert_allclose(e["prob_drop"][0, 0, 0, 0], p(f)[t] - p(f0)[t], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [{}, {"incremental": True}])
 def test_same_result_for_every_chunk_size(tiny, mode):
     model, params = tiny
@@ -124,6 +125,7 @@ def test_same_result_for_every_chunk_size(tiny, mode):
             np.testing.assert_allclose(other[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=f"{name} {chunk}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window, stride", [(8, 6), (5, 9), (16, 16), (32, 12), (3, 11)])
 def test_incremental_equals_brute_force_small_convnet(small, window, stride):
     model, params = small
@@ -135,6 +137,7 @@ def test_incremental_equals_brute_force_small_convnet(small, window, stride):
     np.testing.assert_allclose(b["sensitivity"], a["sensitivity"], rtol=1e-4, atol=1e-4 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window, stride", [((64, 64), (48, 48)), ((40, 24), (96, 100))])
 def test_incremental_equals_brute_force_vgg16(window, stride):
     model, params = convlens.load_model("vgg16", random_init=0)
@@ -148,6 +151,7 @@ def test_incremental_equals_brute_force_vgg16(window, stride):
                                 occlusion.axis_masks(224, window[1], stride[1]))  # some layers incremental
 
 
+@pytest.mark.slow
 def test_approximate_mode_is_close(small):
     model, params = small
     x = rand_images(1, (150, 150), seed=8)
@@ -190,6 +194,7 @@ def test_bad_options():
         convlens.explain(model, params, x, "occlusion", window=20)
 
 
+@pytest.mark.slow
 def test_matches_captum(small):
     torch = pytest.importorskip("torch", reason="PyTorch not installed (CI installs it for this check)")
     ca = pytest.importorskip("captum.attr", reason="Captum not installed (CI installs it for this check)")
@@ -208,6 +213,7 @@ def test_matches_captum(small):
     np.testing.assert_allclose(e["heatmap"][:, 0], theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_drilldown(tiny):
     """Coarse positions and the refined ones are exact; the rest is the coarse map spread
     bilinearly; refined positions are where the coarse drop is largest."""

@@ -12,7 +12,6 @@ from convlens.api import resolve
 from convlens.engine.executor import Explain, function, item_keys
 from convlens.errors import ConvlensError
 from convlens.kernels import sampling
-from convlens.kernels.registry import METHODS
 from tests.conftest import photo_batch
 from tests.kernels.nets import functional, gap_net, layer, with_random_biases
 
@@ -89,6 +88,7 @@ def test_lime_with_slic_on_a_photo_recovers_a_model_linear_in_pixels():
     assert (e["weights"][0, :, n[0]:] == 0).all()  # slots with no superpixel stay 0
 
 
+@pytest.mark.slow
 def test_lime_samples_follow_the_key_and_its_kernel_matches_lime():
     keys = item_keys(3, np.arange(2))
     used = jnp.asarray(np.arange(10)[None, :] < np.array([[10], [6]]))
@@ -264,6 +264,7 @@ def test_eigencam_is_the_first_principal_component_of_the_activations():
             np.testing.assert_allclose(e["cam"][b, t], want, rtol=1e-3, atol=1e-4 * want.max())
 
 
+@pytest.mark.slow
 def test_peak_memory_follows_the_chunk_not_the_copies():
     """The compiled kernel's scratch memory grows with the chunk, stays flat as samples
     grow, and is far below one forward pass of all copies at once (B x copies images)."""

@@ -59,6 +59,7 @@ def test_family_on_gap_model(gap):
     np.testing.assert_allclose(maps["hirescam"], maps["gradcam"], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_cam_family_against_numpy_formulas(tiny):
     """Family weights recomputed in numpy from the same activations and gradients."""
     model, params = tiny
@@ -136,6 +137,7 @@ def test_guided_zero_where_relu_input_or_gradient_nonpositive(tiny):
     del score_pre
 
 
+@pytest.mark.slow
 def test_integrated_gradients_completeness(tiny):
     model, params = tiny
     x = rand_images(3, (32, 32), seed=4)
@@ -150,6 +152,7 @@ def test_integrated_gradients_completeness(tiny):
     np.testing.assert_allclose(e["delta"], total - (f - f0), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_integrated_gradients_rules_agree(tiny):
     model, params = tiny
     x = rand_images(1, (32, 32), seed=5)

@@ -92,6 +92,7 @@ def zoo(tmp_path_factory):
     return m, files, x
 
 
+@pytest.mark.slow
 def test_zoo_covers_every_supported_layer(zoo):
     m, _, _ = zoo
     used = set()
@@ -106,6 +107,7 @@ def test_zoo_covers_every_supported_layer(zoo):
     assert not missing, f"zoo model does not exercise {missing}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_zoo_every_format_every_layer(zoo, fmt):
     m, files, x = zoo

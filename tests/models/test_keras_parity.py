@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from convlens.models import keras_io
-from convlens.models.network import Model
 from convlens.models.preprocess import Preprocess
 from convlens.models.registry import build_model
 from tests.conftest import photo_batch
@@ -62,6 +61,7 @@ def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("keras_files")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "mobilenetv2"])
 def test_keras_applications(name, folder, photos224):
     keras.utils.set_random_seed(1)
@@ -76,6 +76,7 @@ def test_keras_applications(name, folder, photos224):
     check_model(kmodel, x, files)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg16", "vgg19"])
 def test_vgg_builtin(name, folder, photos224):
     keras.utils.set_random_seed(2)
@@ -93,6 +94,7 @@ def test_vgg_builtin(name, folder, photos224):
         f.unlink()
 
 
+@pytest.mark.slow
 def test_vgg16_headless_any_size(folder):
     keras.utils.set_random_seed(3)
     kmodel = keras.applications.VGG16(weights=None, include_top=False, input_shape=(None, None, 3))
@@ -109,6 +111,7 @@ def test_vgg16_headless_any_size(folder):
             assert_close(acts[n], ref[n], f"{size} {n}")
 
 
+@pytest.mark.slow
 def test_smallcnn_builtin(folder):
     keras.backend.clear_session()  # fresh auto-names, as in a new Keras session
     keras.utils.set_random_seed(4)

@@ -43,6 +43,7 @@ def test_perturb_gradient_is_gradient_at_layer(tiny):
     np.testing.assert_allclose(jax.grad(via_perturb)(jnp.zeros_like(a)), jax.grad(via_head)(a), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_batch_equals_one_at_a_time(tiny):
     model, params = tiny
     x = _x(4)

@@ -13,7 +13,6 @@ from PIL import Image
 from convlens.engine import store
 from convlens.render import images as im
 from convlens.render.render import render_store
-from convlens.render.report import report
 
 TITLE = 20  # height of a page title bar
 
@@ -114,6 +113,7 @@ def demo_run(tmp_path_factory):
     return run_demo(tmp_path_factory.mktemp("demo") / "demo", log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_demo_finds_the_planted_shortcut_and_reports_it(demo_run):
     flags = [f for _, f in demo_run["flags"] if f["kind"] == "class_location"]
     assert flags and all(f["class_name"] == "stamped" and f["cell"] == [0, 3] for f in flags)
@@ -130,6 +130,7 @@ def chromium():
     pytest.skip("Chromium is not installed (CI installs Debian's chromium; apt-get install chromium)")
 
 
+@pytest.mark.slow
 def test_report_opens_in_headless_chromium(demo_run, tmp_path):
     exe = chromium()
     page = demo_run["report"]
