@@ -165,8 +165,10 @@ def test_xla_options_are_measured_once_remembered_and_change_no_number(monkeypat
     monkeypatch.setenv("CONVLENS_XLA", "auto")
     monkeypatch.setattr(executor, "TUNE_MIN_SECONDS", 0.0)
     fake = {"default": 3.0, "ynn-dot": 1.0, "ynn-off": 2.0}
-    order = iter(["default"] + ["ynn-dot"] * 2 + ["ynn-off"] * 2 + ["default"] * 2)
-    monkeypatch.setattr(executor, "_time_call", lambda compiled, args, reps=2: fake[next(order)])
+    # The default is timed once first, then every candidate in turns (default, ynn-dot, ynn-off).
+    order = iter(["default"] + ["default", "ynn-dot", "ynn-off"] * executor.TUNE_ROUNDS)
+    monkeypatch.setattr(executor, "TUNE_BUDGET", 0.0)
+    monkeypatch.setattr(executor, "_time_call", lambda compiled, args, reps=1: fake[next(order)])
     model = gap_net()
     params = with_random_biases(model, 3)
     comp = Fn(lambda p, i, k: {"y": model.apply(p, model.preprocess(i["x"]), logits=True)[0] * 1.0},
@@ -183,7 +185,7 @@ def test_xla_options_are_measured_once_remembered_and_change_no_number(monkeypat
     assert fn.tuning(params, {"x": x}, keys).source == "remembered"
     # Every setting computes the same numbers (to float rounding).
     lowered = fn.lowered(params, {"x": x}, keys)
-    outs = [np.asarray(executor._compile(lowered, name)(params, {"x": x}, keys)["y"]) for name in executor.CPU_CANDIDATES]
+    outs = [np.asarray(executor.compile_with(lowered, name)(params, {"x": x}, keys)["y"]) for name in executor.CPU_CANDIDATES]
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)
     executor.clear_cache()

@@ -207,13 +207,17 @@ def _remember(fingerprint: str, entry: dict) -> None:
             pass  # a read-only home: tune again next time, never fail for it
 
 
-def _time_call(compiled, args, reps: int = 2) -> float:
+def _time_call(compiled, args, reps: int = 1) -> float:
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+TUNE_ROUNDS = 3  # at least: candidates are timed in turns, so drift hits them alike
+TUNE_BUDGET = 1.0  # seconds of timing per candidate for short computations (more rounds)
 
 
 @dataclasses.dataclass
@@ -225,37 +229,38 @@ class Tuning:
     source: str  # "measured", "remembered", "fixed" or "not worth measuring"
 
 
-def _choose(lowered, args, label: str, tune: bool) -> tuple[Any, Tuning]:
-    """Compiles ``lowered`` with the XLA options to use here: a choice remembered for this
-    program on this machine, else (``tune``: the work will repeat) the fastest measured
-    now, else XLA's default."""
+def _choose(jits: Callable[[str], Any], args, label: str, tune: bool) -> tuple[Any, Tuning]:
+    """The jitted function with the XLA options to use here, ``jits(name)`` giving the
+    function compiled with candidate ``name``: a choice remembered for this program on
+    this machine, else (``tune``: the work will repeat) the fastest measured now, else
+    XLA's default."""
     mode = xla_mode()
     if jax.default_backend() != "cpu":
-        return lowered.compile(), Tuning("default", {}, "fixed")
+        return jits("default"), Tuning("default", {}, "fixed")
     if mode != "auto":
-        return _compile(lowered, mode), Tuning(mode, {}, "fixed")
-    fingerprint = hashlib.sha256((_machine() + "\n" + lowered.as_text()).encode()).hexdigest()
+        return jits(mode), Tuning(mode, {}, "fixed")
+    first = jits("default")
+    fingerprint = hashlib.sha256((_machine() + "\n" + first.lower(*args).as_text()).encode()).hexdigest()
     known = _read_choices().get(fingerprint)
     if known and known.get("choice") in CPU_CANDIDATES:
-        return _compile(lowered, known["choice"]), Tuning(known["choice"], known.get("seconds", {}), "remembered")
+        return jits(known["choice"]), Tuning(known["choice"], known.get("seconds", {}), "remembered")
     if not tune:
-        return _compile(lowered, "default"), Tuning("default", {}, "not measured (one-off work)")
-    first = _compile(lowered, "default")
+        return first, Tuning("default", {}, "not measured (one-off work)")
     jax.block_until_ready(first(*args))  # the warm-up every computation needs anyway
-    t_default = _time_call(first, args, reps=1)
+    t_default = _time_call(first, args)
     seconds = {"default": t_default}
     if not TUNE_MIN_SECONDS <= t_default <= TUNE_MAX_SECONDS:
         _remember(fingerprint, {"choice": "default", "seconds": seconds, "label": label})
         return first, Tuning("default", seconds, "not worth measuring")
     compiled = {"default": first}
     for name in CPU_CANDIDATES:
-        if name == "default":
-            continue
-        c = _compile(lowered, name)
-        jax.block_until_ready(c(*args))
-        seconds[name] = _time_call(c, args)
-        compiled[name] = c
-    seconds["default"] = min(t_default, _time_call(first, args))
+        if name != "default":
+            compiled[name] = jits(name)
+            jax.block_until_ready(compiled[name](*args))  # compiles, and warms up
+    rounds = max(TUNE_ROUNDS, min(50, int(TUNE_BUDGET / max(t_default, 1e-6))))
+    for _ in range(rounds):
+        for name, c in compiled.items():
+            seconds[name] = min(seconds.get(name, float("inf")), _time_call(c, args))
     best = min(seconds, key=seconds.get)
     if seconds[best] > (1 - TUNE_MARGIN) * seconds["default"]:
         best = "default"  # within noise of XLA's default: keep it
@@ -263,7 +268,8 @@ def _choose(lowered, args, label: str, tune: bool) -> tuple[Any, Tuning]:
     return compiled[best], Tuning(best, seconds, "measured")
 
 
-def _compile(lowered, name: str):
+def compile_with(lowered, name: str):
+    """``lowered`` compiled with candidate ``name``'s XLA options (ahead of time)."""
     opts = CPU_CANDIDATES[name]
     return lowered.compile(compiler_options=opts) if opts else lowered.compile()
 
@@ -271,18 +277,15 @@ def _compile(lowered, name: str):
 # ---------------------------------------------------------------- compiled functions
 
 _COMPILED: dict[tuple, tuple[Any, Tuning]] = {}
+_JITS: dict[tuple, Any] = {}
 _COMPILED_LOCK = threading.Lock()
 _CACHE_LIMIT = 256
 
 
 def _signature(args) -> tuple:
     leaves, tree = jax.tree.flatten(args)
-    sig = []
-    for x in leaves:
-        sharding = getattr(x, "sharding", None)
-        sig.append((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__)),
-                    None if sharding is None or isinstance(x, np.ndarray) else repr(sharding)))
-    return (tree, tuple(sig))
+    return (tree, tuple((np.shape(x), getattr(x, "dtype", type(x)),
+                         None if isinstance(x, np.ndarray) else getattr(x, "sharding", None)) for x in leaves))
 
 
 class Function:
@@ -293,14 +296,27 @@ class Function:
     def __init__(self, comp: Computation, tune: bool = True):
         self.comp, self.tune = comp, tune
 
+    def jitted(self, name: str = "default"):
+        """``comp`` jitted with candidate ``name``'s XLA options (one per computation value
+        and candidate; calls take JAX's fast dispatch path)."""
+        key = (self.comp, "jit", name)
+        fn = _JITS.get(key)
+        if fn is None:
+            fn = jax.jit(self.comp, compiler_options=CPU_CANDIDATES[name] or None)
+            with _COMPILED_LOCK:
+                if len(_JITS) >= 3 * _CACHE_LIMIT:
+                    _JITS.pop(next(iter(_JITS)))
+                _JITS[key] = fn
+        return fn
+
     def lowered(self, *args):
-        return jax.jit(self.comp).lower(*args)
+        return self.jitted().lower(*args)
 
     def compiled(self, *args):
         key = (self.comp, _signature(args))
         hit = _COMPILED.get(key)
         if hit is None:
-            hit = _choose(self.lowered(*args), args, self.comp.label or type(self.comp).__name__, self.tune)
+            hit = _choose(self.jitted, args, self.comp.label or type(self.comp).__name__, self.tune)
             with _COMPILED_LOCK:
                 if len(_COMPILED) >= _CACHE_LIMIT:
                     _COMPILED.pop(next(iter(_COMPILED)))
@@ -323,6 +339,7 @@ def clear_cache() -> None:
     """Forgets every compiled executable (tests of the cache)."""
     with _COMPILED_LOCK:
         _COMPILED.clear()
+        _JITS.clear()
 
 
 def cache_size() -> int:
@@ -336,13 +353,20 @@ def signatures(comp: Computation) -> int:
 
 # ---------------------------------------------------------------- keys and padding
 
+@jax.jit
+def _fold_each(base, indices):
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+
+
 def item_keys(key, indices, salt: int | None = None):
     """Per-item PRNG keys ``fold_in(base, i)`` for item indices ``indices [n]``; ``key``
-    is an int seed or a JAX key, ``salt`` (e.g. an atlas layer) is folded in first."""
+    is an int seed or a JAX key, ``salt`` (e.g. an atlas layer) is folded in first.
+    (Compiled once per batch size: made op by op, the keys cost half a millisecond a
+    batch, a quarter of a small convnet's forward pass.)"""
     base = jax.random.key(int(key)) if isinstance(key, (int, np.integer)) else key
     if salt is not None:
         base = jax.random.fold_in(base, int(salt))
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(np.asarray(indices), jnp.int32))
+    return _fold_each(base, jnp.asarray(np.asarray(indices), jnp.int32))
 
 
 def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
