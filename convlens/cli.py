@@ -564,7 +564,7 @@ def _verify():
         """Check that every chunk STORE marks complete exists and decodes (exit 1 on any problem)."""
         from convlens.engine import store
         from convlens.engine.verify import verify as check
-        rep = check(store.open_store(store_path), full=full)
+        rep = check(store.open_store(store_path, consolidated=False), full=full)
         for line in rep.lines():
             click.echo(f"  {line}")
         if rep.problems:

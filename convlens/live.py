@@ -46,6 +46,7 @@ class LiveStats:
     max_held: int = 0
     peak_rss_mb: float = 0.0
     stopped_by: str = ""
+    damaged: int = 0
 
     @property
     def fps(self) -> float:
@@ -54,7 +55,8 @@ class LiveStats:
     def line(self) -> str:
         return (f"{self.processed} frames explained in {self.seconds:.1f} s ({self.fps:.1f} fps), {self.dropped} of "
                 f"{self.read} read dropped; {self.compute_ms:.0f} ms per frame on the model; "
-                f"at most {self.max_held} frames held; peak memory {self.peak_rss_mb:.0f} MB")
+                f"at most {self.max_held} frames held; peak memory {self.peak_rss_mb:.0f} MB"
+                + (f"; {self.damaged} damaged packet(s) skipped" if self.damaged else ""))
 
 
 @dataclasses.dataclass
@@ -108,24 +110,38 @@ class Reader(threading.Thread):
         self.container, self.stream, self.slot, self.pace = container, stream, slot, pace
         self.stop = threading.Event()
         self.read = 0
+        self.damaged = 0
 
     def run(self):
-        from convlens.engine.video import upright
+        from convlens.engine.video import av_module, upright
+        av = av_module()
         t0 = wall0 = None
         try:
-            for fr in self.container.decode(self.stream):
+            for packet in self.container.demux(self.stream):
                 if self.stop.is_set():
                     break
-                t = float(fr.time) if fr.time is not None else self.read / 30.0
-                if t0 is None:
-                    t0, wall0 = t, time.perf_counter()
-                if self.pace:  # play a file as a camera would deliver it
-                    wait = (t - t0) - (time.perf_counter() - wall0)
-                    if wait > 0 and self.stop.wait(wait):
-                        break
-                self.slot.put(Frame(upright(fr), t - t0, self.read))
-                self.read += 1
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError:
+                    self.damaged += 1  # a damaged packet: its frames are skipped, as a run skips them
+                    continue
+                for fr in frames:
+                    t = float(fr.time) if fr.time is not None else self.read / 30.0
+                    if t0 is None:
+                        t0, wall0 = t, time.perf_counter()
+                    if self.pace:  # play a file as a camera would deliver it
+                        wait = (t - t0) - (time.perf_counter() - wall0)
+                        if wait > 0 and self.stop.wait(wait):
+                            self.slot.close()
+                            return
+                    self.slot.put(Frame(upright(fr), t - t0, self.read))
+                    self.read += 1
             self.slot.close()
+        except av.FFmpegError as e:
+            # The container itself broke: after frames were read that is where the readable
+            # stream ends; before any, the stream cannot be read at all.
+            self.damaged += 1
+            self.slot.close(None if self.read else e)
         except Exception as e:  # noqa: BLE001 - reported by the main loop
             self.slot.close(e)
 
@@ -288,6 +304,7 @@ def live(model, params, stream: str, *, method: str = "gradcam", options: dict |
         if window is not None:
             window.close()
         stats.read = reader.read
+        stats.damaged = reader.damaged
         stats.dropped = slot.dropped + (1 if slot.frame is not None else 0)
         stats.compute_ms = 1000 * float(np.mean(compute)) if compute else 0.0
         stats.peak_rss_mb = _peak_rss_mb()

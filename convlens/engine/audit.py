@@ -298,7 +298,9 @@ def audit(path, cfg: AuditConfig = AuditConfig(), *, model=None, params=None, me
 
 
 def _audit(path, cfg, model, params, methods, progress, storage_options) -> dict:
+    from convlens.engine.verify import require_sound
     root = store.open_store(path, "r+", storage_options)
+    require_sound(root, path)
     attrs = dict(root.attrs)
     entries = attrs.get("methods") or {}
     names = [m for m in entries if heatmap_of(entries[m])]

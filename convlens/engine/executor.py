@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import queue
 import threading
@@ -75,6 +76,10 @@ class Computation:
         """Dispatches the computation (asynchronously) and returns its device outputs."""
         return executor.function(self)(params, inputs, keys)
 
+    def check(self, batch: int) -> None:
+        """Raises a one-line error if the computation cannot run at this batch size (before
+        anything is compiled)."""
+
     def __eq__(self, other):
         return type(self) is type(other) and self.key() == other.key()
 
@@ -98,6 +103,9 @@ class Explain(Computation):
 
     def key(self):
         return (self.model.computation, self.method, self.cfg, self.top_k)
+
+    def check(self, batch: int) -> None:
+        check_memory(self.model, batch)
 
     def __call__(self, params, inputs, keys):
         t = self.top_k if self.top_k is not None else inputs["targets"]
@@ -133,6 +141,37 @@ class Fn(Computation):
 
     def __call__(self, params, inputs, keys):
         return self.fn(params, inputs, keys)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process (Linux's MemAvailable), or ``None``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+MAX_ITEM_ELEMENTS = 1 << 31  # one layer's output for one image: no real convnet comes near
+
+
+def check_memory(model, batch: int) -> None:
+    """Refuses, before anything is compiled, a model whose layer outputs at this batch
+    size cannot fit in memory (a model file declaring absurd sizes, or too big a batch)."""
+    shapes = model.output_shapes(1)
+    name, biggest = max(shapes.items(), key=lambda kv: math.prod(kv[1]))
+    if math.prod(biggest) > MAX_ITEM_ELEMENTS:
+        raise ConvlensError(f"model {model.name!r}: layer {name!r} would output {list(biggest[1:])} values per "
+                            "image, which no real convnet does; the model file declares absurd sizes")
+    need = model.activation_bytes(batch)
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise ConvlensError(f"model {model.name!r} needs about {need / 2**30:.1f} GiB for the layer outputs of a "
+                            f"batch of {batch} (its largest, {name!r}, is {list(biggest[1:])} per image); "
+                            f"{avail / 2**30:.1f} GiB are available: lower the batch size")
 
 
 # ---------------------------------------------------------------- XLA options
@@ -435,6 +474,7 @@ class Executor:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.params = self.put_params(params)
         self.seconds: dict[str, float] = {}
+        self._checked: set = set()
         self._timer = _Timer(self.seconds) if timing else None
         if self._timer is not None:
             self._timer.start()
@@ -483,6 +523,9 @@ class Executor:
         p = self.params if params is None else self.put_params(params)
         outs = {}
         for name, comp in comps.items():
+            if comp not in self._checked:
+                comp.check(self.batch)
+                self._checked.add(comp)
             out = comp.dispatch(self, p, self._device_inputs(comp, batch), keys)
             if self._timer is not None:
                 self._timer.add(name, out)

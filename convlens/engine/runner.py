@@ -241,6 +241,8 @@ class Run:
         self.k = min(opts.topk, max(self.n_classes, 2) if self.n_classes == 1 else self.n_classes)
         self.fp = fingerprint(model, self.configs, source, opts, self.chunk)
         self.comps = {m: Explain(model, m, cfg, self.targets.top_k) for m, cfg in self.configs.items()}
+        for comp in self.comps.values():
+            comp.check(self.batch)  # refuse at once what cannot fit, before the store is touched
         self.lock: store.StoreLock | None = None
         self._data_fp = None
 
@@ -379,7 +381,7 @@ class Run:
         report = repair(root, full=self.verify_full)
         if report.problems:
             self.note(f"resume: {report.summary()}; recomputing those chunks")
-        self.repaired = report.problems
+        self.repaired = [(g, c) for g, cs in report.broken.items() for c in sorted(cs)]
         return root
 
     def pending_chunks(self, root) -> list[int]:

@@ -250,6 +250,12 @@ class ArraySource(Source):
     """Images held in memory: ``[N, H, W, C]`` (any dtype `to_rgb_uint8` takes)."""
 
     def __init__(self, images, labels=None, ids=None, class_names=None, masks=None, description=""):
+        shape, dtype = np.shape(images), getattr(images, "dtype", None)
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
+            raise ConvlensError(f"{description or 'the array'} has shape {list(shape)}: give images [N, H, W, C] "
+                                "(C = 1, 3 or 4) or [N, H, W]")
+        if dtype is not None and np.dtype(dtype).kind not in "uifb":
+            raise ConvlensError(f"{description or 'the array'} holds {dtype}, not pixel values")
         self.images = images
         n = len(images)
         self.ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
@@ -280,12 +286,12 @@ def array_source(path: str | Path) -> ArraySource:
     path = Path(path)
     try:
         if path.suffix == ".npy":
-            return ArraySource(np.load(path, mmap_mode="r"), description=f"array {path}")
+            return ArraySource(np.load(path, mmap_mode="r", allow_pickle=False), description=f"array {path}")
         with np.load(path, allow_pickle=False) as z:
             if "images" not in z.files:
                 raise ConvlensError(f"{path} has no 'images' array (it has: {', '.join(z.files)})")
             get = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, KeyError) as e:
         raise ConvlensError(f"cannot read {path}: {e}") from None
     return ArraySource(get["images"], get.get("labels"), get.get("ids"), masks=get.get("masks"),
                        description=f"arrays {path}")

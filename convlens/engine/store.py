@@ -416,9 +416,11 @@ class StoreLock:
     def describe(self, info: dict) -> str:
         if not info:
             return "an unreadable lock"
-        age = time.time() - float(info.get("heartbeat", 0) or 0)
+        beat = float(info.get("heartbeat", 0) or 0)
+        when = f"last heartbeat {time.time() - beat:.0f} s ago" if beat > 0 else "no heartbeat"
+        since = f"since {info['since']}, " if info.get("since") else ""
         return (f"{info.get('command') or 'a convlens command'} (host {info.get('host')}, pid {info.get('pid')}, "
-                f"since {info.get('since')}, last heartbeat {age:.0f} s ago)")
+                f"{since}{when})")
 
     def acquire(self) -> StoreLock:
         for _ in range(3):
@@ -553,8 +555,11 @@ def create(path, *, overwrite: bool = False, attrs: dict | None = None, storage_
     return root
 
 
-def open_store(path, mode: str = "r", storage_options=None) -> zarr.Group:
-    """An existing store (``mode`` ``r`` or ``r+``), or a clear error."""
+def open_store(path, mode: str = "r", storage_options=None, consolidated: bool | None = None) -> zarr.Group:
+    """An existing store (``mode`` ``r`` or ``r+``), or a clear error. A store opened for
+    writing never trusts its consolidated metadata (a snapshot of the last finish)."""
+    if consolidated is None:
+        consolidated = mode == "r"
     if not _is_store_object(path):
         if not exists(path, storage_options):
             raise ConvlensError(f"{path}: no such store")
@@ -562,7 +567,8 @@ def open_store(path, mode: str = "r", storage_options=None) -> zarr.Group:
             raise ConvlensError(f"{path} is a file, not a convlens store (a .zarr folder)")
     try:
         with quiet():
-            root = zarr.open_group(_store_arg(path), mode=mode, **_kw(path, storage_options))
+            root = zarr.open_group(_store_arg(path), mode=mode, use_consolidated=None if consolidated else False,
+                                   **_kw(path, storage_options))
             attrs = dict(root.attrs)
     except Exception as e:  # noqa: BLE001 - zarr raises several types for a non-store
         raise ConvlensError(f"{path} is not a readable convlens Zarr store ({type(e).__name__}: "

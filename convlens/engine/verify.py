@@ -19,17 +19,37 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
 from convlens.engine import store
+from convlens.errors import ConvlensError
 
 ZSTD_MAGIC = 0xFD2FB528
 
 
-def zstd_frames_ok(data: bytes) -> str | None:
-    """``None`` if ``data`` is a sequence of complete zstd frames, else what is wrong
-    (walks the frame and block headers only)."""
+class _Bytes:
+    """Random access to a chunk's bytes: in memory, or a local file read header by header."""
+
+    def __init__(self, data: bytes | None = None, f=None, size: int = 0):
+        self.data, self.f, self.size = data, f, (len(data) if data is not None else size)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, sl: slice) -> bytes:
+        if self.data is not None:
+            return self.data[sl]
+        self.f.seek(sl.start)
+        return self.f.read(sl.stop - sl.start)
+
+
+def zstd_frames_ok(data) -> str | None:
+    """``None`` if ``data`` (bytes, or `_Bytes`) is a sequence of complete zstd frames, else
+    what is wrong (walks the frame and block headers only: a few bytes per 128 KiB block)."""
+    if isinstance(data, (bytes, bytearray)):
+        data = _Bytes(bytes(data))
     pos, n = 0, len(data)
     if n == 0:
         return "empty file"
@@ -47,7 +67,7 @@ def zstd_frames_ok(data: bytes) -> str | None:
         pos += 4
         if pos >= n:
             return "truncated (no frame header)"
-        fhd = data[pos]
+        fhd = data[pos:pos + 1][0]
         pos += 1
         fcs_flag, single, checksum, did_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
         if (fhd >> 3) & 1:
@@ -125,13 +145,34 @@ def _chunk_keys(arr, c: int):
         yield arr.metadata.encode_chunk_key((c, *rest))
 
 
-def _read_chunk(root, arr, key: str) -> bytes | None:
-    """The raw bytes of a chunk file, or ``None`` if it does not exist."""
+def _local_root(root):
+    r = getattr(root.store, "root", None)
+    return None if r is None else Path(str(r))
+
+
+def _chunk_ok(root, arr, key: str) -> str | None:
+    """What is wrong with one chunk file (missing, truncated, not zstd), or ``None``."""
+    local = _local_root(root)
+    if local is not None:
+        path = local / arr.path / key
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return "chunk file missing"
+        with open(path, "rb") as f:
+            return zstd_frames_ok(_Bytes(f=f, size=size))
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
-    path = f"{arr.path}/{key}"
-    buf = sync(root.store.get(path, prototype=default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
+    buf = sync(root.store.get(f"{arr.path}/{key}", prototype=default_buffer_prototype()))
+    return "chunk file missing" if buf is None else zstd_frames_ok(buf.to_bytes())
+
+
+def _metadata_exists(root, arr) -> bool:
+    local = _local_root(root)
+    if local is not None:
+        return (local / arr.path / "zarr.json").is_file()
+    from zarr.core.sync import sync
+    return bool(sync(root.store.exists(f"{arr.path}/zarr.json")))
 
 
 def verify(root, full: bool = False) -> Report:
@@ -146,6 +187,9 @@ def verify(root, full: bool = False) -> Report:
             arr = root[name]
         except Exception as e:  # noqa: BLE001 - unreadable metadata
             rep.problems.append((name, None, f"metadata unreadable ({type(e).__name__})"))
+            continue
+        if not _metadata_exists(root, arr):
+            rep.problems.append((name, None, "array missing"))
             continue
         group = next((g for g in sorted(groups, key=len, reverse=True) if name.startswith(g)), None)
         st = status.get(group) if group is not None else None
@@ -168,29 +212,26 @@ def verify(root, full: bool = False) -> Report:
             if why:
                 rep.problems.append((name, c, why))
                 rep.broken[group].add(c)
-    # A store whose registry-declared arrays are gone entirely.
+    # Arrays the store's attributes declare that are gone entirely.
     for method, entry in (dict(root.attrs).get("methods") or {}).items():
         for out in (entry.get("outputs") or {}):
             if f"{method}/{out}" not in arrays:
                 rep.problems.append((f"{method}/{out}", None, "array missing"))
-                if "" in groups:
-                    st = status.get("")
-                    if st is not None:
-                        size = int(dict(root.attrs).get("chunk") or store.SAMPLE_CHUNK)
-                        rep.broken[""].update(c for c in range(-(-len(st) // size))
-                                              if not (st[c * size:(c + 1) * size] == store.PENDING).any())
+    if any(what == "array missing" for _, _, what in rep.problems) and "" in groups:
+        st = status.get("")
+        if st is not None:  # every completed chunk lost that array's values
+            size = int(dict(root.attrs).get("chunk") or store.SAMPLE_CHUNK)
+            rep.broken[""].update(c for c in range(-(-len(st) // size))
+                                  if not (st[c * size:(c + 1) * size] == store.PENDING).any())
     return rep
 
 
 def _check_chunk(root, arr, c: int, full: bool) -> str | None:
     for key in _chunk_keys(arr, c):
         try:
-            data = _read_chunk(root, arr, key)
+            why = _chunk_ok(root, arr, key)
         except Exception as e:  # noqa: BLE001 - an unreadable file is a broken chunk
             return f"unreadable ({type(e).__name__})"
-        if data is None:
-            return "chunk file missing"
-        why = zstd_frames_ok(data)
         if why:
             return why
     if full:
@@ -252,3 +293,13 @@ def _recreate_missing(root, rep: Report) -> None:
         if shape is None or dtype is None or len(dims) != len(shape) + 1:
             continue
         store.create_array(root, name, (n, *shape), np.dtype(dtype), dims, chunk)
+
+
+def require_sound(root, path) -> None:
+    """Refuses (one line) to read a store with damaged or missing chunks, saying how to
+    repair it (audits and renders would otherwise fail deep inside a decoder)."""
+    rep = verify(root)
+    if rep.problems:
+        first = rep.lines()[0]
+        raise ConvlensError(f"{path} is damaged ({first}{' ...' if len(rep.lines()) > 1 else ''}): repair it with "
+                            f"`convlens run ... --resume` (the command that wrote it), or see `convlens verify {path}`")

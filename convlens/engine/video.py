@@ -45,7 +45,9 @@ def av_module():
         import av
     except ImportError:  # pragma: no cover - PyAV is a dependency
         raise ConvlensError("reading video needs PyAV (pip install av)") from None
-    av.logging.set_level(av.logging.ERROR)  # FFmpeg's warnings would flood the terminal
+    # FFmpeg logs to the terminal by itself; its errors reach convlens as exceptions, which say
+    # what failed per frame or file, so nothing but a fatal line is let through raw.
+    av.logging.set_level(av.logging.PANIC)
     return av
 
 

@@ -1,28 +1,34 @@
 """Every explanation method, assembled from the method modules' declarations.
 
-Each module listed in `MODULES` declares a tuple ``SPECS`` of `MethodSpec` s (see
-`convlens.kernels.spec`); nothing registers itself at import, and no method module
-imports this one, so there is no import cycle. The CLI's choices, the store's arrays,
-the conformance tests, the audit and the renderer are all generated from `METHODS`.
+Every module of ``convlens.kernels`` that declares a tuple ``SPECS`` of `MethodSpec` s
+(see `convlens.kernels.spec`) contributes its methods; nothing registers itself at
+import, and no method module imports this one, so there is no import cycle. The CLI's
+choices, the store's arrays, the conformance tests, the audit and the renderer are all
+generated from `METHODS`.
 
-Adding a method family: write its module with its kernels, config and ``SPECS``, and add
-the module's name to `MODULES`.
+Adding a method family: write its module in ``convlens/kernels/`` with its kernels,
+config and ``SPECS``. Nothing else.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from convlens.kernels.spec import (COMMON, INPUT_ATTR, INPUT_MAP, LAYER_MAP, SAMPLE, TARGET,  # noqa: F401
                                    MethodSpec, Output)
 
-MODULES = ("cam", "cam_gradfree", "gradients", "occlusion", "sampling")
+def method_modules() -> tuple[str, ...]:
+    """The kernel modules (every module of ``convlens.kernels`` but this one and ``spec``)."""
+    import convlens.kernels as pkg
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
+                        if m.name not in ("registry", "spec") and not m.name.startswith("_")))
 
 
-def _assemble(modules=MODULES) -> dict[str, MethodSpec]:
+def _assemble(modules=None) -> dict[str, MethodSpec]:
     out: dict[str, MethodSpec] = {}
-    for name in modules:
-        for spec in importlib.import_module(f"convlens.kernels.{name}").SPECS:
+    for name in modules or method_modules():
+        for spec in getattr(importlib.import_module(f"convlens.kernels.{name}"), "SPECS", ()):
             if spec.name in out:
                 raise ValueError(f"method {spec.name!r} declared twice ({name})")
             out[spec.name] = spec

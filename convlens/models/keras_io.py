@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import zipfile
 from collections.abc import Sequence
@@ -93,6 +94,96 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# ----------------------------------------------------------------------------- limits
+# A model file is data, checked before it is read: its config's size, its members' sizes,
+# each weight's declared shape and storage (a small file must not make convlens read
+# gigabytes, or any file but itself).
+
+MAX_CONFIG_BYTES = 64 << 20  # the largest Keras configs (NASNetLarge) are ~1 MB
+MAX_RATIO = 2000  # a zip member this many times larger than its compressed bytes is a bomb
+
+
+def _check_member(path, info: zipfile.ZipInfo, limit: int) -> None:
+    if info.file_size > limit:
+        raise ModelFileError(f"{path}: {info.filename} declares {info.file_size:,} bytes, more than the "
+                             f"{limit:,} a model of this size can need; the archive is damaged or not a Keras model")
+    if info.compress_size and info.file_size / info.compress_size > MAX_RATIO and info.file_size > (1 << 20):
+        raise ModelFileError(f"{path}: {info.filename} expands {info.file_size / info.compress_size:.0f}-fold "
+                             "(a decompression bomb); refused")
+
+
+def parse_config(raw, where: str):
+    """A Keras config from JSON text, or a one-line error (invalid or absurdly nested JSON)."""
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{where} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelFileError(f"{where} is nested too deeply to be a Keras config; the file is damaged") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelFileError(f"{where} is not a JSON text ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{where} is a JSON {type(config).__name__}, not a Keras model config")
+    return config
+
+
+def _param_bytes(graph: Graph) -> int:
+    from convlens.models.network import Model
+    return 4 * sum(math.prod(v.shape) for vs in Model(graph).variable_specs().values() for v in vs)
+
+
+def _expected(graph: Graph) -> dict[str, list]:
+    from convlens.models.network import Model
+    return Model(graph).variable_specs()
+
+
+class _Unread:
+    """A weight whose declared shape or type does not fit the model: reported by
+    `merge_params`, never read."""
+
+    def __init__(self, shape, why: str = ""):
+        self.shape, self.why = tuple(shape), why
+
+
+def _dataset(group: h5py.Group, key: str, path) -> h5py.Dataset:
+    """``group[key]`` as a dataset stored in this file, or a one-line error: links to other
+    files, external storage and virtual datasets would make convlens read other files."""
+    link = group.get(key, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise ModelFileError(f"{path}: {group.name}/{key} is a link to {'another file' if isinstance(link, h5py.ExternalLink) else 'elsewhere'}; "
+                             "a model file must hold its own weights: refused")
+    ds = group[key]
+    if not isinstance(ds, h5py.Dataset):
+        raise ModelFileError(f"{path}: {ds.name} is not a dataset; the file is damaged")
+    if ds.external or ds.is_virtual:
+        raise ModelFileError(f"{path}: {ds.name} keeps its data in other files (HDF5 "
+                             f"{'external storage' if ds.external else 'virtual dataset'}); a model file must hold "
+                             "its own weights: refused")
+    if ds.dtype.kind not in "fiub":
+        raise ModelFileError(f"{path}: {ds.name} holds {ds.dtype}, not numbers; the file is damaged")
+    return ds
+
+
+def _group(group: h5py.Group, key: str, path) -> h5py.Group | None:
+    link = group.get(key, getlink=True)
+    if link is None:
+        return None
+    if not isinstance(link, h5py.HardLink):
+        raise ModelFileError(f"{path}: {group.name}/{key} is a link to another file or place; refused")
+    g = group[key]
+    return g if isinstance(g, h5py.Group) else None
+
+
+def _read(ds: h5py.Dataset, want, cap: int = 1 << 22) -> np.ndarray | _Unread:
+    """The dataset's values if its declared shape is the variable's (or, with no variable
+    to compare, it holds at most ``cap`` numbers), else a placeholder."""
+    if want is not None and tuple(ds.shape) != tuple(want.shape):
+        return _Unread(ds.shape)
+    if want is None and ds.size > cap:
+        return _Unread(ds.shape, "too large")
+    return ds[()]
+
+
 # ----------------------------------------------------------------------------- model files
 
 def read_model_file(path: str | Path) -> tuple[Graph, "_Found"]:
@@ -102,31 +193,32 @@ def read_model_file(path: str | Path) -> tuple[Graph, "_Found"]:
     if kind == "keras":
         try:
             with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-                if "config.json" not in names:
+                infos = {i.filename: i for i in z.infolist()}
+                if "config.json" not in infos:
                     raise ModelFileError(f"{path} is a zip without config.json, not a .keras model archive")
-                config = json.loads(z.read("config.json"))
-                if "model.weights.h5" not in names:
-                    raise ModelFileError(f"{path} holds no model.weights.h5 (found {', '.join(names)}); "
+                _check_member(path, infos["config.json"], MAX_CONFIG_BYTES)
+                config = parse_config(z.read("config.json"), f"{path}: config.json")
+                if "model.weights.h5" not in infos:
+                    raise ModelFileError(f"{path} holds no model.weights.h5 (found {', '.join(infos)}); "
                                          "save it again with Keras 3's model.save('x.keras')")
+                graph = graph_from_config(config)
+                # The weights can be no larger than the architecture's variables (plus HDF5's own bytes).
+                _check_member(path, infos["model.weights.h5"], 2 * _param_bytes(graph) + (16 << 20))
                 blob = z.read("model.weights.h5")
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as e:
             raise ModelFileError(f"cannot read {path}: {e}; the archive is truncated or corrupt: "
                                  "copy or save it again") from None
-        except json.JSONDecodeError as e:
-            raise ModelFileError(f"{path}: config.json is not valid JSON ({e})") from None
-        graph = graph_from_config(config)
         with _open_h5(io.BytesIO(blob), f"{path}:model.weights.h5") as f:
             found = _read_keras3(f, graph, path)
         return graph, found
     if kind == "h5_model":
         with _open_h5(path) as f:
             raw = f.attrs["model_config"]
-            raw = raw.decode() if isinstance(raw, bytes) else str(raw)
-            try:
-                config = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ModelFileError(f"{path}: model_config is not valid JSON ({e})") from None
+            if not isinstance(raw, (bytes, str, np.bytes_, np.str_)) or len(raw) > MAX_CONFIG_BYTES:
+                raise ModelFileError(f"{path}: model_config is not a JSON text of at most "
+                                     f"{MAX_CONFIG_BYTES >> 20} MB; the file is damaged or not a Keras model")
+            raw = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            config = parse_config(raw, f"{path}: model_config")
             graph = graph_from_config(config)
             if "model_weights" not in f:
                 raise ModelFileError(f"{path} has a model config but no weights (model_weights group)")
@@ -237,41 +329,45 @@ def _auto_names(nodes: list[Node]) -> dict[str, Node]:
 def _read_keras3(root: h5py.Group, graph: Graph, path) -> _Found:
     found = _Found()
     try:
-        _read_keras3_container(root, graph, (), found, path)
-    except (OSError, KeyError, ValueError) as e:
+        _read_keras3_container(root, graph, (), found, path, _expected(graph))
+    except (OSError, KeyError, ValueError, TypeError, RecursionError) as e:
         raise ModelFileError(f"cannot read weights from {path}: {_h5_reason(e)}; the file is truncated "
                              "or corrupt: save it again") from None
     return found
 
 
-def _numbered(group: h5py.Group) -> list[np.ndarray]:
+def _numbered(group: h5py.Group, path, want: list | None) -> list:
     keys = sorted((k for k in group.keys() if k.isdigit()), key=int)
-    return [group[k][()] for k in keys]
+    want = want or []
+    return [_read(_dataset(group, k, path), want[i] if i < len(want) else None) for i, k in enumerate(keys)]
 
 
-def _read_keras3_container(g: h5py.Group, graph: Graph, scope, found: _Found, path) -> None:
-    if "layers" not in g:
+def _read_keras3_container(g: h5py.Group, graph: Graph, scope, found: _Found, path, expected) -> None:
+    layers = _group(g, "layers", path)
+    if layers is None:
         return
     nodes = _container_layers(graph, scope)
     by_kname = {n.kname: n for n in nodes}
     auto = _auto_names(nodes)
-    for key in g["layers"]:
-        child = g["layers"][key]
-        vars_g = child.get("vars")
+    for key in layers:
+        child = _group(layers, key, path)
+        if child is None:
+            continue
+        vars_g = _group(child, "vars", path)
         recorded = vars_g.attrs.get("name") if vars_g is not None else None
         if isinstance(recorded, bytes):
-            recorded = recorded.decode()
-        node = by_kname.get(recorded) if recorded else None
+            recorded = recorded.decode("utf-8", "replace")
+        node = by_kname.get(recorded) if isinstance(recorded, str) and recorded else None
         if node is None:
             node = auto.get(key)
-        arrays = _numbered(vars_g) if vars_g is not None else []
         if node is None:
-            if arrays or "layers" in child:
+            if (vars_g is not None and len(vars_g)) or "layers" in child:
                 found.unmatched.append(str(recorded or key))
             continue
         if node.cls in ("Sequential", "Functional"):
-            _read_keras3_container(child, graph, (*scope, node.kname), found, path)
+            _read_keras3_container(child, graph, (*scope, node.kname), found, path, expected)
             continue
+        arrays = _numbered(vars_g, path, expected.get(node.name)) if vars_g is not None else []
         found.put(node.name, arrays, [f"{key}/vars/{i}" for i in range(len(arrays))])
 
 
@@ -288,7 +384,7 @@ def str_list_attr(attrs, name: str) -> list[str] | None:
     else:
         return None
     vals = np.atleast_1d(vals).tolist()
-    return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in vals]
+    return [v.decode("utf8", "replace") if isinstance(v, bytes) else str(v) for v in vals]
 
 
 def _read_legacy(root: h5py.Group, graph: Graph, path) -> _Found:
@@ -297,28 +393,51 @@ def _read_legacy(root: h5py.Group, graph: Graph, path) -> _Found:
     if layer_names is None:
         raise ModelFileError(f"{path}: no layer_names attribute; not a Keras weights file")
     top = {n.kname: n for n in _container_layers(graph, ())}
+    expected = _expected(graph)
     try:
         for lname in layer_names:
             if lname not in root:
                 raise ModelFileError(f"{path}: layer_names lists {lname!r} but the file has no such group "
                                      "(truncated or corrupt file)")
-            g = root[lname]
+            g = _group(root, lname, path)
+            if g is None:
+                raise ModelFileError(f"{path}: {lname!r} is not a group; the file is damaged")
             wnames = str_list_attr(g.attrs, "weight_names") or []
-            arrays = [g[w][()] for w in wnames]
-            if not arrays:
-                continue
             # A flat file may also name the layers of nested models directly.
             node = top.get(lname) or graph.by_name.get(lname)
             if node is None:
-                found.unmatched.append(lname)
-            elif node.cls in ("Sequential", "Functional"):
-                _spread_nested(graph, (node.kname,), wnames, arrays, found)
-            else:
+                if wnames:
+                    found.unmatched.append(lname)
+                continue
+            if node.cls in ("Sequential", "Functional"):
+                cap = max((math.prod(v.shape) for vs in expected.values() for v in vs), default=0)
+                arrays = [_read(_dataset_path(g, w, path), None, cap) for w in wnames]
+                if arrays:
+                    _spread_nested(graph, (node.kname,), wnames, arrays, found)
+                continue
+            want = expected.get(node.name) or []
+            arrays = [_read(_dataset_path(g, w, path), want[i] if i < len(want) else None)
+                      for i, w in enumerate(wnames)]
+            if arrays:
                 found.put(node.name, arrays, wnames)
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError, RecursionError) as e:
         raise ModelFileError(f"cannot read weights from {path}: {_h5_reason(e)}; the file is truncated "
                              "or corrupt: save it again") from None
     return found
+
+
+def _dataset_path(g: h5py.Group, name: str, path) -> h5py.Dataset:
+    """A dataset named by a path inside ``g`` (``block1_conv1/kernel:0``), every step a
+    hard link in this file."""
+    parts = [p for p in name.split("/") if p]
+    for p in parts[:-1]:
+        nxt = _group(g, p, path)
+        if nxt is None:
+            raise ModelFileError(f"{path}: weight {name!r} is listed but missing; the file is damaged")
+        g = nxt
+    if not parts or parts[-1] not in g:
+        raise ModelFileError(f"{path}: weight {name!r} is listed but missing; the file is damaged")
+    return _dataset(g, parts[-1], path)
 
 
 def _spread_nested(graph: Graph, scope, wnames, arrays, found: _Found) -> None:

@@ -396,7 +396,9 @@ def render_store(path, out_dir, *, cmap: str = "jet", alpha: float = 0.5, style:
     if per_row < 1:
         raise OptionError(f"per_row must be at least 1, got {per_row}")
     LookOptions(cmap=cmap, style=style, alpha=alpha, limit=limit)  # checks them
+    from convlens.engine.verify import require_sound
     root = store.open_store(path)
+    require_sound(store.open_store(path, consolidated=False), path)
     out = Path(out_dir)
     claim_folder(out, RENDER_MARKER, "render --out")
     groups = {"overlays": render_overlays(root, out, cmap, alpha, style, limit),

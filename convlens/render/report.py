@@ -80,7 +80,9 @@ def report(path, out, *, per_page: int = 48, cmap: str = "jet", alpha: float = 0
     if per_page < 1:
         raise OptionError(f"report: per_page must be at least 1, got {per_page}")
     files_dir = out.with_name(out.stem + "_files")
+    from convlens.engine.verify import require_sound
     root = store.open_store(path)
+    require_sound(store.open_store(path, consolidated=False), path)
     check_ours(out)
     if files_dir.is_dir() and not files_dir.is_symlink() and (files_dir / REPORT_MARKER).exists():
         shutil.rmtree(files_dir)  # the pictures of an earlier report of ours: drawn again
