@@ -25,6 +25,13 @@ def machine_line(res) -> str:
     return f"*{m.get('cpu', 'CPU')} ({m.get('simd', '')}), {m.get('cpu_count')} cores*"
 
 
+def schema() -> str:
+    import sys
+    sys.path.insert(0, str(HERE.parent))
+    from convlens.engine.store import schema_table
+    return schema_table()
+
+
 def forward() -> str | None:
     res = load("forward_throughput")
     if not res:
@@ -33,7 +40,10 @@ def forward() -> str | None:
     for name, r in res["models"].items():
         bs = r["batches"]
         base = r["images_per_s"][r["baseline"]]
-        out.append(f"| {name} {r['size'][0]}x{r['size'][1]}, images/s | " + " | ".join(f"batch {b}" for b in bs) + " |")
+        what = "Grad-CAM" if r.get("what") == "gradcam" else "forward"
+        model = name.split("/")[0]
+        out.append(f"| {model} {r['size'][0]}x{r['size'][1]}, {what}, images/s | "
+                   + " | ".join(f"batch {b}" for b in bs) + " |")
         out.append("|---" * (len(bs) + 1) + "|")
         for label, vals in r["images_per_s"].items():
             out.append(f"| {label} | " + " | ".join(f"{vals[str(b)]:.2f} ({vals[str(b)] / base[str(b)]:.2f}x)"
@@ -207,7 +217,7 @@ def video() -> str | None:
 
 def main():
     text = README.read_text()
-    for name, fn in (("forward", forward), ("explain", explain), ("occlusion", occlusion), ("ascent", ascent),
+    for name, fn in (("schema", schema), ("forward", forward), ("explain", explain), ("occlusion", occlusion), ("ascent", ascent),
                      ("engine", engine), ("metrics", metrics_cost), ("callback", callback),
                      ("perturbation", perturbation), ("video", video)):
         table = fn()

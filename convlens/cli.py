@@ -16,6 +16,7 @@ errors (a bad option value included), 1 for failures, 130 after Ctrl-C.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -411,9 +412,9 @@ def _compare():
     return compare
 
 
-def _look(f):
+def _look(f, exclude=()):
     from convlens.render.render import LookOptions
-    return config_options(LookOptions)(f)
+    return config_options(LookOptions, exclude=exclude)(f)
 
 
 def _render():
@@ -511,7 +512,7 @@ def _live():
     @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
                   help="Seconds to wait for a stream to open.")
     @click.option("--quiet", is_flag=True, help="No running status line.")
-    @_look
+    @functools.partial(_look, exclude=("limit",))
     @model_options
     def live(model, stream, method, layer, options, target, out, overwrite, show, max_frames, duration, pace,
              resize, long_side, timeout, quiet, **kw):
@@ -748,11 +749,8 @@ def main(argv=None):
     debug = bool(os.environ.get("CONVLENS_DEBUG"))
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="convlens")
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: everything written so far is kept; continue a run with --resume", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("interrupted: everything written so far is kept; continue a run with --resume", err=True)
         sys.exit(130)
     except click.UsageError as e:
         cmd = e.ctx.command.name if e.ctx and e.ctx.command else ""

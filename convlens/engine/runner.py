@@ -352,7 +352,11 @@ class Run:
         stored_sample = root.attrs.get("data_sample") or {}
         changed = []
         if digests is not None and "source" in root and "digest" in root["source"]:
-            old = np.asarray(root["source/digest"][:])
+            try:
+                old = np.asarray(root["source/digest"][:])
+            except Exception:  # noqa: BLE001 - a damaged record of the data: compare the samples alone
+                self.note("resume: the store's record of the data is damaged; comparing sampled contents only")
+                old = digests
             diff = np.flatnonzero(old != digests)
             changed += [self.source.ids[i] for i in diff]
         changed += [k for k, v in sample.items() if k in stored_sample and stored_sample[k] != v
@@ -382,7 +386,23 @@ class Run:
         if report.problems:
             self.note(f"resume: {report.summary()}; recomputing those chunks")
         self.repaired = [(g, c) for g, cs in report.broken.items() for c in sorted(cs)]
+        self.rewrite_static(root, {name for name, _, _ in report.problems})
         return root
+
+    def rewrite_static(self, root, damaged: set[str]) -> None:
+        """Arrays written once when the store was made (ids, the data's record, video
+        positions), written again from the source where damaged."""
+        c = self.chunk
+        static = {"ids": np.asarray(self.source.ids, dtype=object).astype(str)}
+        digests, _ = self.data_fingerprint()
+        if digests is not None:
+            static["source/digest"] = digests.astype(np.uint64)
+        static.update({k: v for k, (v, _) in self.source.store_arrays().items()})
+        for name, values in static.items():
+            if name in damaged:
+                if name in root:
+                    del root[name]
+                store.write(root, name, values, chunk=c)
 
     def pending_chunks(self, root) -> list[int]:
         status = np.asarray(root["status"][:])

@@ -150,6 +150,16 @@ METHOD_OUTPUT = ArraySpec("<method>/<output>", None, "any",
                           "-1 (int) for failed items", "run")
 
 
+def schema_table() -> str:
+    """The schema as a Markdown table (the README's, written from these declarations)."""
+    rows = ["| array | dtype | dims | holds | written by |", "|---|---|---|---|---|"]
+    for s in (*SCHEMA[:9], METHOD_OUTPUT, *SCHEMA[9:]):
+        dims = " / ".join(", ".join(d) for ds in (s.dims or {}).values()
+                          for d in (ds if isinstance(ds[0], tuple) else (ds,))) or "as the method declares"
+        rows.append(f"| `{s.pattern}` | {s.dtype} | {dims} | {s.doc} | {s.layout} |")
+    return "\n".join(rows)
+
+
 def spec_for(path: str) -> ArraySpec | None:
     """The schema entry of an array path (first match), or ``None`` (a method output)."""
     for s in SCHEMA:

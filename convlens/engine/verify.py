@@ -138,6 +138,25 @@ def _item_groups(root) -> dict[str, str]:
     return out
 
 
+UNKNOWN = 255  # a status value that could not be read: the chunk is broken
+
+
+def _read_status(root, name: str, group: str, rep: Report) -> np.ndarray:
+    """A status array read chunk by chunk; a chunk that does not decode reads as `UNKNOWN`
+    and is reported broken (its items are recomputed)."""
+    arr = root[name]
+    out = np.full(arr.shape[0], UNKNOWN, np.uint8)
+    size = arr.chunks[0]
+    for c in range(-(-arr.shape[0] // size)):
+        lo, hi = c * size, min(arr.shape[0], (c + 1) * size)
+        try:
+            out[lo:hi] = np.asarray(arr[lo:hi])
+        except Exception as e:  # noqa: BLE001 - any decode failure: the chunk's state is unknown
+            rep.problems.append((name, c, f"does not decode ({type(e).__name__})"))
+            rep.broken[group].add(c)
+    return out
+
+
 def _chunk_keys(arr, c: int):
     """Every chunk key of ``arr`` for chunk ``c`` along its first axis."""
     grid = [-(-s // k) for s, k in zip(arr.shape, arr.chunks)]
@@ -180,7 +199,10 @@ def verify(root, full: bool = False) -> Report:
     rep = Report(full=full)
     arrays = store.describe(root)
     groups = _item_groups(root)
-    status = {g: np.asarray(root[s][:]) for g, s in groups.items() if s in arrays}
+    status = {}
+    for g, s in groups.items():
+        if s in arrays:
+            status[g] = _read_status(root, s, g, rep)
     for name, info in arrays.items():
         rep.arrays += 1
         try:
@@ -208,7 +230,7 @@ def verify(root, full: bool = False) -> Report:
             if (st[c * size:(c + 1) * size] == store.PENDING).any():
                 continue  # not promised yet
             rep.chunks += 1
-            why = _check_chunk(root, arr, c, full)
+            why = _check_chunk(root, arr, c, full, st)
             if why:
                 rep.problems.append((name, c, why))
                 rep.broken[group].add(c)
@@ -226,7 +248,7 @@ def verify(root, full: bool = False) -> Report:
     return rep
 
 
-def _check_chunk(root, arr, c: int, full: bool) -> str | None:
+def _check_chunk(root, arr, c: int, full: bool, st: np.ndarray | None) -> str | None:
     for key in _chunk_keys(arr, c):
         try:
             why = _chunk_ok(root, arr, key)
@@ -241,10 +263,8 @@ def _check_chunk(root, arr, c: int, full: bool) -> str | None:
         except Exception as e:  # noqa: BLE001 - zstd checksum or codec errors
             return f"does not decode ({type(e).__name__})"
         if values.dtype.kind == "f" and not arr.path.startswith(("audit/", "timing/")):
-            st = np.asarray(root["status"][lo:hi]) if "status" in root and arr.metadata.dimension_names and \
-                arr.metadata.dimension_names[0] == "sample" else None
             if st is not None and arr.path.split("/")[0] in (dict(root.attrs).get("methods") or {}):
-                done = st == store.DONE
+                done = st[lo:hi] == store.DONE
                 if done.any() and not np.isfinite(values[done].reshape(int(done.sum()), -1)).all():
                     return "non-finite values for completed items"
     return None

@@ -23,6 +23,7 @@ Nothing in a file is executed (no pickle, no Lambda, no custom objects).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -48,6 +49,11 @@ ZIP_MAGIC = b"PK\x03\x04"
 
 def file_kind(path: str | Path) -> str:
     """``"keras"``, ``"h5_model"``, ``"h5_weights"`` (legacy) or ``"keras3_weights"``."""
+    with damaged_file(path):
+        return _file_kind(path)
+
+
+def _file_kind(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path}: no such file")
@@ -186,8 +192,29 @@ def _read(ds: h5py.Dataset, want, cap: int = 1 << 22) -> np.ndarray | _Unread:
 
 # ----------------------------------------------------------------------------- model files
 
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError, RecursionError,
+             EOFError, UnicodeDecodeError, OverflowError)
+
+
+@contextlib.contextmanager
+def damaged_file(path):
+    """HDF5's errors on a damaged file (h5py raises many types) as one `ModelFileError`."""
+    try:
+        yield
+    except ConvlensError:
+        raise
+    except H5_ERRORS as e:
+        raise ModelFileError(f"cannot read {path}: {_h5_reason(e)}; the file is damaged or truncated: "
+                             "copy or save it again") from None
+
+
 def read_model_file(path: str | Path) -> tuple[Graph, "_Found"]:
     """Architecture and weights of a ``.keras`` or legacy full-model ``.h5`` file."""
+    with damaged_file(path):
+        return _read_model_file(path)
+
+
+def _read_model_file(path: str | Path) -> tuple[Graph, "_Found"]:
     path = Path(path)
     kind = file_kind(path)
     if kind == "keras":
@@ -230,6 +257,11 @@ def read_model_file(path: str | Path) -> tuple[Graph, "_Found"]:
 
 def read_weights_file(path: str | Path, graph: Graph) -> "_Found":
     """Weights from any Keras format, matched to ``graph``'s layers."""
+    with damaged_file(path):
+        return _read_weights_file(path, graph)
+
+
+def _read_weights_file(path: str | Path, graph: Graph) -> "_Found":
     path = Path(path)
     kind = file_kind(path)
     if kind in ("keras", "h5_model"):

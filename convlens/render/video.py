@@ -48,6 +48,24 @@ def annotate(frame: np.ndarray, heat: np.ndarray | None, title: str, *, cmap: st
     return out
 
 
+SIGNATURE = "written by convlens"
+FRAMES_MARKER = ".convlens-frames"
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether a video or GIF file carries convlens's signature (its comment metadata)."""
+    try:
+        if path.suffix.lower() == ".gif":
+            from PIL import Image
+            with Image.open(path) as g:
+                return SIGNATURE.encode() in (g.info.get("comment") or b"")
+        from convlens.engine.video import av_module
+        with av_module().open(str(path)) as c:
+            return SIGNATURE in (c.metadata.get("comment") or "")
+    except Exception:  # noqa: BLE001 - unreadable: not ours
+        return False
+
+
 class VideoWriter:
     """Writes frames with their times (seconds) to ``path``: ``.mp4`` (H.264), ``.webm``
     (VP9), ``.gif``, or a folder of numbered PNG files (any other path). MP4 and WebM
@@ -66,8 +84,12 @@ class VideoWriter:
         self._mp4 = None
         self._last_pts = -1
         if self.kind == "png":
-            self.path.mkdir(parents=True, exist_ok=True)
+            from convlens.render.render import claim_folder
+            claim_folder(self.path, FRAMES_MARKER, "the frames folder")
         else:
+            if self.path.is_symlink() or self.path.is_dir() or (self.path.exists() and not written_by_us(self.path)):
+                raise ConvlensError(f"{self.path} exists and is not a video convlens wrote; convlens replaces only "
+                                    "its own files: choose another path")
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, frame: np.ndarray, t: float) -> None:
@@ -90,6 +112,7 @@ class VideoWriter:
             h, w = frame.shape[:2]
             codec, options = CODECS[self.kind]
             c = av.open(str(self.path), "w")
+            c.metadata["comment"] = SIGNATURE  # so a later --overwrite knows the file is ours
             st = c.add_stream(codec, rate=Fraction(self.fps).limit_denominator(1001))
             st.width, st.height, st.pix_fmt = w, h, "yuv420p"
             st.codec_context.time_base = Fraction(1, 1000)  # millisecond timestamps: any frame timing
@@ -114,7 +137,7 @@ class VideoWriter:
             step = 1.0 / self.fps
             durs = [max(20, round(1000 * (b - a))) for a, b in zip(times, times[1:])] + [round(1000 * step)]
             frames[0].save(self.path, save_all=True, append_images=frames[1:], duration=durs, loop=0,
-                           optimize=False)
+                           optimize=False, comment=SIGNATURE.encode())
             self._gif = []
         if self._mp4 is not None:
             c, st = self._mp4
