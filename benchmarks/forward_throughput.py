@@ -23,7 +23,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import machine, best_time as _time, explain_fn, forward_fn, load_arrays as _arrays, torch_model, weights_file  # noqa: E402
-MODELS = {"vgg16": ((224, 224), (1, 8, 32)), "smallcnn": ((150, 150), (1, 8, 64))}
+MODELS = {"vgg16": ((224, 224), (1, 8, 32)), "smallcnn": ((150, 150), (1, 8, 64)),
+          "resnet50": ((224, 224), (1, 8, 32)), "mobilenet_v2": ((224, 224), (1, 8, 32)),
+          "efficientnet_b0": ((224, 224), (1, 8, 32))}
+# Keras applications for the Keras-on-JAX rows, and the layer whose ReLU/activation output
+# Captum's LayerGradCam takes (Keras's default Grad-CAM layer: the last spatial one).
+KERAS_APPS = {"vgg16": "VGG16", "resnet50": "ResNet50", "mobilenet_v2": "MobileNetV2",
+              "efficientnet_b0": "EfficientNetB0"}
 
 
 def _probe(size):
@@ -60,17 +66,17 @@ def worker(framework: str, model_name: str, batches: list[int], reps: int, what:
         import jax
         import keras
         from convlens.models import smallnets
-        if model_name == "vgg16":
-            km = keras.applications.VGG16(weights=None)
+        if model_name in KERAS_APPS:
+            km = getattr(keras.applications, KERAS_APPS[model_name])(weights=None)
         else:
             km = keras.Sequential.from_config(smallnets.smallcnn_config()["config"])
         for layer in km.layers:
             if layer.name in weights:
-                layer.set_weights([weights[layer.name]["kernel"], weights[layer.name]["bias"]])
+                layer.set_weights([weights[layer.name][v] for v in weights[layer.name]])
         tv = [v.value for v in km.trainable_variables]
         ntv = [v.value for v in km.non_trainable_variables]
-        pre = (lambda x: x / 255.0) if model_name == "smallcnn" else (
-            lambda x: x[..., ::-1] - jax.numpy.asarray([103.939, 116.779, 123.68]))
+        from convlens.models.registry import build_model
+        pre = build_model(model_name).preprocess
 
         @jax.jit
         def f(tv, ntv, x):
@@ -83,14 +89,21 @@ def worker(framework: str, model_name: str, batches: list[int], reps: int, what:
     if framework == "torch":
         import torch
         torch.set_num_threads(2)
-        net = torch_model(model_name, weights, squash=what == "forward", inplace=what == "forward")
+        from convlens.models.registry import build_model
+        cmodel = build_model(model_name)
+        if model_name in ("vgg16", "smallcnn"):  # hand-written nn.Sequential twins
+            net = torch_model(model_name, weights, squash=what == "forward", inplace=what == "forward")
+        else:  # the graph run op by op in PyTorch (tests/torch_twin.py), identical weights
+            sys.path.insert(0, str(HERE.parent))
+            from tests.torch_twin import twin
+            net = twin(cmodel, weights, logits=what != "forward")
         net = net.to(memory_format=torch.channels_last)
 
         def pixels(x):
-            if model_name == "smallcnn":
-                x = x / 255.0
-            else:
-                x = x[:, ::-1] - torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
+            x = torch.from_numpy(np.asarray(cmodel.preprocess(x.numpy().transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+                                 .copy()) if model_name not in ("vgg16", "smallcnn") else (
+                x / 255.0 if model_name == "smallcnn" else
+                x.flip(1) - torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1))
             return x.contiguous(memory_format=torch.channels_last)
 
         def as_torch(a):
@@ -106,10 +119,15 @@ def worker(framework: str, model_name: str, batches: list[int], reps: int, what:
         for p in net.parameters():
             p.requires_grad_(False)
         # Keras's default Grad-CAM layer: the last conv's ReLU output.
-        relu = [m for m in net if isinstance(m, torch.nn.ReLU)][CONVS[model_name] - 1]
-        algo = ca.LayerGradCam(net, relu)
+        if model_name in CONVS:
+            layer = [m for m in net if isinstance(m, torch.nn.ReLU)][CONVS[model_name] - 1]
+            algo = ca.LayerGradCam(net, layer)
+        else:
+            algo = None
 
         def gradcam(x):
+            if algo is None:  # Grad-CAM by hand at the twin's default layer (Captum needs a module)
+                return twin_gradcam(net, cmodel, pixels(x))
             return algo.attribute(pixels(x), target=0 if model_name == "smallcnn" else
                                   net(pixels(x)).argmax(-1), relu_attributions=True)
         out["probe"] = gradcam(as_torch(_probe(size))).detach().numpy().ravel()[:10].tolist()
@@ -121,6 +139,21 @@ def worker(framework: str, model_name: str, batches: list[int], reps: int, what:
 
 
 CONVS = {"vgg16": 13, "smallcnn": 4}
+
+
+def twin_gradcam(net, cmodel, x):
+    """Grad-CAM on a twin at convlens's default layer: activations and gradients taken with
+    a hook on the graph's value, as Captum's LayerGradCam does on a module."""
+    import torch
+    from convlens.kernels.common import default_layer
+    layer = default_layer(cmodel)
+    net.capture = (layer,)
+    with torch.enable_grad():
+        logits = net(x)
+        a = net.outputs[layer]
+        t = logits.argmax(-1)
+        g, = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
+    return torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
 
 
 def run_worker(framework, model_name, batches, reps, env_extra, what) -> dict | None:

@@ -15,13 +15,15 @@ import numpy as np  # noqa: E402
 FORMATS = ("keras", "weights_h5", "legacy_h5", "published", "published_nested")
 
 
-def randomize(kmodel, seed: int = 0) -> None:
+def randomize(kmodel, seed: int = 0, gamma=(0.5, 1.5), variance=(0.5, 1.5)) -> None:
     """Kernels keep Keras's random init; biases and BatchNorm statistics get random values
-    too (Keras initialises them to constants, which would hide mistakes)."""
+    too (Keras initialises them to constants, which would hide mistakes). ``gamma`` and
+    ``variance``: the uniform ranges of scales and variances (deep networks want them
+    contracting, or random activations grow without bound)."""
     rng = np.random.default_rng(seed)
     for layer in kmodel.layers:
         if hasattr(layer, "layers"):
-            randomize(layer, seed + 1)
+            randomize(layer, seed + 1, gamma, variance)
             continue
         new = []
         for w in layer.weights:
@@ -29,8 +31,10 @@ def randomize(kmodel, seed: int = 0) -> None:
             tail = w.path.split("/")[-1]
             if tail in ("bias", "beta", "moving_mean", "mean"):
                 v = rng.normal(0, 0.1, v.shape)
-            elif tail in ("gamma", "moving_variance", "variance"):
-                v = rng.uniform(0.5, 1.5, v.shape)
+            elif tail == "gamma":
+                v = rng.uniform(*gamma, v.shape)
+            elif tail in ("moving_variance", "variance"):
+                v = rng.uniform(*variance, v.shape)
             new.append(v.astype(np.float32))
         if new:
             layer.set_weights(new)
@@ -102,3 +106,12 @@ def save_all(kmodel, folder: Path, stem: str) -> dict[str, Path]:
     write_published(kmodel, paths["published"], split=7)
     write_published(kmodel, paths["published_nested"], nested=True)
     return paths
+
+
+def assert_close(ours, ref, name):
+    """The parity bound of the Keras tests: ``max|diff| <= 1e-4 * max(1, max|keras|)``."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != keras {ref.shape}"
+    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(ours - ref).max())
+    assert err <= tol, f"{name}: max|diff| {err:.3g} > {tol:.3g}"

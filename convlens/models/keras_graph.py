@@ -16,14 +16,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from convlens.errors import InvalidLayerError, UnsupportedLayerError
-from convlens.models.layers import CODE_LAYERS, LAYER_TYPES
+from convlens.models.layers import CODE_LAYERS, KERAS_APP_LAYERS, LAYER_TYPES, OP_PREFIX, OPS
 from convlens.models.network import Graph, Node
 
 MODEL_CLASSES = ("Functional", "Model", "Sequential")
 
 
 def supported_layers() -> list[str]:
-    return sorted(k for k in LAYER_TYPES if k not in ("Sequential", "Functional"))
+    return sorted(k for k in LAYER_TYPES if k not in ("Sequential", "Functional") and not k.startswith(OP_PREFIX))
 
 
 def graph_from_config(model_config: dict, name: str | None = None) -> Graph:
@@ -81,6 +81,8 @@ class _Builder:
                           lname if name != lname else ""))
             rename[lname] = name
             return name
+        if _is_op(entry):
+            return self.op(entry, scope, inputs, rename, lname)
         _check_class(entry, lname)
         lt = LAYER_TYPES[cls]
         if not isinstance(cfg, dict):
@@ -99,6 +101,30 @@ class _Builder:
         name = self.unique(lname, scope)
         rename[lname] = name
         self.add(Node(name, cls, tuple(sorted(parsed.items())), tuple(inputs), scope,
+                      lname if name != lname else ""))
+        return name
+
+    def op(self, entry: dict, scope, inputs: list[str], rename, lname: str) -> str:
+        """An operation node (``x + 3.0``): its arguments, tensors and constants, in order."""
+        cls = entry["class_name"]
+        nodes = entry.get("inbound_nodes") or []
+        args = nodes[0].get("args", []) if nodes and isinstance(nodes[0], dict) else None
+        if args is None or (nodes[0].get("kwargs") or {}):
+            raise UnsupportedLayerError(f"operation {lname!r} ({cls}) has arguments convlens cannot read")
+        template = []
+        for a in args:
+            if isinstance(a, dict) and a.get("class_name") == "__keras_tensor__":
+                template.append(("t",))
+            elif _numeric(a):
+                template.append(("c", _freeze(a)))
+            else:
+                raise UnsupportedLayerError(f"operation {lname!r} ({cls}) takes an argument convlens cannot read: "
+                                            f"{str(a)[:80]}")
+        if sum(1 for t in template if t[0] == "t") != len(inputs) or not inputs:
+            raise UnsupportedLayerError(f"operation {lname!r} ({cls}) is called on {len(inputs)} tensors")
+        name = self.unique(lname, scope)
+        rename[lname] = name
+        self.add(Node(name, OP_PREFIX + cls, (("template", tuple(template)),), tuple(inputs), scope,
                       lname if name != lname else ""))
         return name
 
@@ -200,11 +226,40 @@ def _check_class(entry: dict, lname: str) -> None:
             "from a model file: replace it with built-in layers and save the model again")
     reg = entry.get("registered_name")
     module = entry.get("module") or ""
+    if cls in KERAS_APP_LAYERS:
+        if module != KERAS_APP_LAYERS[cls]:
+            raise UnsupportedLayerError(
+                f"layer {lname!r} is a {cls} from {module or 'an unknown module'!r}, not Keras's own "
+                f"{KERAS_APP_LAYERS[cls]}; convlens imports only the keras.applications class of that name")
+        return
     if cls not in LAYER_TYPES or (reg and reg != cls and ">" in str(reg)) or (
             module and not module.startswith("keras")):
         raise UnsupportedLayerError(
             f"layer {lname!r} has type {reg or cls!r}, which convlens cannot import "
             f"(custom objects are never loaded); supported types: {', '.join(supported_layers())}")
+
+
+def _is_op(entry: dict) -> bool:
+    """Whether a config entry is a Keras 3 operation node (``keras.src.ops.numpy.Add`` ...)."""
+    module = entry.get("module") or ""
+    if not module.startswith("keras.src.ops."):
+        return False
+    if entry.get("class_name") not in OPS:
+        raise UnsupportedLayerError(f"operation {entry.get('name')!r} ({module}.{entry.get('class_name')}) is not "
+                                    f"one convlens computes; supported operations: {', '.join(sorted(OPS))}")
+    return True
+
+
+def _numeric(a) -> bool:
+    if isinstance(a, bool):
+        return False
+    if isinstance(a, (int, float)):
+        return True
+    return isinstance(a, list) and len(a) <= 4096 and all(_numeric(b) for b in a)
+
+
+def _freeze(a):
+    return tuple(_freeze(b) for b in a) if isinstance(a, list) else float(a)
 
 
 def _endpoints(spec: Any) -> list[str]:

@@ -289,6 +289,8 @@ class _Found:
         self.arrays: dict[str, list[np.ndarray]] = {}
         self.names: dict[str, list[str]] = {}
         self.unmatched: list[str] = []
+        # Entries whose names match no layer, kept for matching by order: (name, position, arrays).
+        self.loose: list[tuple[str, int, list]] = []
 
     def put(self, layer: str, arrays: list[np.ndarray], names: list[str]):
         if arrays:
@@ -296,9 +298,64 @@ class _Found:
             self.names.setdefault(layer, []).extend(names)
 
 
+def _stem(name: str) -> tuple[str, int]:
+    """Keras's automatic layer names are a class stem and a session-wide counter
+    (``conv2d``, ``conv2d_297``): ``(stem, counter)``."""
+    m = re.fullmatch(r"(.*?)(?:_(\d+))?", name)
+    return m.group(1), int(m.group(2) or 0)
+
+
+def _fits(arrays, specs) -> bool:
+    return len(arrays) == len(specs) and all(tuple(a.shape) == tuple(v.shape) for a, v in zip(arrays, specs))
+
+
+def pair_by_order(model: Model, found: _Found) -> None:
+    """Matches file entries whose names fit no layer to the layers left without weights,
+    in order, as Keras does: the same model built in another session has the same layers
+    under other automatic names (``conv2d_297`` for ``conv2d``). First within each name
+    stem (``conv2d`` entries to Conv2D layers), then, as Keras's legacy loader, over all
+    layers with weights; every pair must fit in count and shape, else nothing is paired."""
+    if not found.loose:
+        return
+    specs = model.variable_specs()
+    missing = [n for n in specs if n not in found.arrays]
+    loose = sorted(found.loose, key=lambda e: e[1])
+    pairs: dict[str, tuple] = {}
+    by_stem: dict[str, list] = {}
+    for e in loose:
+        by_stem.setdefault(_stem(e[0])[0], []).append(e)
+    for stem, entries in by_stem.items():
+        layers = [n for n in missing if snake_case(model.graph.by_name[n].cls) == stem
+                  or _stem(model.graph.by_name[n].kname)[0] == stem]
+        entries = sorted(entries, key=lambda e: e[1])
+        if len(layers) != len(entries):
+            continue
+        # Layers in graph order each take the earliest entry that fits them: a branch's
+        # layers may be created (numbered) in another order than the graph lists them.
+        chosen, free = {}, list(entries)
+        for n in layers:
+            hit = next((e for e in free if _fits(e[2], specs[n])), None)
+            if hit is None:
+                break
+            chosen[n] = hit
+            free.remove(hit)
+        if len(chosen) == len(layers):
+            pairs.update(chosen)
+    rest_layers = [n for n in missing if n not in pairs]
+    rest = [e for e in loose if all(e is not p for p in pairs.values())]
+    if rest and len(rest_layers) == len(rest) and all(_fits(e[2], specs[n]) for n, e in zip(rest_layers, rest)):
+        pairs.update(zip(rest_layers, rest))
+    for layer, (name, _, arrays) in pairs.items():
+        found.put(layer, arrays, [name])
+    paired = {id(e) for e in pairs.values()}
+    found.unmatched += [e[0] for e in loose if id(e) not in paired]
+    found.loose = []
+
+
 def merge_params(model: Model, found: _Found, path) -> Params:
     """Checks ``found`` against the model's variables and builds params, or raises
     one error listing every missing, unexpected and mis-shaped variable."""
+    pair_by_order(model, found)
     specs = model.variable_specs()
     problems: list[str] = []
     missing = [name for name in specs if name not in found.arrays]
@@ -321,10 +378,27 @@ def merge_params(model: Model, found: _Found, path) -> Params:
                 problems.append(f"{name}/{v.name}: file shape {tuple(a.shape)}, model shape {tuple(v.shape)}")
         params[name] = {v.name: a for v, a in zip(vars_, arrays)}
     if problems:
+        top = classifier_layers(model)
+        if missing and not unexpected and set(missing) <= top:
+            raise ModelFileError(f"{path} has no classifier (notop weights: {_few(missing)} are missing): add "
+                                 "--no-top (include_top=False) to load it, or give the file with the classifier")
+        headless = not any(model.graph.by_name[n].kind == "dense" for n in top)
+        if unexpected and not missing and headless:
+            raise ModelFileError(f"{path} holds a classifier ({_few(unexpected)}) that the headless model lacks: "
+                                 "drop --no-top (include_top=False), or give the notop file")
         raise ModelFileError(f"{path} does not fit model {model.name!r}: " + "; ".join(problems)
                              + ". Check that the file was saved from this architecture")
     return {layer: {k: jnp.asarray(np.asarray(a, np.float32)) for k, a in vs.items()}
             for layer, vs in params.items()}
+
+
+def classifier_layers(model: Model) -> set[str]:
+    """The layers after the last spatial feature map (flatten, pooling, dense ...): what a
+    Keras ``include_top=False`` file lacks."""
+    shapes = model.output_shapes()
+    last = max((i for i, n in enumerate(model.graph.nodes) if len(shapes.get(n.name, ())) == 4
+                and n.name != model.graph.input), default=-1)
+    return {n.name for n in model.graph.nodes[last + 1:]}
 
 
 def _few(names: Sequence[str], n: int = 12) -> str:
@@ -393,7 +467,13 @@ def _read_keras3_container(g: h5py.Group, graph: Graph, scope, found: _Found, pa
         if node is None:
             node = auto.get(key)
         if node is None:
-            if (vars_g is not None and len(vars_g)) or "layers" in child:
+            if vars_g is not None and len(vars_g):
+                cap = max((math.prod(v.shape) for vs in expected.values() for v in vs), default=0)
+                arrays = [_read(_dataset(vars_g, k, path), None, cap)
+                          for k in sorted((k for k in vars_g.keys() if k.isdigit()), key=int)]
+                name = str(recorded or key)
+                found.loose.append((name, _stem(name)[1], arrays))  # ordered by Keras's name counter
+            elif "layers" in child:
                 found.unmatched.append(str(recorded or key))
             continue
         if node.cls in ("Sequential", "Functional"):
@@ -439,7 +519,9 @@ def _read_legacy(root: h5py.Group, graph: Graph, path) -> _Found:
             node = top.get(lname) or graph.by_name.get(lname)
             if node is None:
                 if wnames:
-                    found.unmatched.append(lname)
+                    cap = max((math.prod(v.shape) for vs in expected.values() for v in vs), default=0)
+                    found.loose.append((lname, len(found.loose), [_read(_dataset_path(g, w, path), None, cap)
+                                                                  for w in wnames]))
                 continue
             if node.cls in ("Sequential", "Functional"):
                 cap = max((math.prod(v.shape) for vs in expected.values() for v in vs), default=0)

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from convlens.errors import InvalidLayerError, UnsupportedLayerError
@@ -120,11 +121,13 @@ class Var:
 
     name: str
     shape: tuple[int, ...]
-    init: str  # "glorot", "zeros" or "ones"
+    init: str  # "glorot", "zeros", "ones" or "constant:VALUE"
     trainable: bool = True
 
 
 def init_var(var: Var, key: Array) -> Array:
+    if var.init.startswith("constant:"):
+        return jnp.full(var.shape, float(var.init.split(":", 1)[1]), jnp.float32)
     if var.init == "zeros":
         return jnp.zeros(var.shape, jnp.float32)
     if var.init == "ones":
@@ -133,9 +136,10 @@ def init_var(var: Var, key: Array) -> Array:
     return jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1)(key, var.shape, jnp.float32)
 
 
-def init_var_np(var: Var, rng) -> "np.ndarray":
+def init_var_np(var: Var, rng) -> np.ndarray:
     """`init_var` on the host: Keras's glorot-uniform (receptive field counted) or constants."""
-    import numpy as np
+    if var.init.startswith("constant:"):
+        return np.full(var.shape, float(var.init.split(":", 1)[1]), np.float32)
     if var.init == "zeros":
         return np.zeros(var.shape, np.float32)
     if var.init == "ones":
@@ -447,37 +451,42 @@ def _apply_gmp(cfg, v, xs, logits=False, relu=jax.nn.relu):
     return jnp.max(xs[0], axis=(1, 2), keepdims=cfg["keepdims"])
 
 
-def _parse_batchnorm(cfg, name):
-    axes = _axis_list(cfg.get("axis", -1), name, "BatchNormalization")
-    if axes not in ((-1,), (3,)):
+def _channel_axis_only(cfg, name, cls):
+    if _axis_list(cfg.get("axis", -1), name, cls) not in ((-1,), (3,)):
         raise UnsupportedLayerError(
-            f"layer {name!r} (BatchNormalization) normalises axis {cfg.get('axis')!r}; "
+            f"layer {name!r} ({cls}) normalises axis {cfg.get('axis')!r}; "
             "convlens supports the channel axis (-1) of NHWC tensors only")
+
+
+def _parse_batchnorm(cfg, name):
+    _channel_axis_only(cfg, name, "BatchNormalization")
     if cfg.get("renorm"):
         raise UnsupportedLayerError(f"layer {name!r} (BatchNormalization) uses renorm, which convlens does not support")
     return dict(epsilon=float(cfg.get("epsilon", 1e-3)), center=bool(cfg.get("center", True)),
                 scale=bool(cfg.get("scale", True)))
 
 
+def _vars_affine(cfg, shapes):
+    """A normalisation's optional per-channel scale and offset."""
+    c = (shapes[0][-1],)
+    return ([Var("gamma", c, "ones")] if cfg["scale"] else []) + ([Var("beta", c, "zeros")] if cfg["center"] else [])
+
+
 def _vars_batchnorm(cfg, shapes):
     c = (shapes[0][-1],)
-    v = []
-    if cfg["scale"]:
-        v.append(Var("gamma", c, "ones"))
-    if cfg["center"]:
-        v.append(Var("beta", c, "zeros"))
-    v += [Var("moving_mean", c, "zeros", False), Var("moving_variance", c, "ones", False)]
-    return v
+    return _vars_affine(cfg, shapes) + [Var("moving_mean", c, "zeros", False), Var("moving_variance", c, "ones", False)]
 
 
 def _apply_batchnorm(cfg, v, xs, logits=False, relu=jax.nn.relu):
+    # Keras's own arithmetic (its JAX backend's batch_normalization: x * inv + res, not
+    # (x - mean) * inv + beta): the rounding then matches Keras's through deep networks.
     inv = lax.rsqrt(v["moving_variance"] + cfg["epsilon"])
     if cfg["scale"]:
         inv = inv * v["gamma"]
-    y = (xs[0] - v["moving_mean"]) * inv
+    res = -v["moving_mean"] * inv
     if cfg["center"]:
-        y = y + v["beta"]
-    return y
+        res = res + v["beta"]
+    return xs[0] * inv + res
 
 
 def _parse_activation_layer(cfg, name):
@@ -599,6 +608,76 @@ def _apply_normalization(cfg, v, xs, logits=False, relu=jax.nn.relu):
     if cfg["invert"]:
         return xs[0] * std + mean
     return (xs[0] - mean) / std
+
+
+def _parse_layernorm(cfg, name):
+    _channel_axis_only(cfg, name, "LayerNormalization")
+    if cfg.get("rms_scaling"):
+        raise UnsupportedLayerError(f"layer {name!r} (LayerNormalization) uses rms_scaling, which convlens does "
+                                    "not support")
+    eps = float(cfg.get("epsilon", 1e-3))
+    if not math.isfinite(eps) or eps < 0:
+        raise InvalidLayerError(f"layer {name!r}: epsilon {eps} must be a finite number >= 0")
+    return dict(epsilon=eps, center=bool(cfg.get("center", True)), scale=bool(cfg.get("scale", True)))
+
+
+def _apply_layernorm(cfg, v, xs, logits=False, relu=jax.nn.relu):
+    # Keras's own arithmetic (keras.ops.layer_normalization), so the numbers match it.
+    x = xs[0]
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    inv = lax.rsqrt(jnp.var(x, axis=-1, keepdims=True) + cfg["epsilon"])
+    if cfg["scale"]:
+        inv = inv * v["gamma"]
+    res = -mean * inv
+    if cfg["center"]:
+        res = res + v["beta"]
+    return x * inv + res
+
+
+# Layer classes Keras itself defines inside keras.applications (recognised by their module,
+# never run from the file: their arithmetic is written here).
+
+def _parse_layer_scale(cfg, name):
+    init = float(cfg.get("init_values", 1e-6))
+    return dict(init_values=init, projection_dim=_int(cfg.get("projection_dim"), name, "projection_dim",
+                                                      maximum=1 << 20))
+
+
+def _vars_layer_scale(cfg, shapes):
+    return [Var("gamma", (cfg["projection_dim"],), f"constant:{cfg['init_values']!r}")]
+
+
+def _apply_layer_scale(cfg, v, xs, logits=False, relu=jax.nn.relu):
+    return xs[0] * v["gamma"]
+
+
+def _parse_custom_scale(cfg, name):
+    scale = cfg.get("scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidLayerError(f"layer {name!r} (CustomScaleLayer): scale {scale!r} is not a number")
+    return dict(scale=float(scale))
+
+
+def _apply_custom_scale(cfg, v, xs, logits=False, relu=jax.nn.relu):
+    return xs[0] + xs[1] * cfg["scale"]
+
+
+# Keras 3 records arithmetic on symbolic tensors (``x + 3.0`` in MobileNetV3's hard
+# sigmoid) as operation nodes of ``keras.src.ops.numpy``; their constant arguments are in
+# the config. ``template`` lists each argument: ("t",) for the next input tensor, ("c", v)
+# for a constant.
+OPS: dict[str, Callable] = {"Add": jnp.add, "Subtract": jnp.subtract, "Multiply": jnp.multiply,
+                            "Divide": jnp.divide, "TrueDivide": jnp.true_divide, "Maximum": jnp.maximum,
+                            "Minimum": jnp.minimum, "Power": jnp.power}
+OP_PREFIX = "op."
+
+
+def _apply_op(fn):
+    def apply(cfg, v, xs, logits=False, relu=jax.nn.relu):
+        it = iter(xs)
+        args = [next(it) if a[0] == "t" else jnp.asarray(a[1], jnp.float32) for a in cfg["template"]]
+        return fn(*args)
+    return apply
 
 
 def _parse_reshape(cfg, name):
@@ -730,11 +809,22 @@ LAYER_TYPES: dict[str, LayerType] = {
     "GaussianDropout": LayerType(**_IDENTITY),
     "AlphaDropout": LayerType(**_IDENTITY),
     "ActivityRegularization": LayerType(**_IDENTITY),
+    "LayerNormalization": _type(_parse_layernorm, _vars_affine, _apply_layernorm, "norm"),
+    "LayerScale": _type(_parse_layer_scale, _vars_layer_scale, _apply_layer_scale, "scale"),
+    "CustomScaleLayer": _type(_parse_custom_scale, _no_vars, _apply_custom_scale, "merge", n_inputs=2),
+    "StochasticDepth": LayerType(**_IDENTITY),
+    **{OP_PREFIX + name: _type(_parse_nothing, _no_vars, _apply_op(fn), "merge", n_inputs=None)
+       for name, fn in OPS.items()},
     # A nested model appears as an identity node on its own output (see keras_graph).
     "Sequential": _type(_parse_nothing, _no_vars, _identity, "container"),
     "Functional": _type(_parse_nothing, _no_vars, _identity, "container"),
 }
 assert all(t.kind in KINDS for t in LAYER_TYPES.values())
+
+# Layer classes defined inside keras.applications, accepted only from their own module.
+KERAS_APP_LAYERS = {"LayerScale": "keras.src.applications.convnext",
+                    "StochasticDepth": "keras.src.applications.convnext",
+                    "CustomScaleLayer": "keras.src.applications.inception_resnet_v2"}
 
 # Classes Keras refuses to deserialise safely and convlens refuses outright.
 CODE_LAYERS = ("Lambda", "TFOpLambda", "SlicingOpLambda")

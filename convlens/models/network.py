@@ -32,6 +32,7 @@ from convlens.models.layers import LAYER_TYPES, RELU_RULES, SQUASHING, init_var,
 
 Array = jax.Array
 Params = dict[str, dict[str, Array]]
+PRECISIONS = ("full", "fast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,10 +215,11 @@ class Model:
     """
 
     __slots__ = ("graph", "name", "preprocess_spec", "class_names", "default_size", "input_size", "channels",
-                 "provenance", "__dict__")
+                 "provenance", "precision", "__dict__")
 
     def __init__(self, graph: Graph, *, preprocess=None, class_names: Sequence[str] | None = None,
-                 default_size: tuple[int, int] = (224, 224), provenance: Provenance | None = None):
+                 default_size: tuple[int, int] = (224, 224), provenance: Provenance | None = None,
+                 precision: str = "full"):
         from convlens.models.preprocess import Preprocess
         put = object.__setattr__
         put(self, "graph", graph)
@@ -229,6 +231,9 @@ class Model:
         put(self, "input_size", (h or default_size[0], w or default_size[1]))
         put(self, "channels", c)
         put(self, "provenance", provenance or Provenance())
+        if precision not in PRECISIONS:
+            raise ConvlensError(f"precision {precision!r}: {' or '.join(PRECISIONS)}")
+        put(self, "precision", precision)
 
     def __setattr__(self, name, value):
         raise AttributeError(f"Model is immutable: use model.replace({name}=...) for a changed copy")
@@ -240,7 +245,7 @@ class Model:
         """A copy with some of ``graph``, ``preprocess``, ``class_names``, ``default_size`` or
         ``provenance`` changed (the keywords of the constructor)."""
         kw = {"graph": self.graph, "preprocess": self.preprocess_spec, "class_names": self.class_names,
-              "default_size": self.default_size, "provenance": self.provenance}
+              "default_size": self.default_size, "provenance": self.provenance, "precision": self.precision}
         unknown = set(changes) - set(kw)
         if unknown:
             raise TypeError(f"Model.replace got unknown fields: {', '.join(sorted(unknown))}")
@@ -249,7 +254,8 @@ class Model:
         return Model(graph, **kw)
 
     def _key(self):
-        return (self.graph, self.preprocess_spec, self.class_names, self.default_size, self.provenance)
+        return (self.graph, self.preprocess_spec, self.class_names, self.default_size, self.provenance,
+                self.precision)
 
     def __eq__(self, other):
         return isinstance(other, Model) and self._key() == other._key()
@@ -261,7 +267,7 @@ class Model:
     def computation(self) -> tuple:
         """What a compiled kernel depends on (graph, preprocessing, input size): the part
         of the model that keys compile caches. Labels and provenance do not."""
-        return (self.graph, self.preprocess_spec, self.input_size, self.channels)
+        return (self.graph, self.preprocess_spec, self.input_size, self.channels, self.precision)
 
     @property
     def source(self) -> str | None:
@@ -295,6 +301,25 @@ class Model:
         """``"softmax"``/``"sigmoid"`` when the model squashes its scores at the end."""
         act = self.graph.by_name[self.graph.output].config.get("activation")
         return act if act in SQUASHING else None
+
+    @functools.cached_property
+    def binary(self) -> bool:
+        """Whether the model ends in a single unit (sigmoid or linear): a two-class
+        classifier, whose class scores are ``[-z, z]`` (see `apply`)."""
+        shape = self.output_shapes()[self.graph.output]
+        return len(shape) == 2 and shape[-1] == 1 and self.output_activation in (None, "sigmoid")
+
+    @functools.cached_property
+    def multilabel(self) -> bool:
+        """Whether the model ends in several independent sigmoid units (a tagging model)."""
+        shape = self.output_shapes()[self.graph.output]
+        return len(shape) == 2 and shape[-1] > 1 and self.output_activation == "sigmoid"
+
+    def class_scores(self, z: Array) -> Array:
+        """The output's scores before the squashing ``z [..., K]`` as class scores: the same,
+        or for a single unit the two-class view ``[-z, z]`` (class 1's log-odds is z, class
+        0's is -z, and sigmoid of each is that class's probability)."""
+        return jnp.concatenate([-z, z], axis=-1) if self.binary else z
 
     def dummy_input(self, batch: int = 1, size: tuple[int, int] | None = None) -> jax.ShapeDtypeStruct:
         h, w = size or self.input_size
@@ -364,6 +389,20 @@ class Model:
             out[layer] = {v.name: jnp.asarray(init_var_np(v, rng)) for v in specs}
         return out
 
+    def _run(self, params, feed, outputs, perturb=None, logits=False, relu_rule="standard"):
+        """The network on ``feed`` at the model's precision: float32 at full precision
+        (``highest``: no TF32 or bfloat16 passes on accelerators), or (``fast``) params
+        and inputs in bfloat16 with float32 results."""
+        if self.precision == "fast":
+            params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+            feed = {k: v.astype(jnp.bfloat16) for k, v in feed.items()}
+            if perturb:
+                perturb = {k: v.astype(jnp.bfloat16) for k, v in perturb.items()}
+            out = self.module.apply({"params": params}, feed, outputs, perturb, logits, relu_rule)
+            return {k: v.astype(jnp.float32) for k, v in out.items()}
+        with jax.default_matmul_precision("highest"):
+            return self.module.apply({"params": params}, feed, outputs, perturb, logits, relu_rule)
+
     def preprocess(self, images: Array) -> Array:
         """Pixels ``[B, H, W, C]`` in 0..255 (uint8 or float) to the model's input space."""
         return self.preprocess_spec(images)
@@ -378,7 +417,8 @@ class Model:
           x: preprocessed images ``[B, H, W, C]`` float32.
           layers: layer names whose outputs to return, or ``"all"`` / ``"conv"``.
           perturb: arrays added to the named layers' outputs (zeros to take gradients there).
-          logits: return the scores before a final softmax/sigmoid.
+          logits: return class scores before a final softmax/sigmoid (for a single
+            sigmoid or linear unit, the two-class view ``[-z, z]``: `class_scores`).
           relu_rule: how ReLUs backpropagate: ``standard``, ``guided`` or ``deconvnet``
             (forward values are the same for all three).
 
@@ -387,29 +427,30 @@ class Model:
         """
         layers = self.resolve_layers(layers)
         want = tuple(dict.fromkeys((self.graph.output, *layers)))
-        out = self.module.apply({"params": params}, {self.graph.input: x}, want, perturb, logits, relu_rule)
+        out = self._run(params, {self.graph.input: x}, want, perturb, logits, relu_rule)
         y = out[self.graph.output]
+        if logits:
+            y = self.class_scores(y)
         if logits and self.graph.output in layers:
             # The captured output layer keeps its Keras meaning (post-activation).
-            out[self.graph.output] = self.module.apply({"params": params}, {self.graph.input: x},
-                                                       (self.graph.output,))[self.graph.output]
+            out[self.graph.output] = self._run(params, {self.graph.input: x}, (self.graph.output,))[self.graph.output]
         return y, {name: out[name] for name in layers}
 
     def features(self, params: Params, x: Array, layer: str) -> Array:
         """Output of ``layer`` for preprocessed input ``x`` ``[B, H, W, C]``."""
-        return self.module.apply({"params": params}, {self.graph.input: x}, (self.graph.node(layer).name,))[layer]
+        return self._run(params, {self.graph.input: x}, (self.graph.node(layer).name,))[layer]
 
     def intermediates(self, params: Params, x: Array, layers) -> dict[str, Array]:
         """Outputs of ``layers`` only (nothing past them is computed), ``{layer: [B, ...]}``;
         any input size a model without Dense layers on the way accepts."""
         names = tuple(self.graph.node(n).name for n in layers)
-        return self.module.apply({"params": params}, {self.graph.input: x}, names)
+        return self._run(params, {self.graph.input: x}, names)
 
     def head(self, params: Params, a: Array, layer: str, *, logits: bool = False) -> Array:
         """The rest of the model fed from ``layer``'s output ``a``; raises where skip
         connections bypass the layer."""
-        return self.module.apply({"params": params}, {self.graph.node(layer).name: a}, (self.graph.output,),
-                                 None, logits)[self.graph.output]
+        y = self._run(params, {self.graph.node(layer).name: a}, (self.graph.output,), None, logits)[self.graph.output]
+        return self.class_scores(y) if logits else y
 
     def resolve_layers(self, layers: Sequence[str] | str) -> tuple[str, ...]:
         if isinstance(layers, str):

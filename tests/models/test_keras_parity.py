@@ -13,17 +13,9 @@ from convlens.models import keras_io
 from convlens.models.preprocess import Preprocess
 from convlens.models.registry import build_model
 from tests.conftest import photo_batch
-from tests.keras_helpers import FORMATS, keras_outputs, randomize, save_all
+from tests.keras_helpers import FORMATS, assert_close, keras_outputs, randomize, save_all
 
 keras = pytest.importorskip("keras")
-
-
-def assert_close(ours, ref, name):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != keras {ref.shape}"
-    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(ours - ref).max())
-    assert err <= tol, f"{name}: max|diff| {err:.3g} > {tol:.3g}"
 
 
 def load_any(fmt, path, graph_source, builtin=None):

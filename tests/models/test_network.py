@@ -105,7 +105,7 @@ def test_headless_vgg_any_size():
 
 
 def test_preprocess_modes_match_keras():
-    keras = pytest.importorskip("keras")
+    pytest.importorskip("keras")
     from keras.applications import imagenet_utils
     x = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3)).astype("float32")
     for mode in ("caffe", "tf", "torch"):

@@ -1,0 +1,83 @@
+"""Every convnet of keras.applications, built in Keras (random weights, biases and
+BatchNorm statistics randomised, classifier_activation=None so the outputs are logits),
+saved as .keras and read back by convlens: the logits and every layer's output agree to
+``max|diff| <= 1e-4 * max(1, max|keras|)``. The built-in of the same name (built from
+convlens's data, no Keras) takes the same weights and gives the same logits.
+
+Inputs are reduced to the smallest size each architecture allows (the weights do not
+depend on it), two real photos each."""
+
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from convlens.models import keras_io, zoo
+from convlens.models.registry import MODELS, build_model
+from tests.conftest import photo_batch
+from tests.keras_helpers import assert_close, keras_outputs, randomize
+
+keras = pytest.importorskip("keras")
+
+# The smallest input each family accepts (Keras checks it), to keep the test fast.
+MIN_SIZE = {"inception_v3": 75, "inception_resnet_v2": 75, "xception": 71, "nasnet_mobile": 32,
+            "nasnet_large": 32}
+NAMES = [n for n in zoo.names()]
+# The big ones run, but last, so a failure in a small one shows first.
+BIG = ("convnext_xlarge", "convnext_large", "efficientnet_v2_l", "nasnet_large", "efficientnet_b7",
+       "resnet152_v2", "resnet152", "efficientnet_v2_m", "efficientnet_b6")
+NAMES = [n for n in NAMES if n not in BIG] + [n for n in BIG if n in NAMES]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_keras_applications_zoo(name, tmp_path):
+    t0 = time.perf_counter()
+    e = zoo.entries()[name]
+    size = MIN_SIZE.get(name, 32)
+    fn = getattr(keras.applications, e["keras_name"])
+    kmodel = fn(weights=None, input_shape=(size, size, 3), classifier_activation=None)
+    # Contracting BatchNorms: with random weights, hundreds of layers otherwise grow the
+    # activations until float32 rounding alone, amplified, decides the last digits.
+    randomize(kmodel, seed=len(name), gamma=(0.5, 1.0), variance=(1.0, 2.0))
+    x = photo_batch((size, size), ("chelsea", "coffee")).astype(np.float32)
+    x = np.asarray(MODELS[name].preprocess(x)) if name in MODELS else x  # the model's own input space
+    ref = keras_outputs(kmodel, x)
+    path = tmp_path / f"{name}.keras"
+    kmodel.save(path)
+    model, params = keras_io.load_model_file(path)
+    names = list(ref)
+    y, acts = jax.jit(lambda p, v: model.apply(p, v, layers=names))(params, x)
+    for layer in names:
+        assert_close(acts[layer], ref[layer], f"{name}: {layer}")
+    assert_close(y, ref[names[-1]], f"{name}: logits")
+    # The built-in, from convlens's own data, with the same weights: the same logits.
+    builtin = build_model(name, input_shape=(size, size, 3)) if not MODELS[name].fixed_size else None
+    if builtin is not None:
+        bparams = keras_io.load_weights(builtin, path)
+        logits, _ = jax.jit(lambda p, v: builtin.apply(p, v, logits=True))(bparams, x)
+        assert_close(logits, ref[names[-1]], f"{name}: built-in logits")
+    print(f"{name}: {len(names)} layers at {size}x{size}, {time.perf_counter() - t0:.1f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "convnext_tiny"])
+def test_zoo_models_explain_end_to_end(name, tmp_path, capsys):
+    """A ResNet50 and a ConvNeXt-Tiny through run, audit and render (random weights, 64x64)."""
+    from PIL import Image
+
+    from tests.test_cli import run as cli
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, img in enumerate(photo_batch((96, 96))):
+        Image.fromarray(img).save(photos / f"{i}.png")
+    out = tmp_path / "s.zarr"
+    code, stdout, err = cli(["run", name, "--random-init", "0", "--input-size", "64x64", "--data", str(photos),
+                             "-m", "gradcam,hirescam", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0 and "4 done" in stdout, err
+    code, stdout, err = cli(["audit", str(out), "--sample", "2", "--sanity-items", "2", "--steps", "4"], capsys)
+    assert code == 0 and "audited" not in err and "gradcam:" in stdout, err
+    code, stdout, err = cli(["render", str(out), "--out", str(tmp_path / "pics")], capsys)
+    assert code == 0 and "overlays" in stdout, err
+    assert (tmp_path / "pics" / "overlays" / "0.png").exists()
