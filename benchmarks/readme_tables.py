@@ -32,6 +32,24 @@ def schema() -> str:
     return schema_table()
 
 
+def models() -> str:
+    """Every built-in: input size, preprocessing, default CAM layer and method, ImageNet weights."""
+    import sys
+    sys.path.insert(0, str(HERE.parent))
+    from convlens.kernels.common import default_layer, default_method
+    from convlens.models.registry import MODELS, build_model
+    rows = ["| name | input | preprocessing | default CAM layer | default method | ImageNet weights | from |",
+            "|---|---|---|---|---|---|---|"]
+    for name, spec in MODELS.items():
+        model = build_model(name)
+        w = spec.imagenet(True) if spec.imagenet else None
+        origin = spec.description.split("(")[0].strip()
+        rows.append(f"| `{name}` | {spec.default_size[0]}x{spec.default_size[1]} | {spec.preprocess.describe()} | "
+                    f"`{default_layer(model)}` | {default_method(model)} | {'`' + w['fname'] + '`' if w else '-'} | "
+                    f"{origin} |")
+    return "\n".join(rows)
+
+
 def forward() -> str | None:
     res = load("forward_throughput")
     if not res:
@@ -215,11 +233,24 @@ def video() -> str | None:
     return "\n".join(out)
 
 
+def precision() -> str | None:
+    res = load("precision_effect")
+    if not res:
+        return None
+    out = [machine_line(res), "",
+           f"| VGG16, {res['images']} photos | rank correlation of maps, mean (worst) | logits: largest difference, "
+           "relative | time fast / full |", "|---|---|---|---|"]
+    for name, r in res["methods"].items():
+        out.append(f"| {name} | {r['rank_correlation_mean']:.3f} ({r['rank_correlation_min']:.3f}) | "
+                   f"{r['logit_max_rel_diff']:.1e} | {r['fast_over_full_time']:.2f} |")
+    return "\n".join(out)
+
+
 def main():
     text = README.read_text()
-    for name, fn in (("schema", schema), ("forward", forward), ("explain", explain), ("occlusion", occlusion), ("ascent", ascent),
+    for name, fn in (("schema", schema), ("models", models), ("forward", forward), ("explain", explain), ("occlusion", occlusion), ("ascent", ascent),
                      ("engine", engine), ("metrics", metrics_cost), ("callback", callback),
-                     ("perturbation", perturbation), ("video", video)):
+                     ("perturbation", perturbation), ("video", video), ("precision", precision)):
         table = fn()
         if table is None:
             continue

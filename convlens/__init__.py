@@ -12,9 +12,9 @@ from convlens.errors import ConvlensError  # noqa: E402
 
 _LAZY = {"Explanation": "convlens.api", "explain": "convlens.api", "METHODS": "convlens.kernels.registry",
          "MODELS": "convlens.models.registry", "build_model": "convlens.models.registry",
-         "load_model": "convlens.models.registry"}
+         "load_model": "convlens.models.registry", "default_method": "convlens.kernels.common"}
 
-__all__ = ["ConvlensError", "Explanation", "METHODS", "MODELS", "build_model", "explain", "load_model",
+__all__ = ["ConvlensError", "Explanation", "METHODS", "MODELS", "build_model", "default_method", "explain", "load_model",
            "__version__"]
 
 

@@ -83,16 +83,20 @@ def resolve(model: Model, method: str, options: dict | None = None):
     return METHODS[method].resolve(model, options or {})
 
 
-def explain(model: Model, params, images, method: str = "gradcam", *, target="top1", key=0,
+def explain(model: Model, params, images, method: str | None = None, *, target="top1", key=0,
             batch_size: int | None = None, **options) -> Explanation:
     """Explains ``images`` with one method.
 
     Args:
       model, params: from `convlens.load_model`.
       images: pixels ``[B, H, W, C]`` (uint8 or float 0..255) at the model's input size.
-      method: a name in `convlens.METHODS`.
+      method: a name in `convlens.METHODS`; default: the one `default_method` picks from
+        the graph (Grad-CAM on a GAP head, HiRes-CAM on a Flatten head), named in the
+        result's ``method``.
       target: ``"top1"`` (default), ``"top5"``, a class index, a list of indices for every
-        image, or an array ``[B]`` / ``[B, T]`` of per-image indices.
+        image, an array ``[B]`` / ``[B, T]`` of per-image indices, or ``"positive"`` /
+        ``"positive:T"`` (a multi-label model's classes above probability 0.5; the slots
+        of other classes hold target -1 and NaN maps).
       key: an int seed or a JAX key (stochastic methods); image ``i`` uses ``fold_in(key, i)``.
       batch_size: images per compiled call (default: all at once); the last batch is
         padded so nothing recompiles.
@@ -103,8 +107,11 @@ def explain(model: Model, params, images, method: str = "gradcam", *, target="to
     """
     from convlens.engine import targets as tg
     from convlens.engine.executor import Executor, Explain, merge
+    from convlens.kernels.common import default_method
     from convlens.kernels.registry import METHODS
+    from convlens.models.labels import class_probabilities
 
+    method = method or default_method(model)
     cfg = resolve(model, method, options)
     spec = METHODS[method]
     x = check_images(model, images)
@@ -124,5 +131,6 @@ def explain(model: Model, params, images, method: str = "gradcam", *, target="to
     if bad:
         warnings.warn(f"{method} produced non-finite values in {', '.join(bad)} (check its options and the "
                       "model's outputs)", RuntimeWarning, stacklevel=2)
+    merged = tg.mask_positives(merged, spec.dims, class_probabilities(merged["logits"], model.output_activation), t)
     outputs = {k: v for k, v in merged.items() if k not in ("targets", "logits")}
     return Explanation(method, cfg, outputs, spec.dims, merged["targets"], merged["logits"])

@@ -101,12 +101,50 @@ def _methods(values) -> list[str]:
                 raise OptionError(f"{name!r} is not a method; choose from {', '.join(sorted(METHODS))}")
             if name not in out:
                 out.append(name)
-    if not out:
+    if values and not out:  # -m given but empty ("" or ","): a mistake, not "choose for me"
         raise OptionError("no method given: -m takes method names, e.g. -m gradcam,smoothgrad")
     return out
 
 
+# Until the model is loaded, the method chosen from its graph is validated as Grad-CAM (the
+# two candidates, Grad-CAM and HiRes-CAM, take the same options).
+CHOSEN = "gradcam"
+
+
+def _with_default(per: dict, model) -> dict:
+    """``per`` with the stand-in for "no -m given" replaced by `default_method`'s choice
+    for ``model``, and a note saying which and why."""
+    if not isinstance(per, _Chosen):
+        return per
+    from convlens.kernels.common import default_layer, default_method, head_kind
+    layer = per[CHOSEN].get("layer")
+    name = default_method(model, layer)
+    try:
+        layer = layer or default_layer(model)
+        if len(model.output_shapes()[model.graph.node(layer).name]) != 4:
+            return {name: per[CHOSEN]}  # not spatial: the method's own error says so
+        why = {"flatten": f"the head flattens {layer!r} position by position, where Grad-CAM's averaged "
+                          "gradients cancel",
+               "pooled": f"the head pools {layer!r} over its positions"}.get(
+            head_kind(model, layer), f"the head does not flatten {layer!r} position by position")
+        # Said once the choice stands; an error about the layer is then the only line printed.
+        click.echo(f"method: {name} (chosen from the graph: {why}; -m names another)")
+    except ConvlensError:
+        pass  # no such layer or no spatial layer: the method's own error says so
+    return {name: per[CHOSEN]}
+
+
+class _Chosen(dict):
+    """Method options when no method was named (see `_with_default`)."""
+
+
 def _method_options(methods, pairs, layer) -> dict[str, dict]:
+    if not methods:  # none given: chosen from the graph once the model is loaded (`_with_default`)
+        return _Chosen(_method_options([CHOSEN], pairs, layer))
+    return _options_for(methods, pairs, layer)
+
+
+def _options_for(methods, pairs, layer) -> dict[str, dict]:
     """``-o KEY=VALUE`` (every method with that option) and ``-o METHOD.KEY=VALUE``, plus
     ``--layer`` for every method that takes a layer of its choosing."""
     from convlens.kernels.registry import METHODS
@@ -141,8 +179,9 @@ def method_options(f):
     f = click.option("--option", "-o", "options", multiple=True, metavar="[METHOD.]KEY=VALUE",
                      help="Method option, e.g. -o samples=25 or -o occlusion.window=32 (see `convlens methods`).")(f)
     f = click.option("--layer", help="Layer for the CAM methods (default: the last spatial non-pooling layer).")(f)
-    f = click.option("--method", "--methods", "-m", "methods", multiple=True, default=["gradcam"],
-                     show_default=True, help="Method(s): repeat or comma-separate (see `convlens methods`).")(f)
+    f = click.option("--method", "--methods", "-m", "methods", multiple=True,
+                     help="Method(s): repeat or comma-separate (see `convlens methods`); default: Grad-CAM, or "
+                          "HiRes-CAM when the head flattens the last feature maps (Grad-CAM's maps go empty there).")(f)
     return f
 
 
@@ -185,6 +224,7 @@ def _explain_files(images, per, opts: dict, out, overwrite, load: dict, command:
     files = sources.expand(list(images))
     src = sources.open_source(files) if any(video.is_video(f) for f in files) else sources.FileSource(files)
     m, params = _load(load)
+    per = _with_default(per, m)
     r = runner.Run(m, params, src, per, out, opts=build(runner.RunOptions, {**opts, "progress": False}),
                    overwrite=overwrite, command=command, note=_note)
     summary = r.execute()
@@ -312,6 +352,7 @@ def _run():
         src = sources.open_source(list(data), data_dir=data_dir, masks=masks, every=every,
                                   max_pixels=opts.max_pixels)  # before the model: fail fast
         m, params = _load({"name_or_path": model, **kw})
+        per = _with_default(per, m)
         summary = distributed.run(m, params, src, per, out, proc, resume=resume, overwrite=overwrite,
                                   command=" ".join(["convlens", *sys.argv[1:]]), verify_full=verify_full,
                                   note=_note, **dataclasses.asdict(opts))
@@ -491,8 +532,8 @@ def _live():
     @click.command("live")
     @click.argument("model")
     @click.argument("stream")
-    @click.option("--method", "-m", default="gradcam", show_default=True,
-                  help="A method with a map (gradcam, cam, hirescam, eigencam ...).")
+    @click.option("--method", "-m", help="A method with a map (gradcam, cam, hirescam, eigencam ...); default: "
+                  "Grad-CAM, or HiRes-CAM when the head flattens the last feature maps.")
     @click.option("--layer", help="Layer for the CAM methods.")
     @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE", help="Method option.")
     @click.option("--target", default="top1", show_default=True,
@@ -524,12 +565,13 @@ def _live():
         from convlens.engine import store
         from convlens.live import live as run_live
         look = build(LookOptions, pick(kw, LookOptions))
-        per = _method_options(_methods([method]), options, layer)[method]
+        per = _method_options(_methods([method] if method else []), options, layer)
         if not out and not show:
             raise OptionError("live needs somewhere to put the overlays: --out FILE.mp4|FILE.gif|FOLDER or --show")
         if out and store.exists(out) and not overwrite:
             raise ConvlensError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
         m, params = _load({"name_or_path": model, **kw})
+        ((method, per),) = _with_default(per, m).items()
         last = [0.0]
 
         def status(stats, _frame):

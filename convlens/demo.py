@@ -198,6 +198,10 @@ def run_demo(out="convlens-demo", *, train_size: int = 2000, test_size: int = 16
     log(f"    held-out accuracy {accuracy(model, params, xt, yt):.3f}; model saved to {weights}")
     store = out / "shapes.zarr"
     log("3/5 explaining the held-out images with Grad-CAM, CAM and occlusion (the engine, from an image folder)")
+    from convlens.kernels.common import default_method
+    log(f"    Grad-CAM is convlens's default for this model ({default_method(model)}): its head averages the last "
+        "feature maps (GlobalAveragePooling), where Grad-CAM equals CAM; on a Flatten head, where Grad-CAM's "
+        "averaged gradients cancel, the default is HiRes-CAM")
     src = folder_source(images, masks)  # as `convlens run --data images --masks masks`
     s = runner.run(model, params, src, {"gradcam": {}, "cam": {}, "occlusion": {"window": 12, "stride": 4}},
                    store, target="label", batch_size=16, progress=False, command="convlens demo")

@@ -26,7 +26,9 @@ import time
 import numpy as np
 
 from convlens.engine import store
+from convlens.engine import targets as tg
 from convlens.errors import ConvlensError
+from convlens.models.labels import class_probabilities
 
 
 class ExplainRecorder:
@@ -45,7 +47,6 @@ class ExplainRecorder:
     def __init__(self, model, images, methods, out, *, target="top1", labels=None, ids=None, seed: int = 0,
                  overwrite: bool = False, command: str = "training", batch_size: int | None = None):
         from convlens.api import check_images, resolve
-        from convlens.engine import targets as tg
         from convlens.engine.executor import Explain
 
         if not isinstance(methods, dict):
@@ -90,6 +91,10 @@ class ExplainRecorder:
         res = self.explain(params)
         first = not self.epochs
         for m, outs in res.items():
+            if self.targets.mode == tg.POSITIVE:  # labels below the threshold this epoch: -1 / NaN
+                probs = class_probabilities(np.asarray(outs["logits"]), self.model.output_activation)
+                outs = tg.mask_positives({k: np.asarray(v) for k, v in outs.items()}, self.comps[m].spec.dims,
+                                         probs, self.targets)
             for k, v in outs.items():
                 v = np.asarray(v)[None]
                 name = f"{m}/{k}"

@@ -1,8 +1,9 @@
 """Audits: what a classifier looks at across a finished store, and how faithful each
 method's maps are.
 
-For every method with a ``heatmap`` output (its first target), over the items whose
-status is done:
+For every method with a ``heatmap`` output, over the items whose status is done (each
+item's first target; for a multi-label model every explained label, as a sample of that
+label's class):
 
 * per item: the map's positive part as a distribution of mass; its share in each cell of
   a ``grid x grid`` partition (``grid_mass``), in the central box (``center_share``, the
@@ -19,6 +20,12 @@ status is done:
     of their mass outside the central box (background, frame);
   - ``off_object``: at least ``off_object_items`` of the items put less mass on the
     object than ``object_share`` times a uniform map would (stores with masks);
+  - ``empty_maps``: at least ``empty`` of the maps (of all, or of a class) are empty or
+    constant, with the counts per class; ``degenerate``: at least ``degenerate`` are, with
+    the method to run instead where the store's record of the layer's head tells (a
+    Flatten head cancels Grad-CAM's averaged gradients: HiRes-CAM, Layer-CAM);
+  every class flag says how many of the class's items it rests on (only items with a
+  non-empty map count) and is marked ``weak`` when that is under half of them;
   and a ``suspicion`` score per item ranking the items that best show the problems;
 * faithfulness (`convlens.kernels.metrics`), on the first ``sample`` items, where the
   model can be loaded: deletion / insertion curves and areas, average drop, increase in
@@ -64,6 +71,8 @@ class AuditConfig(Config):
       sanity: the model-randomisation sanity check (needs the model).
       sanity_items: items the sanity check uses.
       sanity_threshold: rank correlation with every layer random above which a method is flagged.
+      empty: share of empty or constant maps (of all, or of a class) that raises the empty_maps flag.
+      degenerate: share of empty or constant maps (of all, or of a class) that flags the method as degenerate.
       batch: images per compiled call of the metrics.
     """
 
@@ -81,6 +90,8 @@ class AuditConfig(Config):
     sanity: bool = True
     sanity_items: int = option(4, min=1)
     sanity_threshold: float = option(0.8, min=-1, max=1)
+    empty: float = option(0.1, above=0, max=1)
+    degenerate: float = option(0.5, above=0, max=1)
     batch: int = option(8, min=1)
 
     _owner = "audit"
@@ -106,10 +117,14 @@ def where(cell, grid: int) -> str:
 # ---------------------------------------------------------------- statistics (numpy)
 
 def mass_maps(heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positive part of maps ``[N, H, W]`` as distributions; second: which maps are empty."""
-    p = np.maximum(np.nan_to_num(heat.astype(np.float64)), 0.0)
+    """Positive part of maps ``[N, H, W]`` as distributions; second: which maps are empty
+    (nothing positive) or constant (the same everywhere: no location either)."""
+    h = np.nan_to_num(heat.astype(np.float64))
+    p = np.maximum(h, 0.0)
     total = p.sum(axis=(1, 2), keepdims=True)
-    empty = total[:, 0, 0] <= 0
+    hi, lo = h.max(axis=(1, 2)), h.min(axis=(1, 2))
+    constant = hi - lo <= 1e-6 * np.maximum(np.abs(hi), np.abs(lo))
+    empty = (total[:, 0, 0] <= 0) | constant
     return np.where(total > 0, p / np.where(total > 0, total, 1.0), 1.0 / (heat.shape[1] * heat.shape[2])), empty
 
 
@@ -185,7 +200,12 @@ def find_flags(stats, classes: np.ndarray, class_names, cfg: AuditConfig) -> tup
         idx = np.flatnonzero((classes == c) & ~stats["empty"])
         if len(idx) < cfg.min_items:
             continue
-        name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(int(c))
+        name = _name(c, class_names)
+        total = int((classes == c).sum())
+        # A flag rests on the class's maps that say something: say how many of how many.
+        basis = {"class_items": total, "weak": len(idx) < 0.5 * total}
+        rests = "" if len(idx) == total else \
+            f" (only {len(idx)} of its {total} items have a non-empty map: the flag rests on those)"
         cells, counts = np.unique(stats["peak_cell"][idx], return_counts=True)
         k = cells[np.argmax(counts)]
         share = counts.max() / len(idx)
@@ -193,19 +213,20 @@ def find_flags(stats, classes: np.ndarray, class_names, cfg: AuditConfig) -> tup
             rc = (int(k // g), int(k % g))
             mass = float(stats["grid_mass"][idx, rc[0], rc[1]].mean())
             flags.append({"kind": "class_location", "class": int(c), "class_name": name, "cell": list(rc),
-                          "where": where(rc, g), "items": int(len(idx)), "share_of_items": float(share),
+                          "where": where(rc, g), "items": int(len(idx)), **basis, "share_of_items": float(share),
                           "mean_mass_in_cell": mass, "uniform_mass": 1.0 / (g * g),
                           "why": f"{share:.0%} of the {len(idx)} items of class {name!r} peak in the {where(rc, g)}; "
-                                 f"that cell holds {mass:.0%} of their map mass on average (uniform: {1 / g / g:.0%})"})
+                                 f"that cell holds {mass:.0%} of their map mass on average (uniform: {1 / g / g:.0%})"
+                                 + rests})
             hit = idx[stats["peak_cell"][idx] == k]
             suspicion[hit] += 1.0 + stats["grid_mass"][hit, rc[0], rc[1]]
         over = border[idx] > cfg.border
         if over.mean() >= cfg.consistency:
             flags.append({"kind": "class_border", "class": int(c), "class_name": name, "items": int(len(idx)),
-                          "share_of_items": float(over.mean()), "mean_border_share": float(border[idx].mean()),
+                          **basis, "share_of_items": float(over.mean()), "mean_border_share": float(border[idx].mean()),
                           "why": f"{over.mean():.0%} of the {len(idx)} items of class {name!r} keep over "
                                  f"{cfg.border:.0%} of their map mass outside the central box "
-                                 f"(mean {border[idx].mean():.0%}; a uniform map: {1 - cfg.center ** 2:.0%})"})
+                                 f"(mean {border[idx].mean():.0%}; a uniform map: {1 - cfg.center ** 2:.0%})" + rests})
             suspicion[idx[over]] += border[idx[over]]
     if "object_share" in stats:
         # Less mass on the object than a uniform map would put there: the map misses it.
@@ -318,54 +339,47 @@ def _audit(path, cfg, model, params, methods, progress, storage_options) -> dict
     labels = np.asarray(root["labels"][:]) if "labels" in root else np.full(len(status), -1)
     pred = np.asarray(root["predictions/topk_index"][:, 0])
     classes = np.where(labels >= 0, labels, pred)
-    class_names = attrs.get("class_names")
+    class_names = attrs.get("class_names") or attrs.get("model_class_names")
     masks = np.asarray(root["masks"][:]) if "masks" in root else None
+    # A multi-label model's every explained label is a sample of its own class; otherwise
+    # each item's first target is, its class the label (or the prediction).
+    per_label = attrs.get("head") == "multilabel" or str(attrs.get("target", "")).startswith("positive")
     if "audit" in root:
         del root["audit"]
     findings = {}
     mp = None
     for method in names:
         t0 = time.perf_counter()
-        heat = np.asarray(root[f"{method}/{heatmap_of(entries[method])}"][:, 0])  # first target
-        targets = np.asarray(root[f"{method}/targets"][:, 0])
-        stats = item_statistics(heat[valid], cfg, None if masks is None else masks[valid])
-        flags, suspicion = find_flags(stats, classes[valid], class_names, cfg)
+        entry_attrs = entries[method]
+        s = Samples.read(root, method, heatmap_of(entry_attrs), valid, classes, per_label)
+        stats = item_statistics(s.heat, cfg, None if masks is None else masks[s.items])
+        flags, suspicion = find_flags(stats, s.classes, class_names, cfg)
+        flags = empty_flags(stats, s.classes, class_names, method, entry_attrs, cfg) + flags
         n = len(status)
         g = f"audit/{method}"
+        first = s.slots == 0  # per-item arrays: each item's first explained target
 
         def put(name, values, fill=np.nan):
             full = np.full((n, *values.shape[1:]), fill, dtype=values.dtype if values.dtype != bool else bool)
-            full[valid] = values
+            full[s.items[first]] = values[first]
             store.write(root, f"{g}/{name}", full)
-        put("grid_mass", stats["grid_mass"])
-        put("center_share", stats["center_share"])
-        put("peak", stats["peak"])
-        put("entropy", stats["entropy"])
-        put("concentration", stats["concentration"])
-        put("suspicion", suspicion.astype(np.float32))
+        for name in ("grid_mass", "center_share", "peak", "entropy", "concentration"):
+            put(name, stats[name])
+        item_suspicion = np.zeros(n)
+        np.add.at(item_suspicion, s.items, suspicion)
+        store.write(root, f"{g}/suspicion", np.where(np.isin(np.arange(n), valid), item_suspicion,
+                                                     np.nan).astype(np.float32))
         if "object_share" in stats:
             put("object_share", stats["object_share"])
             put("pointing_hit", stats["pointing_hit"].astype(bool), False)
-        mass, _ = mass_maps(heat[valid])
-        n_classes = int(max(classes.max() + 1, len(class_names or [])))
-        store.write(root, f"{g}/class_mean", class_means(mass, classes[valid], n_classes))
-        summary = {"items": int(len(valid)), "mean_center_share": float(np.nanmean(stats["center_share"])),
-                   "mean_entropy": float(np.nanmean(stats["entropy"])), "empty_maps": int(stats["empty"].sum())}
-        if (labels[valid] >= 0).any():
-            correct = labels[valid] == pred[valid]
-            store.write(root, f"{g}/class_mean_correct",
-                        class_means(mass[correct], classes[valid][correct], n_classes))
-            store.write(root, f"{g}/class_mean_wrong",
-                        class_means(mass[~correct], classes[valid][~correct], n_classes))
-            summary["accuracy"] = float(correct.mean())
-        if "object_share" in stats:
-            summary["mean_object_share"] = float(np.nanmean(stats["object_share"]))
-            summary["pointing_game"] = float(stats["pointing_hit"][~stats["empty"]].mean()) \
-                if (~stats["empty"]).any() else float("nan")
-        order = np.argsort(-suspicion, kind="stable")
+        summary = _summary(root, g, stats, s, labels, pred, class_names, per_label)
+        if per_label:  # items the model gave no positive label: nothing of theirs to audit
+            summary["items_without_positive"] = int(len(valid) - summary["items"])
+        order = np.argsort(-item_suspicion[valid], kind="stable")
         ids = root["ids"][:]
         summary["most_suspicious"] = [{"id": str(ids[valid[i]]), "index": int(valid[i]),
-                                       "suspicion": float(suspicion[i])} for i in order[:10] if suspicion[i] > 0]
+                                       "suspicion": float(item_suspicion[valid[i]])}
+                                      for i in order[:10] if item_suspicion[valid[i]] > 0]
         entry = {"flags": flags, "summary": summary}
         needs_model = cfg.metrics or cfg.sanity
         if needs_model and "inputs" not in root:
@@ -374,19 +388,131 @@ def _audit(path, cfg, model, params, methods, progress, storage_options) -> dict
         elif needs_model:
             if mp is None:
                 mp = model_from_store(root, model, params)
+            # The metrics read each item's first explained target (a multi-label item
+            # without a positive label has none).
+            heat0 = np.asarray(root[f"{method}/{heatmap_of(entry_attrs)}"][:, 0])
+            targets0 = np.asarray(root[f"{method}/targets"][:, 0])
+            rated = valid[targets0[valid] >= 0]
             if cfg.metrics:
-                entry["faithfulness"] = _faithfulness(root, mp, method, heat, targets, valid, cfg, g, n)
+                entry["faithfulness"] = _faithfulness(root, mp, method, heat0, targets0, rated, cfg, g, n)
             if cfg.sanity:
-                entry["sanity"] = _sanity(root, mp, method, entries[method], targets, valid, cfg)
+                entry["sanity"] = _sanity(root, mp, method, entry_attrs, targets0, rated, cfg)
                 if entry["sanity"].get("flagged"):
                     flags.append({"kind": "sanity", "why": entry["sanity"]["why"]})
         entry["seconds"] = time.perf_counter() - t0
         findings[method] = entry
         if progress:
-            progress(f"audited {method}: {len(flags)} flag(s)")
+            progress(f"audited {method}: {len(flags)} flag(s)" +
+                     "".join(f"\n  {f['kind']}: {f['why']}" for f in flags if f["kind"] in ("degenerate",)))
     root.attrs["audit"] = store.jsonable({"config": dataclasses.asdict(cfg), "methods": findings})
     store.finish(path, storage_options)
     return findings
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """The maps an audit reads: ``heat [S, H, W]`` of item ``items [S]``, target slot
+    ``slots [S]``, counted for class ``classes [S]``."""
+
+    heat: np.ndarray
+    items: np.ndarray
+    slots: np.ndarray
+    classes: np.ndarray
+
+    @classmethod
+    def read(cls, root, method: str, heatmap: str, valid, classes, per_label: bool) -> "Samples":
+        arr = root[f"{method}/{heatmap}"]
+        if not per_label:
+            return cls(np.asarray(arr[:, 0])[valid], valid, np.zeros(len(valid), int), classes[valid])
+        targets = np.asarray(root[f"{method}/targets"][:])
+        heat, items, slots = [], [], []
+        for t in range(targets.shape[1]):  # one slot at a time: memory follows the samples, not N x T
+            rows = valid[targets[valid, t] >= 0]
+            if len(rows):
+                heat.append(np.asarray(arr.get_orthogonal_selection((rows, t))))
+                items.append(rows)
+                slots.append(np.full(len(rows), t))
+        if not heat:
+            raise ConvlensError(f"{method}: no item of the store has a positive label to audit")
+        items, slots = np.concatenate(items), np.concatenate(slots)
+        return cls(np.concatenate(heat), items, slots, targets[items, slots])
+
+
+def _summary(root, g, stats, s: Samples, labels, pred, class_names, per_label) -> dict:
+    """The method's summary numbers; writes the per-class mean maps."""
+    mass, _ = mass_maps(s.heat)
+    n_classes = int(max(s.classes.max() + 1, len(class_names or [])))
+    store.write(root, f"{g}/class_mean", class_means(mass, s.classes, n_classes))
+    empty = stats["empty"]
+    summary = {"items": int(len(np.unique(s.items))), "maps": int(len(s.items)),
+               "mean_center_share": float(np.nanmean(stats["center_share"])) if (~empty).any() else float("nan"),
+               "mean_entropy": float(np.nanmean(stats["entropy"])) if (~empty).any() else float("nan"),
+               "empty_maps": int(empty.sum()), "empty_share": float(empty.mean()),
+               "empty_by_class": {str(int(c)): [int(empty[s.classes == c].sum()), int((s.classes == c).sum())]
+                                  for c in np.unique(s.classes)}}
+    if not per_label and (labels[s.items] >= 0).any():
+        correct = labels[s.items] == pred[s.items]
+        store.write(root, f"{g}/class_mean_correct", class_means(mass[correct], s.classes[correct], n_classes))
+        store.write(root, f"{g}/class_mean_wrong", class_means(mass[~correct], s.classes[~correct], n_classes))
+        summary["accuracy"] = float(correct.mean())
+    if "object_share" in stats:
+        summary["mean_object_share"] = float(np.nanmean(stats["object_share"]))
+        summary["pointing_game"] = float(stats["pointing_hit"][~empty].mean()) if (~empty).any() else float("nan")
+    return summary
+
+
+def empty_flags(stats, classes, class_names, method: str, entry: dict, cfg: AuditConfig) -> list[dict]:
+    """``empty_maps`` when at least ``cfg.empty`` of the maps (overall or of a class) are
+    empty or constant, and ``degenerate`` with what to run instead when at least
+    ``cfg.degenerate`` are."""
+    empty = stats["empty"]
+    n = len(empty)
+    if n == 0:
+        return []
+    per_class = []
+    for c in np.unique(classes):
+        sel = classes == c
+        per_class.append((int(c), _name(c, class_names), int(empty[sel].sum()), int(sel.sum())))
+    counts = "; ".join(f"{name!r}: {e} of {t}" for _, name, e, t in per_class if e)
+    share = empty.sum() / n
+    flags = []
+    if share >= cfg.empty or any(e / t >= cfg.empty and t >= cfg.min_items for _, _, e, t in per_class):
+        flags.append({"kind": "empty_maps", "maps": n, "empty": int(empty.sum()), "share": float(share),
+                      "by_class": {name: [e, t] for _, name, e, t in per_class},
+                      "why": f"{int(empty.sum())} of {n} {method} maps ({share:.0%}) are empty or constant: they "
+                             f"say nothing about where the evidence is (by class: {counts})"})
+    bad = [(name, e, t) for _, name, e, t in per_class if t >= cfg.min_items and e / t >= cfg.degenerate]
+    if share >= cfg.degenerate or bad:
+        instead, because = suggestion(method, entry)
+        where = f"{share:.0%} of all maps" if share >= cfg.degenerate else \
+            ", ".join(f"{e} of the {t} maps of class {name!r}" for name, e, t in bad)
+        flags.append({"kind": "degenerate", "method": method, "share": float(share), "instead": instead,
+                      "why": f"{method} says nothing for {where} (empty or constant); {because}"})
+    return flags
+
+
+def suggestion(method: str, entry: dict) -> tuple[list[str], str]:
+    """What to run instead of a method whose maps are empty, and why, from what the store
+    records about its layer's head (`convlens.kernels.common.head_kind`)."""
+    layer = (entry.get("config") or {}).get("layer")
+    if entry.get("pools_gradient") and entry.get("head") == "flatten":
+        return ["hirescam", "layercam"], (
+            f"the model's head flattens {layer!r} position by position, so {method}'s gradients averaged over "
+            "positions cancel; HiRes-CAM (exact on such heads) and Layer-CAM weigh each position by its own "
+            "gradient: run -m hirescam or -m layercam")
+    if entry.get("pools_gradient"):
+        return ["hirescam", "layercam"], (
+            f"{method} weighs channels by gradients averaged over positions, which can cancel; HiRes-CAM and "
+            "Layer-CAM weigh each position by its own gradient: run -m hirescam or -m layercam")
+    if entry.get("family") == "cam":
+        return ["gradient_x_input", "occlusion"], (
+            f"{method}'s maps keep only evidence for the class (ReLU) and there is none at {layer!r}: try a layer "
+            "nearer the input (--layer), or a signed method (-m gradient_x_input, -m occlusion)")
+    return [], f"check {method}'s options (see `convlens methods`) and that the model's scores vary with the input"
+
+
+def _name(c, class_names) -> str:
+    return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(int(c))
 
 
 def _faithfulness(root, mp, method, heat, targets, valid, cfg, g, n):

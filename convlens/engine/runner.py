@@ -115,6 +115,14 @@ class Summary:
 
 # ---------------------------------------------------------------- planning
 
+def layer_head(model: Model, cfg) -> dict:
+    """``{"head": ...}``: how the class scores read the method's layer (`common.head_kind`),
+    recorded so audits can tell why a method's maps are empty; ``{}`` without a layer."""
+    from convlens.kernels.common import head_kind
+    layer = getattr(cfg, "layer", None)
+    return {"head": head_kind(model, layer)} if layer else {}
+
+
 def resolve_methods(model: Model, methods: dict[str, dict]) -> dict[str, Any]:
     """``{method: options}`` -> ``{method: resolved config}`` (one-line errors)."""
     from convlens.api import resolve
@@ -278,9 +286,10 @@ class Run:
                 "resize": self.opts.resize, "target": str(self.opts.target), "seed": self.opts.seed,
                 "class_names": list(self.source.class_names) if self.source.class_names else None,
                 "model_class_names": model_class_names(self.model), "model_summary": model_summary(self.model),
-                "chunk": self.chunk, "fingerprint": self.fp, "data_sample": sample, "precision": "float32",
+                "chunk": self.chunk, "fingerprint": self.fp, "data_sample": sample,
                 "methods": {m: {**store.method_entry(self.comps[m].spec, self.configs[m],
                                                      {k: v[2] for k, v in outs.items()}),
+                                **layer_head(self.model, self.configs[m]),
                                 "shapes": {k: list(v[0]) for k, v in outs.items()},
                                 "dtypes": {k: str(v[1]) for k, v in outs.items()}}
                             for m, outs in specs.items()}}
@@ -532,8 +541,9 @@ class Run:
         pool = cf.ThreadPoolExecutor(max(1, self.opts.workers), thread_name_prefix="convlens-decode")
         writer = _Writer()
         writer.start()
-        bar = progress_bar(self.opts.progress and self.process.index == 0, len(todo) * self.chunk,
-                           desc="explaining", already=self.chunk * (self.n_chunks - len(todo)))
+        items = sum(min(self.n, (ci + 1) * self.chunk) - ci * self.chunk for ci in todo)  # the last chunk is short
+        bar = progress_bar(self.opts.progress and self.process.index == 0, items, desc="explaining",
+                           already=self.n - items if self.process.count == 1 else 0)
         computed = 0
         try:
             with Executor(self.params, batch=self.batch, key=self.opts.seed, timing=True) as ex:
@@ -568,6 +578,10 @@ class Run:
                         loaded[j] = (None, None, None, f"{m} produced non-finite values in its {k!r} (check the "
                                                        "method's options and the model's outputs)")
                     ok &= ~bad
+        if self.targets.mode == tg.POSITIVE:  # slots of classes that are not positives: target -1, maps NaN
+            for m, outs in merged.items():
+                probs = class_probabilities(outs["logits"], self.model.output_activation)
+                merged[m] = tg.mask_positives(outs, self.comps[m].spec.dims, probs, self.targets)
         errors = np.asarray([safe_id(err) for _, _, _, err in loaded], dtype=object).astype(str)
         status = np.where(ok, store.DONE, store.FAILED).astype(np.uint8)
         first = next(iter(merged.values()))

@@ -591,7 +591,12 @@ def open_store(path, mode: str = "r", storage_options=None, consolidated: bool |
 def model_attrs(model) -> dict:
     return {"model": model.name, "model_source": model.source, "weights_sha256": model.weights_sha256,
             "preprocessing": model.preprocess_spec.describe(), "input_size": list(model.input_size),
-            "model_load_args": model.load_args}
+            "precision": PRECISION_NOTES.get(model.precision, model.precision), "model_load_args": model.load_args,
+            "head": "binary" if model.binary else ("multilabel" if model.multilabel else "multiclass")}
+
+
+PRECISION_NOTES = {"full": "full: float32 at full precision (no TF32 or bfloat16 passes on any backend)",
+                   "fast": "fast: bfloat16 compute (params and activations), float32 results"}
 
 
 def fill_value(dtype) -> Any:

@@ -2,8 +2,11 @@
 
 A target spec is ``"top1"`` / ``"top5"`` / ``"topk:N"`` (the model's own top classes,
 chosen inside the kernel), class indices (``281``, ``"281,285"``, a list: the same for
-every item), an array ``[N]`` / ``[N, T]`` of per-item indices, or ``"label"`` (each
-item's ground-truth class).
+every item), an array ``[N]`` / ``[N, T]`` of per-item indices, ``"label"`` (each item's
+ground-truth class), or ``"positive"`` / ``"positive:T"`` (every class the model gives a
+probability above one half: a multi-label model's positive labels, at most ``T``, the most
+probable first; the kernel explains the top ``T`` and the slots of classes below the
+threshold are masked: target -1, maps NaN).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import numpy as np
 
 from convlens.errors import ConvlensError, OptionError
 
-TOPK, FIXED, PER_ITEM, LABEL = "topk", "fixed", "per_item", "label"
+TOPK, FIXED, PER_ITEM, LABEL, POSITIVE = "topk", "fixed", "per_item", "label", "positive"
+THRESHOLD = 0.5  # the probability above which a class is a positive
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -37,12 +41,12 @@ class Targets:
     @property
     def top_k(self) -> int | None:
         """The static top-k a kernel is compiled for, or ``None`` (targets are an input)."""
-        return self.k if self.mode == TOPK else None
+        return self.k if self.mode in (TOPK, POSITIVE) else None
 
     @property
     def width(self) -> int:
         """Targets per item ``T``."""
-        if self.mode == TOPK:
+        if self.mode in (TOPK, POSITIVE):
             return self.k
         if self.mode == LABEL:
             return 1
@@ -52,7 +56,7 @@ class Targets:
         """``[n, T]`` int32 class indices of items ``items`` (``None`` for top-k: the kernel
         chooses). ``labels``: the items' labels (``label`` mode)."""
         n = len(items)
-        if self.mode == TOPK:
+        if self.mode in (TOPK, POSITIVE):
             return None
         if self.mode == FIXED:
             return np.broadcast_to(self.indices, (n, len(self.indices))).astype(np.int32)
@@ -64,22 +68,16 @@ class Targets:
 
 
 def n_classes(model) -> int:
-    """Number of classes a model scores, or a one-line error for a model without a
-    classifier (a headless feature extractor: nothing to explain a class of)."""
+    """Number of classes a model scores (a single sigmoid or linear unit is a two-class
+    problem: 2), or a one-line error for a model without a classifier (a headless feature
+    extractor: nothing to explain a class of)."""
     shape = model.output_shapes()[model.graph.output]
     if len(shape) != 2:
         raise ConvlensError(
             f"model {model.name!r} has no classifier: its output is {list(shape[1:])} feature maps, not class "
             "scores, so there is no class to explain; load it with its top (drop --no-top), or look at its "
             "feature maps with `convlens activations` and its filters with `convlens atlas`")
-    return int(shape[-1])
-
-
-def classes_of(model) -> int:
-    """The number of classes as users count them: a single sigmoid (or linear) unit is a
-    two-class problem."""
-    k = n_classes(model)
-    return 2 if k == 1 else k
+    return 2 if model.binary else int(shape[-1])
 
 
 def parse(target, n_items: int, n_classes: int, *, labelled: bool | None = None) -> Targets:
@@ -94,6 +92,13 @@ def parse(target, n_items: int, n_classes: int, *, labelled: bool | None = None)
                 raise OptionError("target 'label' needs labelled data (class folders, a labelled TFDS data set, "
                                     "labels in the .npz, or labels= in Python)")
             return Targets(LABEL, spec=target)
+        m = re.fullmatch(r"positive(?::(\d+))?", t)
+        if m:
+            k = int(m.group(1) or n_classes)
+            if not 1 <= k <= max(n_classes, 1):
+                raise OptionError(f"target {target!r}: at most {n_classes} positives (the model has {n_classes} "
+                                  "classes)")
+            return Targets(POSITIVE, k=k, spec=target)
         m = re.fullmatch(r"top(?:k:|-)?(\d+)", t)
         if m:
             k = int(m.group(1))
@@ -128,3 +133,23 @@ def parse(target, n_items: int, n_classes: int, *, labelled: bool | None = None)
         raise OptionError(f"target class {int(bad.flat[0])} is out of range: the model has {n_classes} "
                             f"classes (0..{n_classes - 1})")
     return Targets(mode, indices=arr.astype(np.int32), spec=spec)
+
+
+def mask_positives(outputs: dict, dims: dict, probs, targets: Targets) -> dict:
+    """For ``positive`` targets: the explained slots whose class is not a positive (its
+    probability at most `THRESHOLD`) masked, ``targets`` -1 and every float output along
+    the ``target`` axis NaN. ``probs [n, K]``: the items' class probabilities."""
+    if targets.mode != POSITIVE:
+        return outputs
+    t = np.asarray(outputs["targets"])
+    keep = np.take_along_axis(np.asarray(probs), np.clip(t, 0, None), axis=1) > THRESHOLD  # [n, T]
+    out = dict(outputs)
+    for name, v in outputs.items():
+        d = dims.get(name, ())
+        if len(d) > 1 and d[1] == "target":
+            v = np.array(v)
+            fill = -1 if name == "targets" else (np.nan if v.dtype.kind == "f" else None)
+            if fill is not None:
+                v[~keep] = fill
+            out[name] = v
+    return out

@@ -125,6 +125,8 @@ def cam(model: Model, params, images, targets, cfg: CamConfig, keys=None):
     logits, acts = model.apply(params, x, layers=[layer], logits=True)
     t = common.select_targets(logits, targets)
     w = params[dense]["kernel"]  # [c, K]
+    if model.binary:
+        w = jnp.concatenate([-w, w], axis=1)  # class 0 scores -z, class 1 scores z
     wt = jnp.moveaxis(w[:, t], 0, -1)  # [B, T, c]
     m = jnp.einsum("bhwc,btc->bthw", acts[layer], wt)
     return {"cam": m, "heatmap": common.upsample(m, images.shape[1:3]), "targets": t, "logits": logits}
@@ -145,18 +147,19 @@ CAM_OUTPUTS = (Output("cam", LAYER_MAP, "map at the explained layer's resolution
                Output("heatmap", INPUT_MAP, "the map resized (bilinear) to the input"))
 
 
-def cam_spec(name: str, weights_fn, doc: str) -> MethodSpec:
-    """The declaration of a gradient CAM variant: one ``weights_fn`` and a line of doc."""
+def cam_spec(name: str, weights_fn, doc: str, pools_gradient: bool = False) -> MethodSpec:
+    """The declaration of a gradient CAM variant: one ``weights_fn`` and a line of doc;
+    ``pools_gradient``: its channel weights average the gradient over positions."""
     return MethodSpec(name, "cam", CamConfig, gradient_cam(weights_fn, name), CAM_OUTPUTS, False, doc,
-                      layer=LAYER_SPATIAL)
+                      layer=LAYER_SPATIAL, pools_gradient=pools_gradient)
 
 
 SPECS = (
-    cam_spec("gradcam", _gradcam_w, "Grad-CAM: channel weights = mean gradient"),
-    cam_spec("gradcampp", _gradcampp_w, "Grad-CAM++: higher-order gradient weights"),
+    cam_spec("gradcam", _gradcam_w, "Grad-CAM: channel weights = mean gradient", pools_gradient=True),
+    cam_spec("gradcampp", _gradcampp_w, "Grad-CAM++: higher-order gradient weights", pools_gradient=True),
     cam_spec("hirescam", _hirescam_w, "HiRes-CAM: gradient x activation, element-wise"),
     cam_spec("layercam", _layercam_w, "Layer-CAM: ReLU(gradient) x activation, element-wise"),
-    cam_spec("xgradcam", _xgradcam_w, "XGrad-CAM: activation-normalised gradient weights"),
+    cam_spec("xgradcam", _xgradcam_w, "XGrad-CAM: activation-normalised gradient weights", pools_gradient=True),
     MethodSpec("cam", "cam", CamConfig, cam, CAM_OUTPUTS, False,
                "CAM: final Dense weights over GlobalAveragePooling features (signed, no gradients)",
                layer=LAYER_FIXED, fixed_layer=lambda model: cam_structure(model)[0]),
@@ -164,5 +167,5 @@ SPECS = (
                (Output("attribution", INPUT_ATTR, "guided backprop x Grad-CAM heatmap"),
                 Output("heatmap", INPUT_MAP, "max |attribution| over channels"),
                 Output("cam", LAYER_MAP, "the Grad-CAM map")), False,
-               "Guided Grad-CAM: guided backprop x Grad-CAM", layer=LAYER_SPATIAL),
+               "Guided Grad-CAM: guided backprop x Grad-CAM", layer=LAYER_SPATIAL, pools_gradient=True),
 )

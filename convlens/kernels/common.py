@@ -17,10 +17,9 @@ Targets = Array | int
 
 
 def select_targets(logits: Array, targets: Targets) -> Array:
-    """``[B, T]`` class indices: given, or the top-``targets`` classes of ``logits``."""
+    """``[B, T]`` class indices: given, or the top-``targets`` classes of ``logits``
+    (class scores: a binary model's two-class view, so its top class is the predicted one)."""
     if isinstance(targets, int):
-        if logits.shape[-1] == 1:
-            return jnp.zeros((logits.shape[0], 1), jnp.int32)
         return jax.lax.top_k(logits, targets)[1].astype(jnp.int32)
     return targets.astype(jnp.int32)
 
@@ -99,6 +98,50 @@ def default_layer(model: Model) -> str:
         if len(s) == 4 and node.kind not in ("pool", "input") and s[1] * s[2] > 1:
             return node.name
     raise ConvlensError(f"model {model.name!r} has no spatial layer (4-D output) to explain")
+
+
+FLATTENING = ("flatten", "reshape")  # layer kinds that turn positions into separate features
+
+
+def head_kind(model: Model, layer: str) -> str:
+    """How the class scores read ``layer``'s positions: ``"flatten"`` when a path from it
+    to the output turns a spatial map into a vector position by position (Flatten /
+    Reshape: each position has its own weights, so gradients averaged over positions
+    cancel), ``"pooled"`` when every path pools over positions first (GAP heads: a
+    position's weights are the same everywhere), ``"other"`` otherwise."""
+    g = model.graph
+    start = g.node(layer).name
+    below = {start}
+    for n in g.nodes[g.order[start] + 1:]:
+        if below.intersection(n.inputs):
+            below.add(n.name)
+    above = {g.output}
+    for n in reversed(g.nodes):
+        if n.name in above:
+            above.update(n.inputs)
+    on_path = [n for n in g.nodes if n.name in below and n.name in above]
+    shapes = model.output_shapes()
+    # A 1x1 map (MobileNet's pooled-then-reshaped features) has a single position: nothing to cancel.
+    if any(n.kind in FLATTENING and any(len(shapes[i]) == 4 and shapes[i][1] * shapes[i][2] > 1
+                                       for i in n.inputs) for n in on_path):
+        return "flatten"
+    if any(n.kind == "global_pool" for n in on_path):
+        return "pooled"
+    return "other"
+
+
+def default_method(model: Model, layer: str | None = None) -> str:
+    """The method a run uses when none is named: Grad-CAM where the head pools ``layer``
+    (default: `default_layer`) over its positions (GAP heads), HiRes-CAM where it flattens
+    them (there Grad-CAM's position-averaged gradients cancel; HiRes-CAM's element-wise
+    weights are the exact contributions)."""
+    try:
+        layer = layer or default_layer(model)
+        if len(model.output_shapes()[model.graph.node(layer).name]) != 4:
+            return "gradcam"  # not spatial: the method's own error says so
+    except ConvlensError:
+        return "gradcam"  # no such layer or no spatial layer: likewise
+    return "hirescam" if head_kind(model, layer) == "flatten" else "gradcam"
 
 
 def check_spatial_layer(model: Model, layer: str, method: str) -> str:

@@ -74,6 +74,9 @@ class MethodSpec:
         drawn by the renderer and audited; ``None`` if it has none.
       check: ``(model, cfg) -> None``, raising a one-line error where the options cannot
         work for this model (an occlusion window larger than the input).
+      pools_gradient: whether its map weighs channels by the gradient averaged over the
+        layer's positions (Grad-CAM and kin): behind a head that keeps positions apart
+        (Flatten) those averages cancel and the maps go empty, which audits flag.
     """
 
     name: str
@@ -87,6 +90,7 @@ class MethodSpec:
     fixed_layer: Callable[[Any], str] | None = None
     heatmap: str | None = "heatmap"
     check: Callable[[Any, Any], None] | None = None
+    pools_gradient: bool = False
 
     def __post_init__(self):
         if self.layer not in LAYER_NEEDS:
@@ -112,7 +116,7 @@ class MethodSpec:
         """What a store records about the method's outputs (the renderer reads it back
         without importing the registry)."""
         return {"outputs": {o.name: list(o.dims) for o in self.all_outputs}, "heatmap": self.heatmap,
-                "family": self.family}
+                "family": self.family, "pools_gradient": self.pools_gradient}
 
     def resolve(self, model, options: dict | None = None):
         """The method's config from keyword options (command-line strings coerced, every

@@ -116,9 +116,11 @@ def item_panel(root, i: int, methods, names, cmap="jet", alpha=0.5, style="blend
         heat = np.asarray(root[heat_path(root, m)][i])
         targets = np.asarray(root[f"{m}/targets"][i]) if f"{m}/targets" in root else np.zeros(len(heat), int)
         for t in range(heat.shape[0]):
+            c = int(targets[t])
+            if c < 0:  # a masked slot: a multi-label item with fewer positive labels than slots
+                continue
             ov = im.overlay(img, heat[t], cmap=cmap, alpha=alpha, style=style)
             tiles.append(im.upscale(ov, tile))
-            c = int(targets[t])
             labels.append(f"{m}: {name_of(c, names)}")
     size = max(t.shape[0] for t in tiles)
     tiles = [t if t.shape[0] == size else im.upscale(t, size)[:size, :size] for t in tiles]

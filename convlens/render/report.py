@@ -121,9 +121,11 @@ def report(path, out, *, per_page: int = 48, cmap: str = "jet", alpha: float = 0
         rows = []
         for m, e in audit["methods"].items():
             s = e["summary"]
-            rows.append([m, s["items"], f"{s['mean_center_share']:.2f}", f"{s['mean_entropy']:.2f}",
+            rows.append([m, s["items"], f"{s.get('empty_maps', 0)} of {s.get('maps', s['items'])}",
+                         f"{s['mean_center_share']:.2f}", f"{s['mean_entropy']:.2f}",
                          f"{s.get('accuracy', float('nan')):.3f}", f"{s.get('pointing_game', float('nan')):.2f}"])
-        body.append(_table(rows, ["method", "items", "centre share", "entropy", "accuracy", "pointing game"]))
+        body.append(_table(rows, ["method", "items", "empty maps", "centre share", "entropy", "accuracy",
+                                  "pointing game"]))
     else:
         body.append("<p>No audit yet: <code>convlens audit STORE</code> adds shortcut flags and faithfulness "
                     "metrics to this report.</p>")

@@ -15,9 +15,12 @@ def table(findings: dict) -> str:
     for method, e in findings.items():
         s = e["summary"]
         f = e.get("faithfulness") or {}
-        head = f"{method}: {s['items']} items, centre share {s['mean_center_share']:.2f}, entropy {s['mean_entropy']:.2f}"
+        maps = s.get("maps", s["items"])
+        head = f"{method}: {s['items']} items" + (f" ({maps} maps: one per explained label)" if maps != s["items"]
+                                                  else "") + \
+            f", centre share {s['mean_center_share']:.2f}, entropy {s['mean_entropy']:.2f}"
         if s.get("empty_maps"):
-            head += f", {s['empty_maps']} empty maps"
+            head += f", {s['empty_maps']} of {maps} maps empty or constant"
         if "accuracy" in s:
             head += f", accuracy {s['accuracy']:.2f}"
         if "pointing_game" in s:

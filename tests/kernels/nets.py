@@ -48,3 +48,14 @@ def with_random_biases(model, seed):
         if "bias" in params[name]:
             params[name]["bias"] = jnp.asarray(rng.normal(0, 0.2, params[name]["bias"].shape), jnp.float32)
     return params
+
+
+def binary_net(activation="sigmoid"):
+    """`gap_net` ending in one sigmoid (or linear) unit: a two-class classifier."""
+    return functional("binarynet", [
+        layer("Conv2D", "c1", "img", filters=8, kernel_size=[3, 3], padding="same", activation="relu"),
+        layer("MaxPooling2D", "p1", "c1", pool_size=[2, 2], strides=[2, 2], padding="valid"),
+        layer("Conv2D", "c2", "p1", filters=12, kernel_size=[3, 3], padding="same", activation="relu"),
+        layer("GlobalAveragePooling2D", "gap", "c2"),
+        layer("Dense", "pred", "gap", units=1, activation=activation),
+    ], (16, 16, 3))

@@ -11,7 +11,7 @@ import pytest
 import convlens
 from convlens.engine.executor import item_keys
 from convlens.kernels.registry import METHODS
-from tests.kernels.nets import gap_net, with_random_biases
+from tests.kernels.nets import binary_net, gap_net, with_random_biases
 
 FAST = {"smoothgrad": {"samples": 6}, "integrated_gradients": {"steps": 8}, "occlusion": {"window": 6, "stride": 5},
         "lime": {"samples": 40, "features": 16, "segmentation": "grid"}, "rise": {"samples": 24}}
@@ -96,3 +96,59 @@ def test_key_determinism(net, method):
         np.testing.assert_array_equal(a[name], b[name])
         if METHODS[method].stochastic and name == varies:
             assert not np.allclose(a[name], c[name]), f"{method}: the key has no effect"
+
+
+# ---------------------------------------------------------------- binary heads
+# A single sigmoid unit is a two-class problem: explaining class 0 explains -z. So
+# explaining class 0 of a model must equal explaining class 1 of the same model with its
+# last layer negated (z -> -z), for every method, and top1 must explain the predicted class.
+
+@pytest.fixture(scope="module")
+def binary():
+    import jax.numpy as jnp
+    model = binary_net()
+    params = with_random_biases(model, 7)
+    x = np.random.default_rng(8).uniform(0, 255, (4, 16, 16, 3)).astype("float32")
+    z = np.asarray(model.apply(params, model.preprocess(jnp.asarray(x)), logits=True)[0])[:, 1]
+    # centre the unit's bias so the images fall on both sides of the decision boundary
+    params["pred"]["bias"] = params["pred"]["bias"] - float(np.median(z))
+    negated = {k: dict(v) for k, v in params.items()}
+    negated["pred"] = {k: -v for k, v in params["pred"].items()}
+    return model, params, negated, x
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_binary_class0_is_class1_of_the_negated_model(binary, method):
+    model, params, negated, x = binary
+    kw = FAST.get(method, {})
+    for c in (0, 1):
+        ours = convlens.explain(model, params, x, method, target=c, key=4, **kw)
+        twin = convlens.explain(model, negated, x, method, target=1 - c, key=4, **kw)
+        np.testing.assert_array_equal(ours.targets, c)
+        np.testing.assert_array_equal(twin.targets, 1 - c)
+        close(ours.logits[:, ::-1], twin.logits, f"{method} two-class scores")
+        for name in ours.outputs:
+            close(ours[name], twin[name], f"{method}.{name}: class {c} vs class {1 - c} of the negated model")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_binary_top1_explains_the_predicted_class(binary, method):
+    model, params, _, x = binary
+    kw = FAST.get(method, {})
+    top = convlens.explain(model, params, x, method, key=4, **kw)
+    z = top.logits[:, 1]
+    assert (z > 0).any() and (z < 0).any()  # both classes predicted among the images
+    np.testing.assert_array_equal(top.targets[:, 0], (z > 0).astype(int))
+    np.testing.assert_allclose(top.logits[:, 0], -z)
+    explicit = convlens.explain(model, params, x, method, target=(z > 0).astype(np.int32), key=4, **kw)
+    for name in top.outputs:
+        close(top[name], explicit[name], f"{method}.{name}: top1 vs the predicted class")
+
+
+def test_binary_gradients_of_the_two_classes_are_opposite(binary):
+    """The analytic truth behind the view: d(-z)/dx = -dz/dx."""
+    model, params, _, x = binary
+    g0 = convlens.explain(model, params, x, "gradient", target=0)["attribution"]
+    g1 = convlens.explain(model, params, x, "gradient", target=1)["attribution"]
+    close(g0, -g1, "gradient of class 0 vs class 1")
+    assert np.abs(g1).max() > 0
