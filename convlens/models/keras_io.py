@@ -315,9 +315,19 @@ def pair_by_order(model: Model, found: _Found) -> None:
     under other automatic names (``conv2d_297`` for ``conv2d``). First within each name
     stem (``conv2d`` entries to Conv2D layers), then, as Keras's legacy loader, over all
     layers with weights; every pair must fit in count and shape, else nothing is paired."""
+    specs = model.variable_specs()
+    # A full-model file's arrays are named after its own graph: the same architecture saved
+    # in another Keras session has other automatic names (``normalization_1``). Those that
+    # fit no layer here are paired like weights-file entries, in the file's layer order.
+    foreign = [n for n in found.arrays if n not in specs]
+    for i, n in enumerate(found.arrays):
+        if n in foreign:
+            found.loose.append((n, i, found.arrays[n]))
+    for n in foreign:
+        del found.arrays[n]
+        found.names.pop(n, None)
     if not found.loose:
         return
-    specs = model.variable_specs()
     missing = [n for n in specs if n not in found.arrays]
     loose = sorted(found.loose, key=lambda e: e[1])
     pairs: dict[str, tuple] = {}

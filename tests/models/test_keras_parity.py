@@ -122,3 +122,27 @@ def test_smallcnn_builtin(folder):
     assert [l.name for l in kmodel.layers] == list(model.layer_names)
     x = np.asarray(model.preprocess(photo_batch((150, 150))))
     check_model(kmodel, x, files, builtin="smallcnn")
+
+
+def test_full_model_file_from_another_session_fits_the_builtin(tmp_path):
+    """The same architecture saved after other models were built in the Keras session
+    carries other automatic names (``conv2d_7``, ``normalization_2``): its weights still
+    reach the right layers of a model built from a fresh session's file (paired in order
+    within each name stem, shapes checked), and give the same outputs."""
+    def build():
+        return keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Normalization(mean=[1., 2., 3.], variance=[4., 5., 6.]),
+                                 keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Conv2D(6, 3),
+                                 keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
+    keras.backend.clear_session()
+    first = build()
+    first.save(tmp_path / "first.keras")
+    build()  # advances the session's name counters
+    second = build()
+    randomize(second, 2)
+    second.save(tmp_path / "second.keras")
+    assert [l.name for l in second.layers] != [l.name for l in first.layers]
+    model, _ = keras_io.load_model_file(tmp_path / "first.keras")
+    params = keras_io.load_weights(model, tmp_path / "second.keras")
+    x = photo_batch((16, 16)).astype(np.float32)
+    y, _ = model.apply(params, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(second(x)), rtol=1e-5, atol=1e-5)
