@@ -109,9 +109,11 @@ def repad(graph: Graph, dependent: set[str], size: tuple[int, int]) -> Graph:
             continue
         ins = [sizes.get(i) for i in node.inputs]
         if node.name in dependent and ins[0] is not None:
-            conv = next((c for c in consumers.get(node.name, []) if c.kind == "conv"), None)
+            # The window the pad serves: a convolution's kernel or (NASNet's reduction cells)
+            # a pooling window.
+            conv = next((c for c in consumers.get(node.name, []) if c.kind in ("conv", "pool")), None)
             if conv is not None:
-                k = conv.config["kernel_size"]
+                k = conv.config.get("kernel_size") or conv.config["pool_size"]
                 h, w = ins[0]
                 pad = ((k[0] // 2 - (1 - h % 2), k[0] // 2), (k[1] // 2 - (1 - w % 2), k[1] // 2))
                 cfg = dict(node.config, padding=pad)
