@@ -121,6 +121,8 @@ def worker(framework: str, model_name: str, batches: list[int], reps: int, what:
         # Keras's default Grad-CAM layer: the last conv's ReLU output.
         if model_name in CONVS:
             layer = [m for m in net if isinstance(m, torch.nn.ReLU)][CONVS[model_name] - 1]
+            if model_name == "smallcnn":  # one unit: explain the predicted class of [-z, z], as convlens
+                net = TwoClass(net)
             algo = ca.LayerGradCam(net, layer)
         else:
             algo = None
@@ -128,8 +130,7 @@ def worker(framework: str, model_name: str, batches: list[int], reps: int, what:
         def gradcam(x):
             if algo is None:  # Grad-CAM by hand at the twin's default layer (Captum needs a module)
                 return twin_gradcam(net, cmodel, pixels(x))
-            return algo.attribute(pixels(x), target=0 if model_name == "smallcnn" else
-                                  net(pixels(x)).argmax(-1), relu_attributions=True)
+            return algo.attribute(pixels(x), target=net(pixels(x)).argmax(-1), relu_attributions=True)
         out["probe"] = gradcam(as_torch(_probe(size))).detach().numpy().ravel()[:10].tolist()
         for b in batches:
             x = as_torch(np.random.default_rng(0).uniform(0, 255, (b, *size, 3)).astype("float32"))
@@ -139,6 +140,21 @@ def worker(framework: str, model_name: str, batches: list[int], reps: int, what:
 
 
 CONVS = {"vgg16": 13, "smallcnn": 4}
+
+
+def TwoClass(net):
+    """A one-unit network as the two-class view ``[-z, z]`` convlens explains."""
+    import torch
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            z = self.net(x)
+            return torch.cat([-z, z], 1)
+    return Two()
 
 
 def twin_gradcam(net, cmodel, x):

@@ -204,7 +204,8 @@ def test_matches_captum(small):
     weights = {k: {n: np.asarray(v) for n, v in vs.items()} for k, vs in params.items()}
     net = torch_model("smallcnn", weights, inplace=False, squash=False)
     x = rand_images(2, (150, 150), seed=9)
-    e = convlens.explain(model, params, x, "occlusion", window=(20, 12), stride=(9, 7), baseline=0.0)
+    # Class 1 of the single unit's two-class view is its logit z, Captum's target 0.
+    e = convlens.explain(model, params, x, "occlusion", target=1, window=(20, 12), stride=(9, 7), baseline=0.0)
     xt = torch.from_numpy((x / 255.0).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
         attr = ca.Occlusion(net).attribute(xt, sliding_window_shapes=(3, 20, 12), strides=(3, 9, 7),
