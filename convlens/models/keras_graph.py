@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from convlens.errors import InvalidLayerError, UnsupportedLayerError
-from convlens.models.layers import CODE_LAYERS, KERAS_APP_LAYERS, LAYER_TYPES, OP_PREFIX, OPS
+from convlens.models.layers import CODE_LAYERS, KERAS_APP_LAYERS, KERAS_APP_OPTIONS, LAYER_TYPES, OP_PREFIX, OPS
 from convlens.models.network import Graph, Node
 
 MODEL_CLASSES = ("Functional", "Model", "Sequential")
@@ -227,6 +227,11 @@ def _check_class(entry: dict, lname: str) -> None:
     reg = entry.get("registered_name")
     module = entry.get("module") or ""
     if cls in KERAS_APP_LAYERS:
+        # Legacy .h5 configs name no module: accepted when the options are exactly those of
+        # Keras's class (a user's own class of that name would rarely have the same ones).
+        own = set(entry.get("config") or {}) - {"name", "trainable", "dtype"}
+        if not module and not reg and own == KERAS_APP_OPTIONS[cls]:
+            return
         if module != KERAS_APP_LAYERS[cls]:
             raise UnsupportedLayerError(
                 f"layer {lname!r} is a {cls} from {module or 'an unknown module'!r}, not Keras's own "

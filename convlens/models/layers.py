@@ -825,6 +825,8 @@ assert all(t.kind in KINDS for t in LAYER_TYPES.values())
 KERAS_APP_LAYERS = {"LayerScale": "keras.src.applications.convnext",
                     "StochasticDepth": "keras.src.applications.convnext",
                     "CustomScaleLayer": "keras.src.applications.inception_resnet_v2"}
+KERAS_APP_OPTIONS = {"LayerScale": {"init_values", "projection_dim"}, "StochasticDepth": {"drop_path_rate"},
+                     "CustomScaleLayer": {"scale"}}
 
 # Classes Keras refuses to deserialise safely and convlens refuses outright.
 CODE_LAYERS = ("Lambda", "TFOpLambda", "SlicingOpLambda")

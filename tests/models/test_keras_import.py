@@ -36,6 +36,13 @@ def zoo_model():
     g = L.Conv2D(16, 3, groups=4, activation="elu", name="c_grouped")(cat)
     dw = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", activation="gelu", name="dw")(g)
     dw = L.BatchNormalization(name="bn")(dw)
+    # The layer classes Keras ships inside keras.applications (ConvNeXt, InceptionResNetV2).
+    from keras.src.applications.convnext import LayerScale, StochasticDepth
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+    ln = L.LayerNormalization(epsilon=1e-6, name="ln")(dw)
+    ls = LayerScale(0.5, 32, name="layer_scale")(ln)
+    ls = StochasticDepth(0.1, name="stoch_depth")(ls)
+    dw = CustomScaleLayer(0.3, name="custom_scale")([dw, ls])
     sep = L.SeparableConv2D(16, 3, strides=2, padding="same", activation="selu", name="sep")(dw)
     zp = L.ZeroPadding2D(((1, 0), (0, 1)), name="zpad")(sep)
     mp = L.MaxPooling2D(3, strides=2, padding="same", name="maxp_same")(zp)
@@ -311,3 +318,28 @@ def test_builtin_refuses_without_weights():
         load_model("vgg16")
     model, params = load_model("vgg_tiny", random_init=0)
     assert model.source == "random-init:0"
+
+
+@pytest.mark.parametrize("entry, ok", [
+    ({"class_name": "LayerScale", "module": "keras.src.applications.convnext",
+      "config": {"name": "ls", "init_values": 0.5, "projection_dim": 4}}, True),
+    # A legacy .h5 names no module: Keras's options exactly, or refused.
+    ({"class_name": "LayerScale", "config": {"name": "ls", "init_values": 0.5, "projection_dim": 4}}, True),
+    ({"class_name": "LayerScale", "config": {"name": "ls", "init_values": 0.5, "projection_dim": 4, "axis": 1}},
+     False),
+    ({"class_name": "LayerScale", "module": "mypkg.layers", "registered_name": "mypkg>LayerScale",
+      "config": {"name": "ls", "init_values": 0.5, "projection_dim": 4}}, False),
+    ({"class_name": "CustomScaleLayer", "module": "keras.src.applications.convnext", "config": {"scale": 0.2}},
+     False),
+])
+def test_keras_application_layers_only_from_keras(entry, ok):
+    """LayerScale, StochasticDepth and CustomScaleLayer are Keras's own only by module (or,
+    in a legacy file without modules, by exactly Keras's options); another class of the
+    same name is refused, never guessed at."""
+    from convlens.errors import UnsupportedLayerError
+    from convlens.models.keras_graph import _check_class
+    if ok:
+        _check_class(entry, "ls")
+    else:
+        with pytest.raises(UnsupportedLayerError, match="not Keras's own"):
+            _check_class(entry, "ls")
