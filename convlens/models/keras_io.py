@@ -265,12 +265,34 @@ def _read_weights_file(path: str | Path, graph: Graph) -> "_Found":
     path = Path(path)
     kind = file_kind(path)
     if kind in ("keras", "h5_model"):
-        _, found = read_model_file(path)
-        return found
+        fgraph, found = read_model_file(path)
+        return _by_position(fgraph, graph, found)
     with _open_h5(path) as f:
         if kind == "keras3_weights":
             return _read_keras3(f, graph, path)
         return _read_legacy(f, graph, path)
+
+
+def _by_position(fgraph: Graph, graph: Graph, found: "_Found") -> "_Found":
+    """A full-model file's arrays keyed by ``graph``'s layer names, position by position,
+    when the file holds the same architecture (same layer classes, same wiring), as Keras
+    loads weights into a model object: names made in another Keras session (``conv2d_95``)
+    may coincide with other layers' names here. Otherwise ``found`` as it is (names, then
+    `pair_by_order`)."""
+    if len(fgraph.nodes) != len(graph.nodes):
+        return found
+    fpos = {n.name: i for i, n in enumerate(fgraph.nodes)}
+    pos = {n.name: i for i, n in enumerate(graph.nodes)}
+    for a, b in zip(fgraph.nodes, graph.nodes):
+        if a.cls != b.cls or len(a.scope) != len(b.scope) or [fpos[i] for i in a.inputs] != [pos[i] for i in b.inputs]:
+            return found
+    if any(name not in fpos for name in found.arrays):
+        return found
+    out = _Found()
+    for name, arrays in found.arrays.items():
+        out.put(graph.nodes[fpos[name]].name, arrays, found.names.get(name, []))
+    out.unmatched, out.loose = found.unmatched, found.loose
+    return out
 
 
 def load_weights(model: Model, path: str | Path) -> Params:
@@ -465,6 +487,7 @@ def _read_keras3_container(g: h5py.Group, graph: Graph, scope, found: _Found, pa
     nodes = _container_layers(graph, scope)
     by_kname = {n.kname: n for n in nodes}
     auto = _auto_names(nodes)
+    children = {}
     for key in layers:
         child = _group(layers, key, path)
         if child is None:
@@ -473,9 +496,17 @@ def _read_keras3_container(g: h5py.Group, graph: Graph, scope, found: _Found, pa
         recorded = vars_g.attrs.get("name") if vars_g is not None else None
         if isinstance(recorded, bytes):
             recorded = recorded.decode("utf-8", "replace")
-        node = by_kname.get(recorded) if isinstance(recorded, str) and recorded else None
-        if node is None:
-            node = auto.get(key)
+        children[key] = (child, vars_g, recorded if isinstance(recorded, str) and recorded else None)
+    # Recorded names come from the saving session. When every one (of a layer with
+    # variables: an input layer's automatic name says nothing) names a layer here, the
+    # file is this model's or a part of it (another architecture's names then show what is
+    # missing). Otherwise they may name other layers here (the same architecture built
+    # in another session: its conv2d_2 is this model's conv2d_1), and the key, Keras's own
+    # (the layer's class and its place in the model, the way Keras loads weights), decides.
+    names_fit = all(r in by_kname for _, v, r in children.values() if r and v is not None and len(v))
+    for key, (child, vars_g, recorded) in children.items():
+        first, second = (by_kname.get(recorded), auto.get(key)) if names_fit else (auto.get(key), by_kname.get(recorded))
+        node = first if first is not None else second
         if node is None:
             if vars_g is not None and len(vars_g):
                 cap = max((math.prod(v.shape) for vs in expected.values() for v in vs), default=0)
