@@ -44,6 +44,13 @@ main(sys.argv[1:])
 """
 
 
+def as_from_a_terminal():
+    """Ctrl-C at its default in the child. A shell starts background jobs with SIGINT
+    ignored, and Python then keeps ignoring it: a suite run with ``&`` would otherwise
+    test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Result:
     def __init__(self, p: subprocess.CompletedProcess):
         self.code = p.returncode
@@ -252,7 +259,7 @@ def test_ctrl_c_ends_cleanly_and_leaves_the_store_resumable(home):
     args = ["run", *TINY, "--data", "imgs.npy", "--out", "s.zarr", "--no-progress", "-m", "smoothgrad",
             "-o", "samples=300", "--batch-size", "2", "--chunk", "2"]
     p = subprocess.Popen([sys.executable, "-m", "convlens.cli", *args], cwd=home, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -645,7 +652,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_store_byte_for_byte(home, 
     for at in points:
         out = home / f"{kind}{at}.zarr"
         p = subprocess.run([sys.executable, "-c", FAULT, kind, str(at), *FAULT_RUN, "--out", str(out)], cwd=home,
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, preexec_fn=as_from_a_terminal)
         assert p.returncode == code, (at, p.returncode, p.stderr[-2000:])
         for bad in ("Traceback", "terminate called", "Fatal Python error", "FATAL"):
             assert bad not in p.stderr, (at, p.stderr[-2000:])
