@@ -64,14 +64,23 @@ def tagging_data(n, seed):
 
 
 def fit(head, x, y, loss, seed, epochs=6, lr=1e-3):
+    """Trains the same weights whatever ran before in the process: every initializer has
+    its own seed and the batches keep their order (Keras's global seeding alone gave
+    another model when the process had trained one before)."""
     L = keras.layers
     keras.utils.set_random_seed(seed)
+    init = iter(range(1000 * seed, 1000 * seed + 100))
+
+    def seeded(layer):
+        if hasattr(layer, "kernel_initializer"):
+            layer.kernel_initializer = keras.initializers.GlorotUniform(seed=next(init))
+        return layer
     m = keras.Sequential([keras.Input((SIZE, SIZE, 3)), L.Rescaling(1 / 255.0),
-                          L.Conv2D(16, 3, activation="relu", name="conv1"), L.MaxPooling2D(2),
-                          L.Conv2D(32, 3, activation="relu", name="conv2"), L.MaxPooling2D(2),
-                          L.Conv2D(64, 3, activation="relu", name="conv3"), *head])
+                          *map(seeded, [L.Conv2D(16, 3, activation="relu", name="conv1"), L.MaxPooling2D(2),
+                                        L.Conv2D(32, 3, activation="relu", name="conv2"), L.MaxPooling2D(2),
+                                        L.Conv2D(64, 3, activation="relu", name="conv3"), *head])])
     m.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
-    m.fit(x.astype(np.float32), y.astype(np.float32), epochs=epochs, batch_size=32, verbose=0)
+    m.fit(x.astype(np.float32), y.astype(np.float32), epochs=epochs, batch_size=32, verbose=0, shuffle=False)
     return m
 
 
