@@ -12,6 +12,7 @@ from tests.kernels.nets import with_random_biases
 torch = pytest.importorskip("torch", reason="PyTorch not installed (CI installs it for this check)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, size", [("vgg_tiny", 32), ("smallcnn", 150), ("resnet50", 64), ("mobilenet_v2", 64),
                                         ("efficientnet_b0", 64), ("mobilenet_v3_small", 64), ("convnext_tiny", 64),
                                         ("inception_v3", 75), ("densenet121", 64), ("xception", 71)])
