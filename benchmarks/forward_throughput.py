@@ -50,7 +50,8 @@ def worker(framework: str, model_name: str, batches: list[int], reps: int, what:
         params = jax.tree.map(jax.numpy.asarray, weights)
         if what == "forward":
             f = forward_fn(model)
-            out["probe"] = np.asarray(jax.nn.sigmoid(f(params, _probe(size))) if model_name == "smallcnn" else
+            # One unit: convlens's logits are the two-class view [-z, z]; PyTorch's output is sigmoid(z).
+            out["probe"] = np.asarray(jax.nn.sigmoid(f(params, _probe(size))[..., -1:]) if model_name == "smallcnn" else
                                       jax.nn.softmax(f(params, _probe(size)))).ravel()[:10].tolist()
         else:
             g = explain_fn(model, "gradcam", {}, 1)
@@ -140,6 +141,7 @@ def worker(framework: str, model_name: str, batches: list[int], reps: int, what:
 
 
 CONVS = {"vgg16": 13, "smallcnn": 4}
+TWIN_GRADCAM = "PyTorch twin, Grad-CAM by a hook (channels_last)"
 
 
 def TwoClass(net):
@@ -165,6 +167,7 @@ def twin_gradcam(net, cmodel, x):
     layer = default_layer(cmodel)
     net.capture = (layer,)
     with torch.enable_grad():
+        x = x.detach().requires_grad_(True)  # the parameters are frozen: the graph starts at the input
         logits = net(x)
         a = net.outputs[layer]
         t = logits.argmax(-1)
@@ -196,6 +199,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--what", default="forward", choices=["forward", "gradcam"])
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--only", default="forward,gradcam", help="forward, gradcam or both (comma-separated)")
+    ap.add_argument("--merge", action="store_true", help="add to the results file's models instead of replacing it")
     ap.add_argument("--out", help="JSON results (default: results/forward_throughput[_quick].json)")
     a = ap.parse_args()
     a.out = a.out or str(HERE / "results" / ("forward_throughput_quick.json" if a.quick else "forward_throughput.json"))
@@ -211,7 +216,7 @@ def main():
     import tempfile
     tuned_cache = tempfile.mkdtemp(prefix="convlens-bench-cache-")  # measured afresh in this run
     results = {"machine": machine(), "models": {}}
-    for what in ("forward", "gradcam"):
+    for what in a.only.split(","):
         configs = [("convlens", "convlens (tuned per computation)", {"CONVLENS_XLA": "auto",
                                                                      "CONVLENS_CACHE": tuned_cache}),
                    ("convlens", "convlens (XLA's default settings)", {"CONVLENS_XLA": "default"}),
@@ -229,6 +234,8 @@ def main():
             print(f"\n{what}: {model_name} {size[0]}x{size[1]}, images/s (best of {a.reps}, warm-up excluded)")
             rows, probes = {}, {}
             for fw, label, env in configs:
+                if fw == "torch" and what == "gradcam" and model_name not in CONVS:
+                    label = TWIN_GRADCAM  # no module to hand Captum: the same computation by a hook
                 res = run_worker(fw, model_name, batches, a.reps, env, what)
                 if res:
                     probes[label] = res.pop("probe")
@@ -248,6 +255,10 @@ def main():
                 "size": size, "batches": list(batches), "images_per_s": rows, "max_output_difference": diff,
                 "baseline": base_label, "what": what}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    if a.merge and Path(a.out).exists():  # rows measured in another run on this machine
+        old = json.loads(Path(a.out).read_text())
+        if old.get("machine") == results["machine"]:
+            results["models"] = {**old["models"], **results["models"]}
     Path(a.out).write_text(json.dumps(results, indent=1))
     print(f"\nwrote {a.out}")
 

@@ -66,7 +66,7 @@ def forward() -> str | None:
         for label, vals in r["images_per_s"].items():
             out.append(f"| {label} | " + " | ".join(f"{vals[str(b)]:.2f} ({vals[str(b)] / base[str(b)]:.2f}x)"
                                                    for b in bs) + " |")
-        out.append("")
+        out += ["", f"Largest difference of the outputs across frameworks: {r['max_output_difference']:.1e}.", ""]
     return "\n".join(out).rstrip()
 
 
