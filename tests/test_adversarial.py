@@ -44,11 +44,11 @@ main(sys.argv[1:])
 """
 
 
-def as_from_a_terminal():
-    """Ctrl-C at its default in the child. A shell starts background jobs with SIGINT
-    ignored, and Python then keeps ignoring it: a suite run with ``&`` would otherwise
-    test nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Ctrl-C as from a terminal: a shell starts background jobs with SIGINT ignored, and
+# Python then keeps ignoring it, so a suite run with ``&`` would test nothing. Set in the
+# child itself (a preexec_fn would fork the multithreaded test process).
+AS_FROM_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+CLI_FROM_A_TERMINAL = AS_FROM_A_TERMINAL + "import sys; from convlens.cli import main; main(sys.argv[1:])"
 
 
 class Result:
@@ -258,8 +258,8 @@ def test_resume_refuses_data_replaced_under_the_same_names(home, capsys, monkeyp
 def test_ctrl_c_ends_cleanly_and_leaves_the_store_resumable(home):
     args = ["run", *TINY, "--data", "imgs.npy", "--out", "s.zarr", "--no-progress", "-m", "smoothgrad",
             "-o", "samples=300", "--batch-size", "2", "--chunk", "2"]
-    p = subprocess.Popen([sys.executable, "-m", "convlens.cli", *args], cwd=home, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
+    p = subprocess.Popen([sys.executable, "-c", CLI_FROM_A_TERMINAL, *args], cwd=home, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -651,8 +651,8 @@ def test_interrupted_runs_resume_to_the_uninterrupted_store_byte_for_byte(home, 
         np.arange(1, writes), 10, replace=False)
     for at in points:
         out = home / f"{kind}{at}.zarr"
-        p = subprocess.run([sys.executable, "-c", FAULT, kind, str(at), *FAULT_RUN, "--out", str(out)], cwd=home,
-                           capture_output=True, text=True, timeout=600, preexec_fn=as_from_a_terminal)
+        p = subprocess.run([sys.executable, "-c", AS_FROM_A_TERMINAL + FAULT, kind, str(at), *FAULT_RUN, "--out",
+                            str(out)], cwd=home, capture_output=True, text=True, timeout=600)
         assert p.returncode == code, (at, p.returncode, p.stderr[-2000:])
         for bad in ("Traceback", "terminate called", "Fatal Python error", "FATAL"):
             assert bad not in p.stderr, (at, p.stderr[-2000:])
