@@ -27,7 +27,7 @@ MIN_SIDE = 8  # smaller images carry no picture worth explaining
 # images fail with their reason; ``--max-pixels`` raises the limit.
 MAX_PIXELS = 40_000_000
 
-__all__ = ["ItemError", "MAX_PIXELS", "MIN_SIDE", "RESIZE_POLICIES", "decode", "fit", "to_rgb_uint8"]
+__all__ = ["ItemError", "MAX_PIXELS", "MIN_SIDE", "RESIZE_POLICIES", "decode", "fit", "read_image", "to_rgb_uint8"]
 
 
 def to_rgb_uint8(a: np.ndarray, bits: int | None = None) -> np.ndarray:
@@ -174,3 +174,12 @@ def fit(image: np.ndarray, size: tuple[int, int], policy: str = "squash", mask: 
     if mask is None:
         return out
     return out, np.asarray(mk) > 127
+
+
+def read_image(path) -> np.ndarray:
+    """An image file's pixels ``[H, W, 3]`` uint8, or a `ConvlensError` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return decode(f.read(), str(path))
+    except (OSError, ItemError) as e:
+        raise ConvlensError(f"cannot read the image {path}: {e}") from None

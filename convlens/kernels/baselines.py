@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convlens.errors import ConvlensError, OptionError
+from convlens.errors import OptionError
 
 # What a baseline option may name besides a pixel value (0..255); "image:" takes a path.
 BASELINE_CHOICES = ("mean", "blur", "image:")
@@ -30,12 +30,8 @@ class Pixels:
 
     @classmethod
     def load(cls, path: str) -> Pixels:
-        from convlens.pixels import ItemError, decode
-        try:
-            with open(path, "rb") as f:
-                return cls(decode(f.read()), name=str(path))
-        except (OSError, ItemError) as e:
-            raise ConvlensError(f"cannot read the baseline image {path}: {e}") from None
+        from convlens.pixels import read_image  # the file is read below the kernels
+        return cls(read_image(path), name=str(path))
 
     def __hash__(self):
         return hash(self.sha256)
