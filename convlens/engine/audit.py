@@ -74,6 +74,11 @@ class AuditConfig(Config):
       empty: share of empty or constant maps (of all, or of a class) that raises the empty_maps flag.
       degenerate: share of empty or constant maps (of all, or of a class) that flags the method as degenerate.
       batch: images per compiled call of the metrics.
+      quality: metrics of the catalogue (the README's quality table), by name or family
+        (faithfulness, robustness, localisation, complexity, randomisation, axiomatic),
+        comma-separated; "default" or "all"; with a random and a Sobel-edge control map.
+      quality_options: options of those metrics, "name.option=value,..." (e.g. road_morf.noise=0).
+      quality_items: items the catalogue metrics use (the first done items).
     """
 
     grid: int = option(4, min=1, max=64)
@@ -93,6 +98,9 @@ class AuditConfig(Config):
     empty: float = option(0.1, above=0, max=1)
     degenerate: float = option(0.5, above=0, max=1)
     batch: int = option(8, min=1)
+    quality: str = ""
+    quality_options: str = ""
+    quality_items: int = option(64, min=2)
 
     _owner = "audit"
 
@@ -102,6 +110,9 @@ class AuditConfig(Config):
                 object.__setattr__(self, "replacement", float(self.replacement))
             except ValueError:
                 raise OptionError(f"audit: replacement {self.replacement!r} is not blur or a pixel value") from None
+        from convlens.engine.quality import parse_options, parse_quality
+        parse_quality(self.quality)
+        parse_options(self.quality_options)
         super().__post_init__()
 
 
@@ -404,7 +415,11 @@ def _audit(path, cfg, model, params, methods, progress, storage_options) -> dict
         if progress:
             progress(f"audited {method}: {len(flags)} flag(s)" +
                      "".join(f"\n  {f['kind']}: {f['why']}" for f in flags if f["kind"] in ("degenerate",)))
-    root.attrs["audit"] = store.jsonable({"config": dataclasses.asdict(cfg), "methods": findings})
+    quality = None
+    if cfg.quality:
+        quality = _quality(root, mp, model, params, names, entries, valid, cfg, masks, progress)
+    root.attrs["audit"] = store.jsonable({"config": dataclasses.asdict(cfg), "methods": findings,
+                                          **({"quality": quality} if quality else {})})
     store.finish(path, storage_options)
     return findings
 
@@ -513,6 +528,33 @@ def suggestion(method: str, entry: dict) -> tuple[list[str], str]:
 
 def _name(c, class_names) -> str:
     return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(int(c))
+
+
+def _quality(root, mp, model, params, names, entries, valid, cfg, masks, progress):
+    """The catalogue metrics (`convlens.engine.quality`) of every audited method."""
+    import dataclasses as dc
+
+    from convlens.api import resolve
+    from convlens.engine.quality import run_quality
+    from convlens.kernels.registry import METHODS
+    if "inputs" not in root:
+        return {"skipped": "the store has no inputs (run without --no-keep-inputs)"}
+    mp = mp or model_from_store(root, model, params)
+    methods = {}
+    rated = None
+    for method in names:
+        heat = np.asarray(root[f"{method}/{heatmap_of(entries[method])}"][:, 0])
+        targets = np.asarray(root[f"{method}/targets"][:, 0])
+        spec, mcfg = METHODS.get(method), None
+        if spec is not None:
+            fields = {f.name for f in dc.fields(spec.config)}
+            opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in entries[method].get("config", {}).items()
+                    if k in fields and not isinstance(v, dict)}
+            mcfg = resolve(mp[0], method, opts)
+        methods[method] = (heat, targets, spec, mcfg)
+        ok = valid[targets[valid] >= 0]
+        rated = ok if rated is None else np.intersect1d(rated, ok)
+    return run_quality(root, mp, methods, rated, cfg, masks, int(root["ids"].shape[0]), progress)
 
 
 def _faithfulness(root, mp, method, heat, targets, valid, cfg, g, n):

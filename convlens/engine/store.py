@@ -139,6 +139,11 @@ SCHEMA: tuple[ArraySpec, ...] = (
               "mean map mass per class (_correct, _wrong: over correct / misclassified items)", "audit"),
     ArraySpec("audit/*/deletion", _d("sample", "fraction"), "float32", "deletion curve", "audit"),
     ArraySpec("audit/*/insertion", _d("sample", "fraction"), "float32", "insertion curve", "audit"),
+    ArraySpec("audit/*/metrics/*_curve", _d("sample", "step"), "float32",
+              "a catalogue metric's curve per item (NaN: not rated), e.g. road_morf_curve", "audit"),
+    ArraySpec("audit/*/metrics/*", _d("sample"), "float32",
+              "a catalogue metric's score per item (NaN: not rated); audit/control_random and "
+              "audit/control_sobel hold the controls'", "audit"),
     ArraySpec("audit/*/*", _d("sample"), "any",
               "per-item statistics: center_share, entropy, concentration, suspicion, empty, object_share, "
               "pointing_hit, deletion_auc, insertion_auc, drop, increase", "audit"),

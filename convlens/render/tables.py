@@ -72,4 +72,30 @@ def compare_table(path) -> str:
                      f"{fmt(f.get('insertion_auc'), '10.3f'):>10s} {fmt(f.get('average_drop'), '9.1%'):>9s} "
                      f"{fmt(f.get('increase_in_confidence'), '9.1%'):>9s} {fmt(rho, '10.2f'):>10s} "
                      f"{fmt(c, '8.4f'):>8s}{flag}")
+    if a.get("quality") and a["quality"].get("scores"):
+        lines += ["", quality_table(a["quality"])]
+    return "\n".join(lines)
+
+
+def quality_table(q: dict) -> str:
+    """The catalogue metrics: each source's mean and 95% bootstrap interval per metric,
+    which metrics are informative on this store, and the ranking over those."""
+    sources = list(q["scores"])
+    lines = [f"Quality metrics on {q['items']} items (mean [95% bootstrap interval]); controls: a random map and "
+             "a Sobel edge map of the input"]
+    head = f"{'metric':26s} {'better':6s} " + " ".join(f"{s:>22s}" for s in sources) + "  verdict"
+    lines += [head, "-" * len(head)]
+    for m in q["metrics"]:
+        cells = []
+        for s in sources:
+            v = q["scores"][s].get(m)
+            cells.append(f"{v['mean']:7.3f} [{v['ci'][0]:6.3f},{v['ci'][1]:6.3f}]" if v and np.isfinite(v["mean"])
+                         else "-")
+        verdict = "informative" if q["informative"][m]["informative"] else "uninformative here"
+        lines.append(f"{m:26s} {'higher' if q['higher_is_better'][m] else 'lower':6s} "
+                     + " ".join(f"{c:>22s}" for c in cells) + f"  {verdict}")
+    used = [m for m in q["metrics"] if q["informative"][m]["informative"]]
+    lines += ["", "Ranking (mean rank over the informative metrics: " + (", ".join(used) or "none") + "):"]
+    for i, r in enumerate(q["ranking"], 1):
+        lines.append(f"  {i}. {r['source']:22s} mean rank {r['mean_rank']:.2f}")
     return "\n".join(lines)

@@ -189,3 +189,44 @@ def test_a_flat_peak_is_placed_at_its_centre_not_its_first_pixel():
     assert [divmod(int(i), 8) for i in idx] == [(5, 5), (2, 5), (0, 3)]
     stats = audit.item_statistics(heat, audit.AuditConfig(grid=2))
     assert stats["peak_cell"].tolist() == [3, 1, 0]
+
+
+def test_quality_metrics_with_controls_intervals_and_ranking(tmp_path, shortcut_model):
+    """The catalogue over a store: per-item scores of each method and of the two
+    controls are stored, each summary carries a bootstrap interval containing its mean,
+    and the pointing game (object masks, a shortcut model) is judged from the intervals;
+    the ranking uses the informative metrics only."""
+    import shutil
+
+    from convlens.engine import store
+    model, params, src = shortcut_model
+    out = tmp_path / "q.zarr"
+    runner.run(model, params, src, {"gradcam": {}}, out, target="label", batch_size=16, progress=False)
+    cfg = audit.AuditConfig(metrics=False, sanity=False, quality="sparseness,pixel_flipping,pointing_game,auc",
+                            quality_items=16, quality_options="pixel_flipping.steps=4")
+    audit.audit(out, cfg, model=model, params=params, progress=None)
+    root = store.open_store(out)
+    q = root.attrs["audit"]["quality"]
+    assert set(q["scores"]) == {"gradcam", "control_random", "control_sobel"}
+    for src_name in q["scores"]:
+        scores = np.asarray(root[f"audit/{src_name}/metrics/sparseness"][:])
+        assert np.isfinite(scores).sum() == 16
+        s = q["scores"][src_name]["sparseness"]
+        assert s["ci"][0] <= s["mean"] <= s["ci"][1]
+        assert s["mean"] == pytest.approx(np.nanmean(scores), rel=1e-6)
+    assert root["audit/gradcam/metrics/pixel_flipping_curve"].shape[1] == 4
+    used = [m for m, v in q["informative"].items() if v["informative"]]
+    assert q["ranking"][0]["metrics"] == used
+    for m, v in q["informative"].items():  # the verdict follows from the stored intervals
+        hi = q["higher_is_better"][m]
+        g, r = q["scores"]["gradcam"][m], q["scores"]["control_random"][m]
+        assert v["informative"] == (g["ci"][0] > r["ci"][1] if hi else g["ci"][1] < r["ci"][0])
+    shutil.rmtree(out)
+
+
+def test_quality_option_errors_are_one_line():
+    from convlens.errors import OptionError
+    with pytest.raises(OptionError, match="unknown metric 'roadd'"):
+        audit.AuditConfig(quality="roadd")
+    with pytest.raises(OptionError, match="has no option 'nois'"):
+        audit.AuditConfig(quality="road_morf", quality_options="road_morf.nois=0")

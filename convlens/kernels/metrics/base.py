@@ -1,0 +1,103 @@
+"""What the metric families share: map preparation, baselines, scoring perturbed images
+in chunks, and batched correlations.
+
+Conventions (every metric of `convlens.kernels.metrics`):
+
+* images ``x [B, H, W, C]`` in the space the scorer takes (convlens: the model's pixels,
+  before its preprocessing); maps ``a [B, H, W]``, one value per pixel; targets ``y [B]``.
+* A *feature* is a pixel (all its channels at once). Quantus flattens ``C x H x W``
+  values with the map broadcast over channels, so its ``features_in_step = C * k``
+  is our ``k``.
+* ``score(images [N, H, W, C]) -> [N, K]``: the model's scores (probabilities by
+  default, as Quantus's ``softmax=True``), a pure function; metrics call it on
+  ``chunk``-sized batches inside one compiled program.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BASELINES = ("black", "white", "mean", "uniform")
+
+
+def prepare(a, abs_: bool, normalise: bool):
+    """Quantus's map preparation: ``|a|`` if ``abs_``, then divided by ``max |a|`` per
+    map if ``normalise`` (a map of zeros is left alone). ``a [B, H, W]``."""
+    if abs_:
+        a = jnp.abs(a)
+    if normalise:
+        top = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True)
+        a = jnp.where(top > 0, a / jnp.where(top > 0, top, 1.0), a)
+    return a
+
+
+def baseline_value(x, kind: str | float, key=None):
+    """Per-item fill value ``[B, 1, 1, 1]`` for removed pixels: ``black`` / ``white`` the
+    image's smallest / largest value, ``mean`` its mean, ``uniform`` a draw between
+    them (Quantus draws U(0, 1), which assumes inputs in [0, 1]), or a number."""
+    lo = jnp.min(x, axis=(1, 2, 3), keepdims=True)
+    hi = jnp.max(x, axis=(1, 2, 3), keepdims=True)
+    if kind == "black":
+        return lo
+    if kind == "white":
+        return hi
+    if kind == "mean":
+        return jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+    if kind == "uniform":
+        return lo + (hi - lo) * jax.random.uniform(key, lo.shape)
+    return jnp.full_like(lo, float(kind))
+
+
+def target_score(score, images, targets):
+    """``score`` of each target: ``images [N, H, W, C]``, ``targets [N]`` -> ``[N]``."""
+    return jnp.take_along_axis(score(images), targets[:, None], axis=1)[:, 0]
+
+
+def scan_steps(score, make, steps: int, targets, with_class: bool = False):
+    """Scores of the images ``make(s) -> [B, H, W, C]`` for ``s = 0 .. steps - 1``, one
+    step (one batch of ``B`` images) per forward pass, without holding all steps'
+    images at once. Returns ``[B, steps]`` (and the predicted classes ``[B, steps]``
+    with ``with_class``)."""
+
+    def one(s):
+        out = score(make(s))
+        t = jnp.take_along_axis(out, targets[:, None], axis=1)[:, 0]
+        return (t, jnp.argmax(out, axis=1)) if with_class else t
+
+    res = jax.lax.map(one, jnp.arange(steps))
+    if with_class:
+        return res[0].T, res[1].T
+    return res.T
+
+
+def pixel_order(a, descending: bool = True):
+    """Pixel indices of maps ``[B, H, W]`` by value, ``[B, H*W]`` (stable: ties keep
+    raster order)."""
+    flat = a.reshape(a.shape[0], -1)
+    return jnp.argsort(-flat if descending else flat, axis=1, stable=True)
+
+
+def ranks_of(order):
+    """Position of each pixel in ``order [B, P]``: ``[B, P]``."""
+    b, p = order.shape
+    return jnp.zeros((b, p), jnp.int32).at[jnp.arange(b)[:, None], order].set(jnp.arange(p, dtype=jnp.int32)[None])
+
+
+def pearson(a, b, axis=-1):
+    """Pearson correlation along ``axis`` (NaN where either side is constant, as scipy)."""
+    a = a - a.mean(axis, keepdims=True)
+    b = b - b.mean(axis, keepdims=True)
+    den = jnp.sqrt(jnp.sum(a * a, axis) * jnp.sum(b * b, axis))
+    return jnp.where(den > 0, jnp.sum(a * b, axis) / jnp.where(den > 0, den, 1.0), jnp.nan)
+
+
+def spearman_rows(a, b):
+    """Spearman correlation (ties averaged) of ``a, b [B, n]`` row by row."""
+    from convlens.kernels.metrics import average_ranks
+    return pearson(jax.vmap(average_ranks)(a), jax.vmap(average_ranks)(b))
+
+
+def trapezoid(curve, axis=-1):
+    """Area under a curve with unit spacing (Quantus's ``calculate_auc``)."""
+    return jnp.trapezoid(curve, dx=1.0, axis=axis)

@@ -1,0 +1,77 @@
+"""Randomisation: does the map depend on what the model learned and on the class asked?"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from convlens.kernels.metrics.base import prepare
+
+
+def ssim(a, b, *, win_size=7, k1=0.01, k2=0.03):
+    """Structural similarity of ``a, b [B, ...]`` (1-D rows or 2-D maps) as
+    scikit-image computes it (uniform ``win_size`` window, sample covariance, symmetric
+    edges, the data range from both, the mean over the interior): ``[B]``."""
+    nd = a.ndim - 1
+    pad = (win_size - 1) // 2
+    rng = jnp.max(jnp.maximum(a, b).reshape(a.shape[0], -1), axis=1) - \
+        jnp.min(jnp.minimum(a, b).reshape(a.shape[0], -1), axis=1)
+    rng = rng.reshape(-1, *([1] * nd))
+
+    def filt(v):
+        v = jnp.pad(v, [(0, 0)] + [(pad, pad)] * nd, mode="symmetric")
+        for ax in range(1, nd + 1):
+            k = jnp.ones(win_size) / win_size
+            v = jnp.apply_along_axis(lambda r: jnp.convolve(r, k, mode="valid"), ax, v)
+        return v
+    n = win_size ** nd
+    cov = n / (n - 1)
+    ux, uy = filt(a), filt(b)
+    vx = cov * (filt(a * a) - ux * ux)
+    vy = cov * (filt(b * b) - uy * uy)
+    vxy = cov * (filt(a * b) - ux * uy)
+    c1, c2 = (k1 * rng) ** 2, (k2 * rng) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    inner = (slice(None),) + tuple(slice(pad, d - pad) for d in s.shape[1:])
+    return s[inner].reshape(a.shape[0], -1).mean(axis=1)
+
+
+def random_logit(explain, x, a, y, *, num_classes, flat=True, abs=False, normalise=True, key=None, y_off=None):
+    """Random logit (Sixt et al. 2020): the map for the target against the map for a
+    random other class, by SSIM (higher means the map ignores the class asked: lower
+    is better). ``flat`` compares the maps as rows of pixels, as Quantus does (SSIM's
+    window then runs along raster lines); ``flat=False`` compares them as images.
+    ``y_off [B]`` gives the other classes."""
+    a = prepare(a, abs, normalise)
+    if y_off is None:
+        d = jax.random.randint(key, y.shape, 1, num_classes)
+        y_off = (y + d) % num_classes
+    b2 = prepare(explain(x, y_off), abs, normalise)
+    if flat:
+        return {"score": ssim(a.reshape(a.shape[0], -1), b2.reshape(a.shape[0], -1))}
+    return {"score": ssim(a, b2)}
+
+
+def model_parameter_randomisation(explain_with, params, fresh, layers, x, a, y, *, abs=True, normalise=True,
+                                  independent=False, noise_draws=None):
+    """Model-parameter randomisation (Adebayo et al. 2018): the layers (top first) are
+    replaced by a fresh random initialisation, cascading (each step keeps the layers
+    randomised before) or ``independent``; the map is recomputed with
+    ``explain_with(params, x, y)`` and compared to the original by Spearman rank
+    correlation of absolute values. ``curve [B, L]`` per layer; ``score`` the correlation
+    with every layer random (cascading) or the mean over layers (independent); lower is
+    better. ``noise_draws`` > 1 averages that many maps per step, each on the images
+    plus small noise (the smooth variant of Hedström et al. 2024)."""
+    from convlens.kernels.metrics.base import spearman_rows
+    a = prepare(a, abs, normalise)
+    b = a.shape[0]
+    out = []
+    p = dict(params)
+    for name in layers:
+        q = dict(params) if independent else p
+        q[name] = fresh[name]
+        p = q if not independent else p
+        m = prepare(explain_with(q, x, y), abs, normalise)
+        out.append(spearman_rows(a.reshape(b, -1), m.reshape(b, -1)))
+    curve = jnp.stack(out, axis=1)
+    return {"curve": curve, "score": curve[:, -1] if not independent else jnp.nanmean(curve, axis=1)}

@@ -1,0 +1,121 @@
+"""Robustness: does the map stay put when the input barely changes? Each function
+re-runs the method, ``explain(x [B, H, W, C], y [B]) -> [B, H, W]`` (pure), on
+``nr_samples`` perturbed copies of the batch, one batch per step of a compiled loop;
+``score`` (see `convlens.kernels.metrics.base`) tells whether the prediction changed
+(and gives ROS its outputs).
+
+Noise amplitudes are fractions of each image's value range (``max - min``): Quantus
+states them in the model's input units assuming inputs in [0, 1], where the two agree.
+``noises [R, B, H, W, C]`` replaces the draws (for parity with another implementation).
+A sample whose predicted class changes is NaN where the option
+``return_nan_when_prediction_changes`` says so (Quantus's defaults per metric), and
+NaN samples are left out of the mean / max."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from convlens.kernels.metrics.base import prepare
+
+
+def _draws(kind, key, n, x, amplitude):
+    rng = (x.max(axis=(1, 2, 3), keepdims=True) - x.min(axis=(1, 2, 3), keepdims=True))[None]
+    if kind == "uniform":
+        return jax.random.uniform(key, (n, *x.shape), minval=-amplitude, maxval=amplitude) * rng
+    return jax.random.normal(key, (n, *x.shape)) * amplitude * rng
+
+
+def _over_samples(explain, score, x, y, noises, per_sample, nan_on_change):
+    """``per_sample(xs, a_s, out_s) -> [B]`` for every noise: ``[R, B]``."""
+    out = score(x)
+    cls = jnp.argmax(out, axis=1)
+
+    def one(noise):
+        xs = x + noise
+        out_s = score(xs)
+        v = per_sample(xs, explain(xs, y), out_s, out)
+        return jnp.where(nan_on_change & (jnp.argmax(out_s, axis=1) != cls), jnp.nan, v)
+    return jax.lax.map(one, noises)
+
+
+def _norm(v):
+    return jnp.sqrt(jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=1))
+
+
+def sensitivity(explain, score, x, a, y, *, reduce="mean", nr_samples=200, lower_bound=0.2, abs=False,
+                normalise=False, return_nan_when_prediction_changes=False, key=None, noises=None):
+    """Avg- (``reduce="mean"``) and max-sensitivity (Yeh et al. 2019):
+    ``||a(x) - a(x + d)||_F / ||a(x)||_F`` for uniform noise ``d`` in
+    ``[-lower_bound, lower_bound]``, averaged or maximised over samples (lower is more
+    robust). Quantus divides by the map's norm, not the paper's ``r``; so do we."""
+    a = prepare(a, abs, normalise)
+    if noises is None:
+        noises = _draws("uniform", key, nr_samples, x, lower_bound)
+    den = _norm(a)
+    r = _over_samples(explain, score, x, y, noises,
+                      lambda xs, a_s, o_s, o: _norm(a - prepare(a_s, abs, normalise)) / den,
+                      return_nan_when_prediction_changes)
+    return {"score": jnp.nanmean(r, axis=0) if reduce == "mean" else jnp.nanmax(r, axis=0)}
+
+
+def local_lipschitz_estimate(explain, score, x, a, y, *, nr_samples=200, perturb_std=0.1, abs=False,
+                             normalise=True, return_nan_when_prediction_changes=False, key=None, noises=None):
+    """Local Lipschitz estimate (Alvarez-Melis & Jaakkola 2018): the largest
+    ``||a(x) - a(x')||_2 / ||x - x'||_2`` over Gaussian neighbours ``x'`` (std
+    ``perturb_std``); lower is more robust."""
+    a = prepare(a, abs, normalise)
+    if noises is None:
+        noises = _draws("normal", key, nr_samples, x, perturb_std)
+    r = _over_samples(explain, score, x, y, noises,
+                      lambda xs, a_s, o_s, o: _norm(a - prepare(a_s, abs, normalise)) / _norm(x - xs),
+                      return_nan_when_prediction_changes)
+    return {"score": jnp.nanmax(r, axis=0)}
+
+
+def _relative(v, ref, eps):
+    return v / (ref + (ref == 0) * eps)
+
+
+def relative_stability(explain, score, x, a, y, *, of="input", nr_samples=200, upper_bound=0.2, eps_min=1e-6,
+                       abs=False, normalise=False, return_nan_when_prediction_changes=True, key=None, noises=None):
+    """Relative input (``of="input"``) and output (``of="output"``) stability (Agarwal et
+    al. 2022): the largest ``||(a - a') / a|| / max(||(x - x') / x||, eps)`` (input) or
+    ``... / max(||h(x) - h(x')||, eps)`` with ``h`` the model's outputs (output), over
+    uniform noise in ``[-upper_bound, upper_bound]``; relative differences divide by
+    ``eps_min`` where the reference is 0, as Quantus. Lower is more stable."""
+    a = prepare(a, abs, normalise)
+    if noises is None:
+        noises = _draws("uniform", key, nr_samples, x, upper_bound)
+
+    def per(xs, a_s, o_s, o):
+        num = _norm(_relative(a - prepare(a_s, abs, normalise), a, eps_min))
+        den = _norm(_relative(x - xs, x, eps_min)) if of == "input" else _norm(o - o_s)
+        return num / (den + (den == 0) * eps_min)
+    r = _over_samples(explain, score, x, y, noises, per, return_nan_when_prediction_changes)
+    return {"score": jnp.nanmax(r, axis=0)}
+
+
+def continuity(explain, score, x, a, y, *, nr_steps=28, patch_size=7, dx=1, abs=True, normalise=True, key=None):
+    """Continuity (Montavon et al. 2018): the image is shifted right one pixel at a time
+    (``nr_steps`` shifts of ``dx``, the left border edge-filled); for each ``patch_size``
+    patch of the map, its relevance is correlated (Pearson) across shifts with the
+    target's score; ``score`` is the mean correlation over patches (higher means the
+    map changes with the output, as Quantus reports it)."""
+    from convlens.kernels.metrics.base import pearson, target_score
+    b, h, w = a.shape
+
+    def shifted(s):
+        d = s * dx
+        idx = jnp.clip(jnp.arange(w) - d, 0, w - 1)
+        return x[:, :, idx]
+
+    def one(s):
+        xs = shifted(s)
+        return prepare(explain(xs, y), abs, normalise), target_score(score, xs, y)
+    maps, outs = jax.lax.map(one, jnp.arange(nr_steps))  # [S, B, H, W], [S, B]
+    gh, gw = h // patch_size, w // patch_size
+    sums = maps[:, :, :gh * patch_size, :gw * patch_size].reshape(nr_steps, b, gh, patch_size, gw, patch_size)
+    sums = sums.sum(axis=(3, 5)).reshape(nr_steps, b, -1)  # [S, B, P]
+    corr = pearson(jnp.moveaxis(sums, 0, -1), jnp.moveaxis(outs, 0, -1)[:, None, :])
+    return {"score": jnp.nanmean(corr, axis=1)}

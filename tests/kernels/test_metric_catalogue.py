@@ -1,0 +1,327 @@
+"""The metric catalogue against independent truths: naive one-item loops, hand-computed
+cases, analytic identities, scipy's direct solver, scikit-image's SSIM; and (CI, with
+PyTorch and Quantus installed) against Quantus 0.6 on a PyTorch twin with identical
+weights, fed the same images, maps and draws."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convlens.kernels import common
+from convlens.kernels.metrics import axioms, catalogue, complexity, faithful, localise, randomise, robust
+from convlens.models.preprocess import Preprocess
+from tests.kernels.nets import functional, layer, with_random_biases
+
+B, H, W = 4, 16, 16
+
+
+def grey_net(classes=5):
+    m = functional("grey", [
+        layer("Conv2D", "c1", "img", filters=6, kernel_size=[3, 3], padding="same", activation="relu"),
+        layer("MaxPooling2D", "p1", "c1", pool_size=[2, 2], strides=[2, 2], padding="valid"),
+        layer("Conv2D", "c2", "p1", filters=8, kernel_size=[3, 3], padding="same", activation="relu"),
+        layer("GlobalAveragePooling2D", "gap", "c2"),
+        layer("Dense", "pred", "gap", units=classes, activation="softmax")], (H, W, 1))
+    return m.replace(preprocess=Preprocess("none"))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = grey_net()
+    params = with_random_biases(model, 3)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(0, 1, (B, H, W, 1)), jnp.float32)
+    a = jnp.asarray(rng.normal(size=(B, H, W)), jnp.float32)
+    y = jnp.asarray([0, 1, 2, 3])
+    s = np.zeros((B, H, W), bool)
+    s[:, 4:10, 3:9] = True
+    s[3, :, :] = False
+    s[3, 0, 0] = True
+    return model, params, x, a, y, jnp.asarray(s)
+
+
+def probs_of(model, params):
+    return jax.jit(lambda im: common.probabilities(model, common.forward_logits(model, params, im)))
+
+
+def logits_of(model, params):
+    return jax.jit(lambda im: common.forward_logits(model, params, im))
+
+
+def prep(a, abs_=False):
+    a = np.abs(a) if abs_ else np.asarray(a)
+    return a / np.abs(a).reshape(len(a), -1).max(1)[:, None, None]
+
+
+def naive_curve(score, x, order, k, fill, cumulative=True, reverse=False):
+    """One item at a time, one step at a time: the target scores after replacing pixels."""
+    x = np.asarray(x)
+    out = np.zeros((len(x), -(-H * W // k)))
+    for b in range(len(x)):
+        cur = x[b].reshape(-1, x.shape[-1]).copy()
+        if reverse:
+            cur[:] = fill[b]
+        for s in range(out.shape[1]):
+            ix = order[b, s * k:(s + 1) * k]
+            img = cur if cumulative else x[b].reshape(-1, x.shape[-1]).copy()
+            img[ix] = x[b].reshape(-1, x.shape[-1])[ix] if reverse else fill[b]
+            out[b, s] = score(img.reshape(1, H, W, -1))[b]
+    return out
+
+
+def test_pixel_flipping_monotonicity_and_estimate_match_naive_loops(setup):
+    model, params, x, a, y, _ = setup
+    p = probs_of(model, params)
+    yn = np.asarray(y)
+
+    def sc(im):
+        return np.asarray(p(jnp.asarray(im, jnp.float32)))[0][yn]
+    an = prep(a)
+    order = np.argsort(-an.reshape(B, -1), axis=1, kind="stable")
+    fill = np.asarray(x).reshape(B, -1).min(1)
+    ref = naive_curve(sc, x, order, 8, fill)
+    ours = faithful.pixel_flipping(p, x, a, y, features_in_step=8)
+    np.testing.assert_allclose(ours["curve"], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours["score"], np.trapezoid(ref, axis=1) / (ref.shape[1] - 1), rtol=1e-5)
+    # Monotonicity: from the baseline image, put pixels back least relevant first.
+    up = np.argsort(np.abs(np.asarray(a)).reshape(B, -1), axis=1, kind="stable")
+    ref = naive_curve(sc, x, up, 8, fill, reverse=True)
+    ours = faithful.monotonicity(p, x, a, y, features_in_step=8)
+    np.testing.assert_allclose(ours["curve"], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ours["score"], np.all(np.diff(ref, axis=1) >= 0, axis=1))
+    # Estimate: each step alone, the correlation of relevance sums with the drops.
+    ref = naive_curve(sc, x, order, 8, fill, cumulative=False)
+    f0 = np.array([sc(np.asarray(x)[b:b + 1])[b] for b in range(B)])
+    ours = faithful.faithfulness_estimate(p, x, a, y, features_in_step=8)
+    sums = np.take_along_axis(an.reshape(B, -1), order, 1).reshape(B, -1, 8).sum(-1)
+    want = [np.corrcoef(sums[b], f0[b] - ref[b])[0, 1] for b in range(B)]
+    np.testing.assert_allclose(ours["score"], want, rtol=1e-4)
+
+
+def test_region_perturbation_and_selectivity_match_a_patch_loop(setup):
+    model, params, x, a, y, _ = setup
+    p = probs_of(model, params)
+    xn, an = np.asarray(x), prep(a)
+    sums = an.reshape(B, 4, 4, 4, 4).sum(axis=(2, 4)).reshape(B, 16)
+    order = np.argsort(-sums, axis=1, kind="stable")
+    fill = xn.reshape(B, -1).min(1)
+    curve = np.zeros((B, 16))
+    for b in range(B):
+        img = xn[b].copy()
+        for s, q in enumerate(order[b]):
+            r, c = divmod(q, 4)
+            img[4 * r:4 * r + 4, 4 * c:4 * c + 4] = fill[b]
+            curve[b, s] = np.asarray(p(jnp.asarray(img[None])))[0, int(y[b])]
+    f0 = np.asarray(p(x))[np.arange(B), np.asarray(y)]
+    np.testing.assert_allclose(faithful.selectivity(p, x, a, y, patch_size=4)["curve"], curve, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(faithful.region_perturbation(p, x, a, y, patch_size=4)["curve"], f0[:, None] - curve,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_imputation_solves_roads_linear_system_exactly():
+    """Against scipy's direct sparse solver on the system ROAD writes down."""
+    from scipy.sparse import lil_matrix
+    from scipy.sparse.linalg import spsolve
+    rng = np.random.default_rng(1)
+    img = rng.uniform(0, 1, (1, 12, 10, 2)).astype(np.float32)
+    rem = np.zeros((12, 10), bool)
+    rem[2:8, 1:7] = True
+    rem[0, :4] = True
+    rem[11, 9] = True
+    ids = {p: i for i, p in enumerate(zip(*np.nonzero(rem)))}
+    A = lil_matrix((len(ids), len(ids)))
+    rhs = np.zeros((len(ids), 2))
+    for (i, j), r in ids.items():
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                if (di, dj) == (0, 0) or not (0 <= i + di < 12 and 0 <= j + dj < 10):
+                    continue
+                wgt = 1 / 12 if di and dj else 1 / 6
+                A[r, r] += wgt
+                if rem[i + di, j + dj]:
+                    A[r, ids[(i + di, j + dj)]] -= wgt
+                else:
+                    rhs[r] += wgt * img[0, i + di, j + dj]
+    sol = spsolve(A.tocsc(), rhs)
+    ours = np.asarray(faithful.impute(jnp.asarray(img), jnp.asarray(rem)[None]))[0]
+    np.testing.assert_allclose(ours[rem], sol, atol=2e-5)
+    np.testing.assert_array_equal(ours[~rem], img[0][~rem])
+
+
+def test_road_with_no_noise_is_the_imputed_images_scores(setup):
+    model, params, x, a, y, _ = setup
+    p = probs_of(model, params)
+    out = faithful.road(p, x, a, y, percentages=(10, 50), noise=0.0)
+    an = prep(a)
+    for j, pc in enumerate((10, 50)):
+        k = int(H * W * pc / 100)
+        rem = np.zeros((B, H * W), bool)
+        np.put_along_axis(rem, np.argsort(-an.reshape(B, -1), 1, kind="stable")[:, :k], True, 1)
+        rem = rem.reshape(B, H, W)
+        img = np.where(rem[..., None], np.asarray(faithful.impute(x, jnp.asarray(rem))), np.asarray(x))
+        pr = np.asarray(p(jnp.asarray(img)))
+        np.testing.assert_allclose(out["curve"][:, j], pr[np.arange(B), np.asarray(y)], rtol=1e-5)
+        np.testing.assert_array_equal(out["accuracy"][:, j], pr.argmax(1) == np.asarray(y))
+
+
+def test_localisation_against_hand_counts_and_brute_force(setup):
+    *_, a, y, s = setup
+    an, sn = np.asarray(a), np.asarray(s)
+    for b in range(B):
+        flat, m = an[b].ravel(), sn[b].ravel()
+        pos, neg = flat[m], flat[~m]
+        auc = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+        assert abs(float(localise.auc(a, s)["score"][b]) - auc) < 1e-6
+        top = np.argsort(-flat, kind="stable")
+        assert abs(float(localise.relevance_rank_accuracy(a, s)["score"][b]) - m[top[:m.sum()]].mean()) < 1e-6
+        assert abs(float(localise.top_k_intersection(a, s, k=20)["score"][b]) - m[top[:20]].mean()) < 1e-6
+        assert float(localise.pointing_game(a, s)["score"][b]) == float(m[flat.argmax()])
+        al = np.abs(flat)
+        assert abs(float(localise.attribution_localisation(a, s)["score"][b]) - al[m].sum() / al.sum()) < 1e-5
+        assert abs(float(localise.relevance_mass_accuracy(a, s)["score"][b]) - flat[m].sum() / flat.sum()) < 1e-4
+    assert np.isnan(localise.auc(a, jnp.zeros_like(s))["score"]).all()
+
+
+def test_complexity_hand_cases():
+    one = jnp.zeros((1, 4, 4)).at[0, 1, 2].set(3.0)
+    flat = jnp.ones((1, 4, 4))
+    assert float(complexity.sparseness(one)["score"][0]) == pytest.approx(15 / 16, abs=1e-5)
+    assert float(complexity.sparseness(flat)["score"][0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(complexity.complexity(flat)["score"][0]) == pytest.approx(np.log(16), abs=1e-5)
+    assert float(complexity.complexity(one)["score"][0]) == pytest.approx(0.0, abs=1e-5)
+    assert float(complexity.effective_complexity(one)["score"][0]) == 1
+    assert float(complexity.effective_complexity(flat)["score"][0]) == 16
+
+
+def test_robustness_identities(setup):
+    """With the map equal to the (single-channel) input, the Lipschitz ratio is exactly 1
+    and the sensitivity is the noise's norm over the image's."""
+    *_, x, _, y, _ = setup
+
+    def score(im):
+        return jnp.ones((im.shape[0], 5))
+
+    def explain(im, t):
+        return im[..., 0]
+    a = x[..., 0]
+    k = jax.random.PRNGKey(1)
+    lle = robust.local_lipschitz_estimate(explain, score, x, a, y, nr_samples=4, normalise=False, key=k)
+    np.testing.assert_allclose(lle["score"], 1.0, rtol=1e-5)
+    noises = jax.random.uniform(k, (3, *x.shape), minval=-0.1, maxval=0.1)
+    sens = robust.sensitivity(explain, score, x, a, y, reduce="max", noises=noises)
+    want = (np.sqrt((np.asarray(noises) ** 2).sum(axis=(2, 3, 4))) / np.sqrt((np.asarray(a) ** 2).sum(axis=(1, 2))))
+    np.testing.assert_allclose(sens["score"], want.max(0), rtol=1e-5)
+
+
+def test_ssim_matches_scikit_image_and_random_logit_of_a_class_blind_map():
+    from skimage.metrics import structural_similarity
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(2, 3, 20, 24)).astype(np.float32)
+    b = a + 0.5 * b
+    for i in range(3):
+        rngv = max(a[i].max(), b[i].max()) - min(a[i].min(), b[i].min())
+        want2 = structural_similarity(a[i], b[i], win_size=7, data_range=rngv)
+        want1 = structural_similarity(a[i].ravel(), b[i].ravel(), win_size=7, data_range=rngv)
+        assert float(randomise.ssim(jnp.asarray(a), jnp.asarray(b))[i]) == pytest.approx(want2, abs=1e-5)
+        assert float(randomise.ssim(jnp.asarray(a.reshape(3, -1)), jnp.asarray(b.reshape(3, -1)))[i]) == \
+            pytest.approx(want1, abs=1e-5)
+    x = jnp.asarray(rng.uniform(size=(3, 20, 24, 1)), jnp.float32)
+    out = randomise.random_logit(lambda im, t: im[..., 0], x, x[..., 0], jnp.asarray([0, 1, 2]), num_classes=10,
+                                 key=jax.random.PRNGKey(0))
+    np.testing.assert_allclose(out["score"], 1.0, atol=1e-6)
+
+
+def test_completeness_holds_for_gradient_times_input_on_a_linear_model():
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(H * W, 3)), jnp.float32)
+    x = jnp.asarray(rng.uniform(size=(2, H, W, 1)), jnp.float32)
+    y = jnp.asarray([0, 2])
+
+    def score(im):
+        return im.reshape(im.shape[0], -1) @ w
+    x0 = x.min(axis=(1, 2, 3), keepdims=True)
+    a = (w[:, y].T.reshape(2, H, W) * (x - x0)[..., 0])
+    assert np.asarray(axioms.completeness(score, x, a, y)["score"]).tolist() == [1.0, 1.0]
+    assert np.asarray(axioms.completeness(score, x, 2 * a, y)["score"]).tolist() == [0.0, 0.0]
+    # Non-sensitivity: the model ignores the right half; a map zero there and non-zero on
+    # the left makes no mistake, a map the other way round errs on every pixel.
+    wl = w.reshape(H, W, 3).at[:, W // 2:].set(0.0).reshape(-1, 3)
+
+    def left(im):
+        return im.reshape(im.shape[0], -1) @ wl
+    good = jnp.zeros((2, H, W)).at[:, :, :W // 2].set(1.0)
+    assert np.asarray(axioms.non_sensitivity(left, x, good, y, features_in_step=1, baseline=-1.0)["score"]).tolist() == [0, 0]
+    assert np.asarray(axioms.non_sensitivity(left, x, 1 - good, y, features_in_step=1, baseline=-1.0)["score"]).tolist() == \
+        [H * W, H * W]
+
+
+def test_every_catalogue_metric_runs_batched_and_names_expand(setup):
+    model, params, x, a, y, s = setup
+    p = probs_of(model, params)
+
+    def explain(im, t):
+        return jax.grad(lambda z: jnp.sum(jnp.take_along_axis(p(z), t[:, None], 1)))(im)[..., 0]
+    ctx = catalogue.Context(x=x, a=a, y=y, probs=p, logits=logits_of(model, params), explain=explain, masks=s,
+                            key=jax.random.PRNGKey(0), num_classes=5)
+    for name in catalogue.METRICS:
+        out = catalogue.evaluate(name, ctx, {"steps": 8} if "steps" in catalogue.METRICS[name].defaults else {})
+        assert out["score"].shape == (B,), name
+    assert catalogue.expand("complexity,auc") == ["sparseness", "complexity", "effective_complexity", "auc"]
+    with pytest.raises(KeyError):
+        catalogue.expand("nope")
+
+
+@pytest.mark.slow
+def test_parity_with_quantus(setup):
+    """Quantus 0.6 on the PyTorch twin, same images, maps and targets: deterministic
+    metrics agree within 1e-4 relative (1e-5 absolute: float32 differences of logits)
+    . Quantus normalises maps by the batch's largest
+    value (not each map's), which leaves these metrics unchanged."""
+    pytest.importorskip("torch", reason="PyTorch not installed (CI installs it for this check)")
+    quantus = pytest.importorskip("quantus", reason="Quantus not installed (CI installs it for this check)")
+    from tests.torch_twin import twin
+    model, params, x, a, y, s = setup
+    net = twin(model, {k: {n: np.asarray(v) for n, v in vs.items()} for k, vs in params.items()}, logits=True)
+    p, lg = probs_of(model, params), logits_of(model, params)
+    xn = np.asarray(x).transpose(0, 3, 1, 2).copy()
+    an, yn, sn = np.asarray(a)[:, None].copy(), np.asarray(y), np.asarray(s)[:, None].astype(float)
+
+    def theirs(metric, **kw):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.asarray(metric(model=net, x_batch=xn.copy(), y_batch=yn, a_batch=an.copy(), device="cpu", **kw),
+                              dtype=np.float64)
+
+    def same(ours, ref):
+        ours = np.asarray(ours, np.float64)
+        assert ours.shape == ref.shape
+        assert np.allclose(ours, ref, rtol=1e-4, atol=1e-5, equal_nan=True), (ours, ref)
+    q = {"disable_warnings": True}
+    same(faithful.pixel_flipping(p, x, a, y, features_in_step=8)["curve"],
+         theirs(quantus.PixelFlipping(features_in_step=8, **q)))
+    same(faithful.region_perturbation(p, x, a, y, patch_size=4)["curve"],
+         theirs(quantus.RegionPerturbation(patch_size=4, **q)))
+    same(faithful.selectivity(p, x, a, y, patch_size=4)["curve"], theirs(quantus.Selectivity(patch_size=4, **q)))
+    same(faithful.faithfulness_estimate(lg, x, a, y, features_in_step=8)["score"],
+         theirs(quantus.FaithfulnessEstimate(features_in_step=8, **q)))
+    for name, ref in [("pointing_game", quantus.PointingGame), ("attribution_localisation",
+                      quantus.AttributionLocalisation), ("relevance_rank_accuracy", quantus.RelevanceRankAccuracy),
+                      ("relevance_mass_accuracy", quantus.RelevanceMassAccuracy), ("auc", quantus.AUC)]:
+        same(getattr(localise, name)(a, s)["score"], theirs(ref(**q), s_batch=sn))
+    same(localise.top_k_intersection(a, s, k=20)["score"], theirs(quantus.TopKIntersection(k=20, **q), s_batch=sn))
+    for name, ref in [("sparseness", quantus.Sparseness), ("complexity", quantus.Complexity),
+                      ("effective_complexity", quantus.EffectiveComplexity)]:
+        same(getattr(complexity, name)(a)["score"], theirs(ref(**q)))
+    # ROAD's imputation against Quantus's own (noise off on both sides).
+    from quantus.functions.perturb_func import noisy_linear_imputation
+    rem = np.zeros((H, W), bool)
+    rem[3:9, 2:12] = True
+    ref = noisy_linear_imputation(xn[0], np.flatnonzero(rem.ravel()), noise=0.0)
+    ours = np.asarray(faithful.impute(x[:1], jnp.asarray(rem)[None]))[0].transpose(2, 0, 1)
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+    # Quantus 0.6's Monotonicity "restores" pixels of the all-baseline image with the
+    # baseline, so its curve is flat and every map passes; we follow Arya et al.
+    assert theirs(quantus.Monotonicity(features_in_step=8, **q)).tolist() == [1.0] * B
