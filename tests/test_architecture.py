@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import convlens
+import convlens.api  # noqa: F401 - the tests call convlens.api.resolve
 from convlens.engine import executor
 from convlens.engine.executor import Batch, Executor, Explain, Fn
 from convlens.models.preprocess import Preprocess
@@ -225,3 +226,36 @@ def test_layer_kinds_replace_class_name_lists_in_kernels():
     # CAM is defined by GlobalAveragePooling2D itself (not any global pooling): the one
     # class name a kernel may say.
     assert offenders in ([], ["cam.py: \"GlobalAveragePooling2D\""]), offenders
+
+
+def test_methods_sharing_a_pass_run_it_once_with_the_same_numbers():
+    """Five CAM variants on one layer (and gradient with gradient x input) dispatched
+    together are one computation whose program holds one forward and one backward pass
+    (as many convolutions as one variant alone), and each method's outputs equal its
+    own run's."""
+    import jax
+    model = gap_net()
+    params = with_random_biases(model, 4)
+    x = np.random.default_rng(5).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+    t = np.asarray([[0, 2], [1, 3], [5, 0]], np.int32)
+    cams = ["gradcam", "gradcampp", "hirescam", "layercam", "xgradcam"]
+    comps = {m: Explain(model, m, convlens.api.resolve(model, m, {}), None) for m in cams}
+    comps["gradient"] = Explain(model, "gradient", convlens.api.resolve(model, "gradient", {}), None)
+    comps["gradient_x_input"] = Explain(model, "gradient_x_input",
+                                        convlens.api.resolve(model, "gradient_x_input", {}), None)
+    comps["cam"] = Explain(model, "cam", convlens.api.resolve(model, "cam", {}), None)
+    plan = Executor.plan(comps)
+    assert sorted(len(names) for names, _ in plan) == [1, 2, 5]
+    batch = Batch({"images": x, "targets": t}, np.arange(3))
+    with Executor(params, batch=3, tune=False) as ex:
+        together = ex.run(comps, batch)
+        for m, c in comps.items():
+            alone = ex.run({m: c}, batch)[m]
+            for k in alone:
+                np.testing.assert_allclose(together[m][k], alone[k], rtol=1e-6, atol=1e-7)
+    shared = next(c for names, c in plan if len(names) == 5)
+    inputs = {"images": jnp.asarray(x), "targets": jnp.asarray(t)}
+
+    def convs(fn):
+        return str(jax.make_jaxpr(fn)(params, inputs, jnp.zeros((3, 2), jnp.uint32))).count("conv_general_dilated")
+    assert convs(shared) == convs(comps["gradcam"]) > 0

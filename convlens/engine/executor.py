@@ -80,6 +80,11 @@ class Computation:
         """Raises a one-line error if the computation cannot run at this batch size (before
         anything is compiled)."""
 
+    def share_key(self):
+        """Computations with the same (non-``None``) share key are run as one `Shared`
+        computation when dispatched together."""
+        return None
+
     def __eq__(self, other):
         return type(self) is type(other) and self.key() == other.key()
 
@@ -111,6 +116,34 @@ class Explain(Computation):
         t = self.top_k if self.top_k is not None else inputs["targets"]
         return self.spec.explain(self.model, params, inputs["images"], t, self.cfg, keys)
 
+    def share_key(self):
+        s = self.spec.shared
+        return None if s is None else (s.name, s.run, self.model.computation, self.cfg, self.top_k)
+
+
+class Shared(Computation):
+    """Methods computed from one shared pass (`convlens.kernels.spec.SharedPass`): the
+    pass runs once per batch and each method finishes from it; outputs per method
+    ``{name: {output: ...}}``, each exactly what the method alone returns."""
+
+    def __init__(self, members: tuple[tuple[str, Explain], ...]):
+        self.members = members
+        first = members[0][1]
+        self.inputs = first.inputs
+        self.label = "+".join(n for n, _ in members)
+
+    def key(self):
+        return tuple((n, c.key()) for n, c in self.members)
+
+    def check(self, batch: int) -> None:
+        self.members[0][1].check(batch)
+
+    def __call__(self, params, inputs, keys):
+        first = self.members[0][1]
+        t = first.top_k if first.top_k is not None else inputs["targets"]
+        state = first.spec.shared.run(first.model, params, inputs["images"], t, first.cfg)
+        return {n: c.spec.shared.finish(c.model, inputs["images"], c.cfg, state) for n, c in self.members}
+
 
 class Forward(Computation):
     """The model's logits of pixels ``images`` ``[B, H, W, C]``."""
@@ -131,10 +164,12 @@ class Forward(Computation):
 
 class Fn(Computation):
     """Any pure function ``fn(params, inputs, keys)``, keyed by ``key`` (which must
-    capture everything ``fn`` closes over, e.g. ``(model.computation, cfg)``)."""
+    capture everything ``fn`` closes over, e.g. ``(model.computation, cfg)``). ``xla``
+    names the XLA options to compile it with (a candidate of `CPU_CANDIDATES`, e.g. the
+    one measured for the model's forward pass, for programs too long to measure)."""
 
-    def __init__(self, fn: Callable, key: tuple, inputs: tuple[str, ...], label: str = ""):
-        self.fn, self._key, self.inputs, self.label = fn, key, inputs, label
+    def __init__(self, fn: Callable, key: tuple, inputs: tuple[str, ...], label: str = "", xla: str | None = None):
+        self.fn, self._key, self.inputs, self.label, self.xla = fn, key, inputs, label, xla
 
     def key(self):
         return self._key
@@ -354,6 +389,9 @@ class Function:
     def compiled(self, *args):
         key = (self.comp, _signature(args))
         hit = _COMPILED.get(key)
+        fixed = getattr(self.comp, "xla", None)
+        if hit is None and fixed in CPU_CANDIDATES and xla_mode() == "auto" and jax.default_backend() == "cpu":
+            hit = (self.jitted(fixed), Tuning(fixed, {}, "given"))
         if hit is None:
             hit = _choose(self.jitted, args, self.comp.label or type(self.comp).__name__, self.tune)
             with _COMPILED_LOCK:
@@ -522,15 +560,34 @@ class Executor:
             keys = jax.device_put(keys, self.data)
         p = self.params if params is None else self.put_params(params)
         outs = {}
-        for name, comp in comps.items():
+        for names, comp in self.plan(comps):
             if comp not in self._checked:
                 comp.check(self.batch)
                 self._checked.add(comp)
             out = comp.dispatch(self, p, self._device_inputs(comp, batch), keys)
             if self._timer is not None:
-                self._timer.add(name, out)
-            outs[name] = out
-        return Pending(outs, n)
+                self._timer.add(names if len(names) > 1 else names[0], out)
+            if isinstance(comp, Shared):
+                outs.update({n: out[n] for n in names})
+            else:
+                outs[names[0]] = out
+        return Pending({name: outs[name] for name in comps}, n)
+
+    @staticmethod
+    def plan(comps: Mapping[str, Computation]) -> list[tuple[tuple[str, ...], Computation]]:
+        """What to dispatch: each computation alone, except those sharing a pass (equal
+        `Computation.share_key`), which go as one `Shared` computation."""
+        groups: dict = {}
+        for name, comp in comps.items():
+            k = comp.share_key()
+            groups.setdefault(("alone", name) if k is None else ("shared", k), []).append((name, comp))
+        out = []
+        for members in groups.values():
+            if len(members) == 1:
+                out.append(((members[0][0],), members[0][1]))
+            else:
+                out.append((tuple(n for n, _ in members), Shared(tuple(members))))
+        return out
 
     @staticmethod
     def fetch(pendings: Sequence[Pending]) -> list[dict[str, dict[str, np.ndarray]]]:
@@ -598,7 +655,10 @@ class _Timer(threading.Thread):
                 pass
             t1 = time.perf_counter()
             start = t0 if self.last is None else max(t0, self.last)
-            self.seconds[name] = self.seconds.get(name, 0.0) + (t1 - start)
+            # Methods computed from one shared pass split its time equally.
+            for n in (name if isinstance(name, tuple) else (name,)):
+                share = (t1 - start) / (len(name) if isinstance(name, tuple) else 1)
+                self.seconds[n] = self.seconds.get(n, 0.0) + share
             self.last = t1
 
     def close(self):

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from convlens.config import Config
 from convlens.errors import ConvlensError
 from convlens.kernels import common
-from convlens.kernels.spec import INPUT_ATTR, INPUT_MAP, LAYER_FIXED, LAYER_MAP, LAYER_SPATIAL, MethodSpec, Output
+from convlens.kernels.spec import (INPUT_ATTR, INPUT_MAP, LAYER_FIXED, LAYER_MAP, LAYER_SPATIAL, MethodSpec, Output,
+                                   SharedPass)
 from convlens.models.network import Model
 
 EPS = 1e-7
@@ -78,16 +79,32 @@ def resolve_layer(model: Model, cfg, method: str) -> str:
     return common.check_spatial_layer(model, layer, method)
 
 
+def _layer_pass(model: Model, params, images, targets, cfg: CamConfig):
+    """What every gradient CAM needs: one forward pass and the targets' gradients at the
+    layer (``acts [B, h, w, c]``, ``grads [B, T, h, w, c]``)."""
+    layer = resolve_layer(model, cfg, "a gradient CAM")
+    logits, t, acts, grads = common.layer_gradients(model, params, images, layer, targets)
+    return {"logits": logits, "targets": t, "acts": acts, "grads": grads}
+
+
+def _finisher(weights_fn):
+    def finish(model: Model, images, cfg: CamConfig, state):
+        a = state["acts"][:, None]
+        cam = cam_from_weights(a, weights_fn(a, state["grads"]))
+        return {"cam": cam, "heatmap": common.upsample(cam, images.shape[1:3]), "targets": state["targets"],
+                "logits": state["logits"]}
+    return finish
+
+
 def gradient_cam(weights_fn, method):
     """A gradient CAM kernel from its ``weights_fn(acts [B, 1, h, w, c], grads [B, T, h, w, c])
     -> [B, T, 1|h, 1|w, c]`` (the only thing a member of the family supplies)."""
+    finish = _finisher(weights_fn)
+
     def explain(model: Model, params, images, targets, cfg: CamConfig, keys=None):
         """``images [B, H, W, C]`` -> ``cam [B, T, h, w]`` and ``heatmap [B, T, H, W]``."""
-        layer = resolve_layer(model, cfg, method)
-        logits, t, acts, grads = common.layer_gradients(model, params, images, layer, targets)
-        a = acts[:, None]
-        cam = cam_from_weights(a, weights_fn(a, grads))
-        return {"cam": cam, "heatmap": common.upsample(cam, images.shape[1:3]), "targets": t, "logits": logits}
+        resolve_layer(model, cfg, method)
+        return finish(model, images, cfg, _layer_pass(model, params, images, targets, cfg))
     return explain
 
 
@@ -151,7 +168,8 @@ def cam_spec(name: str, weights_fn, doc: str, pools_gradient: bool = False) -> M
     """The declaration of a gradient CAM variant: one ``weights_fn`` and a line of doc;
     ``pools_gradient``: its channel weights average the gradient over positions."""
     return MethodSpec(name, "cam", CamConfig, gradient_cam(weights_fn, name), CAM_OUTPUTS, False, doc,
-                      layer=LAYER_SPATIAL, pools_gradient=pools_gradient)
+                      layer=LAYER_SPATIAL, pools_gradient=pools_gradient,
+                      shared=SharedPass("layer_gradients", _layer_pass, _finisher(weights_fn)))
 
 
 SPECS = (

@@ -22,7 +22,7 @@ import numpy as np
 from convlens.errors import ConvlensError, OptionError
 from convlens.kernels import common
 from convlens.config import Config, option
-from convlens.kernels.spec import INPUT_ATTR, INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output
+from convlens.kernels.spec import INPUT_ATTR, INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output, SharedPass
 from convlens.models.network import Model
 
 
@@ -89,18 +89,32 @@ def _clean_forward(model, params, images, targets):
     return logits, common.select_targets(logits, targets)
 
 
+def _input_pass(model: Model, params, images, targets, cfg=None):
+    """One forward and backward pass: the targets' gradients w.r.t. the pixels."""
+    logits, t, g = common.input_gradients(model, params, images, targets)
+    return {"logits": logits, "targets": t, "grads": g}
+
+
+def _gradient_finish(model, images, cfg, state):
+    g = state["grads"]
+    return {"attribution": g, "heatmap": _saliency_map(g), "targets": state["targets"], "logits": state["logits"]}
+
+
+def _gxi_finish(model, images, cfg, state):
+    attr = state["grads"] * images[:, None]
+    return {"attribution": attr, "heatmap": jnp.sum(attr, axis=-1), "targets": state["targets"],
+            "logits": state["logits"]}
+
+
 def gradient(model: Model, params, images, targets, cfg=None, keys=None):
     """Vanilla gradients (Simonyan et al. 2014): ``attribution [B, T, H, W, C]`` and
     ``heatmap [B, T, H, W]`` = max |gradient| over channels."""
-    logits, t, g = common.input_gradients(model, params, images, targets)
-    return {"attribution": g, "heatmap": _saliency_map(g), "targets": t, "logits": logits}
+    return _gradient_finish(model, images, cfg, _input_pass(model, params, images, targets))
 
 
 def gradient_x_input(model: Model, params, images, targets, cfg=None, keys=None):
     """Gradient times pixel value: ``attribution [B, T, H, W, C]``, ``heatmap`` = channel sum."""
-    out = gradient(model, params, images, targets)
-    attr = out["attribution"] * images[:, None]
-    return {**out, "attribution": attr, "heatmap": jnp.sum(attr, axis=-1)}
+    return _gxi_finish(model, images, cfg, _input_pass(model, params, images, targets))
 
 
 def guided_input_gradients(model: Model, params, images, targets):
@@ -215,16 +229,17 @@ def integrated_gradients(model: Model, params, images, targets, cfg: IntegratedG
 _ATTR = (Output("attribution", INPUT_ATTR, "per-pixel, per-channel attribution"),)
 
 
-def _spec(name, config, fn, heatmap_doc, stochastic, doc, extra=()):
+def _spec(name, config, fn, heatmap_doc, stochastic, doc, extra=(), shared=None):
     return MethodSpec(name, "gradient", config, fn, _ATTR + (Output("heatmap", INPUT_MAP, heatmap_doc),) + extra,
-                      stochastic, doc)
+                      stochastic, doc, shared=shared)
 
 
 SPECS = (
     _spec("gradient", GradientConfig, gradient, "max |gradient| over channels", False,
-          "vanilla gradient of the target logit w.r.t. the pixels"),
+          "vanilla gradient of the target logit w.r.t. the pixels",
+          shared=SharedPass("input_gradients", _input_pass, _gradient_finish)),
     _spec("gradient_x_input", GradientConfig, gradient_x_input, "channel sum of the attribution", False,
-          "gradient x pixel value"),
+          "gradient x pixel value", shared=SharedPass("input_gradients", _input_pass, _gxi_finish)),
     _spec("smoothgrad", SmoothGradConfig, smoothgrad, "max |mean gradient| over channels", True,
           "SmoothGrad: gradient averaged over noisy copies"),
     _spec("integrated_gradients", IntegratedGradientsConfig, integrated_gradients, "channel sum of the attribution",

@@ -55,6 +55,18 @@ COMMON = (Output("targets", (SAMPLE, TARGET), "class index explained"),
 
 
 @dataclasses.dataclass(frozen=True)
+class SharedPass:
+    """Work that methods of a family can share on a batch: ``run(model, params, images,
+    targets, cfg) -> state`` (one forward and backward pass, say), then per method
+    ``finish(model, images, cfg, state) -> outputs``. Methods declaring the same pass
+    (by ``name``) with equal configs are computed from one ``run`` when asked together."""
+
+    name: str
+    run: Callable[..., dict[str, Any]]
+    finish: Callable[..., dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A method's declaration.
 
@@ -77,6 +89,8 @@ class MethodSpec:
       pools_gradient: whether its map weighs channels by the gradient averaged over the
         layer's positions (Grad-CAM and kin): behind a head that keeps positions apart
         (Flatten) those averages cancel and the maps go empty, which audits flag.
+      shared: a `SharedPass` whose ``finish`` gives exactly ``explain``'s outputs, so the
+        executor can compute several such methods from one pass.
     """
 
     name: str
@@ -91,6 +105,7 @@ class MethodSpec:
     heatmap: str | None = "heatmap"
     check: Callable[[Any, Any], None] | None = None
     pools_gradient: bool = False
+    shared: SharedPass | None = None
 
     def __post_init__(self):
         if self.layer not in LAYER_NEEDS:
