@@ -172,6 +172,36 @@ def metrics_cost() -> str | None:
     return "\n".join(out)
 
 
+def shared() -> str | None:
+    res = load("cam_family")
+    if not res:
+        return None
+    out = [machine_line(res), "", f"{res['model']}, batch {res['cam_family']['batch']}:", "",
+           "| methods | together (s/batch) | one run each (s/batch) | speed-up |", "|---|---|---|---|"]
+    for name in ("cam_family", "gradient_family"):
+        r = res[name]
+        out.append(f"| {', '.join(r['methods'])} | {r['together_s']:.3f} | {r['separately_s']:.3f} | "
+                   f"**{r['speedup']:.2f}x** |")
+    return "\n".join(out)
+
+
+def quality() -> str | None:
+    res = load("metrics_throughput")
+    if not res:
+        return None
+    out = [machine_line(res), "", f"{res['model']}, {res['images']} images, the same maps and targets; "
+           f"{res['steps']} perturbation steps, {res['samples']} noise samples:", "",
+           "| family | metrics | Quantus 0.6 (s) | convlens (s) | convlens speed-up | model passes (batched) | "
+           "share of the batched-pass limit |", "|---|---|---|---|---|---|---|"]
+    for fam, r in res["families"].items():
+        f, g = r.get("passes", (0, 0))
+        passes = ", ".join(p for p in (f"{f} forward" if f else "", f"{g} gradient" if g else "") if p) or "none"
+        share = f"{r['of_pass_limit']:.2f}" if r.get("of_pass_limit") else "-"
+        out.append(f"| {fam} | {', '.join(r['metrics'])} | {r['quantus_s']:.2f} | {r['convlens_s']:.2f} | "
+                   f"**{r['speedup']:.1f}x** | {passes} | {share} |")
+    return "\n".join(out)
+
+
 def callback() -> str | None:
     res = load("callback_overhead")
     if not res:
@@ -249,7 +279,8 @@ def precision() -> str | None:
 def main():
     text = README.read_text()
     for name, fn in (("schema", schema), ("models", models), ("forward", forward), ("explain", explain), ("occlusion", occlusion), ("ascent", ascent),
-                     ("engine", engine), ("metrics", metrics_cost), ("callback", callback),
+                     ("engine", engine), ("metrics", metrics_cost), ("callback", callback), ("shared", shared),
+                     ("quality", quality),
                      ("perturbation", perturbation), ("video", video), ("precision", precision)):
         table = fn()
         if table is None:

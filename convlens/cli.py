@@ -438,6 +438,11 @@ def _audit():
         findings = run_audit(store_path, cfg, methods=[m for v in methods for m in v.split(",") if m] or None,
                              progress=None)
         click.echo(table(findings))
+        if cfg.quality:
+            from convlens.engine import store
+            from convlens.render.tables import quality_table
+            q = store.open_store(store_path).attrs["audit"].get("quality") or {}
+            click.echo("\n" + (quality_table(q) if q.get("scores") else f"quality metrics skipped: {q.get('skipped')}"))
         n = sum(len(e["flags"]) for e in findings.values())
         click.echo(f"audit written to {store_path} (audit/...): {n} flag(s)")
     return audit

@@ -72,6 +72,18 @@ def sobel(images):
     return jnp.sqrt(gx * gx + gy * gy)
 
 
+def superpixels(images: np.ndarray) -> np.ndarray:
+    """SLIC superpixels of each image ``[N, H, W, C]`` (scikit-image's defaults, labels
+    from 0, as Quantus's IROF), ``[N, H, W]`` int32, labels made consecutive."""
+    from skimage.segmentation import slic
+    out = np.zeros(images.shape[:3], np.int32)
+    for i, img in enumerate(images):
+        seg = slic(img.astype(np.float64) / max(float(img.max()), 1e-12), start_label=0,
+                   channel_axis=-1 if img.shape[-1] > 1 else None)
+        out[i] = np.unique(seg, return_inverse=True)[1].reshape(seg.shape)
+    return out
+
+
 def bootstrap(values: np.ndarray, higher: bool, reps: int = 2000, seed: int = 0, level: float = 0.95):
     """Mean of ``values`` (NaN left out) and its percentile bootstrap interval."""
     v = values[np.isfinite(values)]
@@ -83,7 +95,7 @@ def bootstrap(values: np.ndarray, higher: bool, reps: int = 2000, seed: int = 0,
     return float(v.mean()), float(lo), float(hi), int(len(v))
 
 
-def _metric_fn(model, names, options, source, spec, cfg_method, num_classes):
+def _metric_fn(model, names, options, source, spec, cfg_method, num_classes, n_segments=0):
     """The pure batch function computing every metric for one map source."""
     import jax
 
@@ -110,7 +122,7 @@ def _metric_fn(model, names, options, source, spec, cfg_method, num_classes):
                 return spec.explain(model, params, im, t[:, None], cfg_method, keys)[spec.heatmap][:, 0]
         a = inputs["maps"] if source not in CONTROLS else explain(x, y)
         ctx = Context(x=x, a=a, y=y, probs=probs, logits=logits, explain=explain, masks=inputs.get("masks"),
-                      key=keys[0], num_classes=num_classes)
+                      segments=inputs.get("segments"), n_segments=n_segments, key=keys[0], num_classes=num_classes)
         out = {}
         for name in names:
             res = evaluate(name, ctx, options.get(name))
@@ -142,18 +154,25 @@ def run_quality(root, mp, methods: dict, rated, cfg, masks, n: int, progress=Non
     num_classes = n_classes(model)
     first = next(iter(methods.values()))
     sources = {**{m: v for m, v in methods.items()}, **{c: (None, first[1], None, None) for c in CONTROLS}}
+    segments = None
+    if any("segments" in METRICS[m].needs for m in names):
+        segments = superpixels(root["inputs"].get_orthogonal_selection((idx,)).astype(np.float32))
+    n_segments = 0 if segments is None else int(segments.max()) + 1
+    seg_rows = {int(i): k for k, i in enumerate(idx)}
     scores: dict[str, dict] = {}
     t0 = time.perf_counter()
+    xla = forward_options(model, params, root["inputs"].get_orthogonal_selection((idx[:cfg.batch],)), cfg.batch)
     for source, (heat, targets, spec, mcfg) in sources.items():
         need_explain = [m for m in names if "explain" in METRICS[m].needs]
         use = names if (spec is not None or source in CONTROLS) else [m for m in names if m not in need_explain]
         if not use:
             continue
         key = ("quality", model.computation, source, getattr(spec, "name", None), mcfg, tuple(use),
-               repr(sorted(options.items())))
+               repr(sorted(options.items())), n_segments)
         inputs = ("images", "targets") + (("maps",) if source not in CONTROLS else ()) + \
-            (("masks",) if masks is not None else ())
-        comp = {"q": Fn(_metric_fn(model, use, options, source, spec, mcfg, num_classes), key, inputs, source)}
+            (("masks",) if masks is not None else ()) + (("segments",) if segments is not None else ())
+        comp = {"q": Fn(_metric_fn(model, use, options, source, spec, mcfg, num_classes, n_segments), key, inputs,
+                        source, xla=xla)}
         res: dict[str, list] = {}
 
         def groups(ex):
@@ -165,6 +184,8 @@ def run_quality(root, mp, methods: dict, rated, cfg, masks, n: int, progress=Non
                     data["maps"] = heat[part].astype(np.float32)
                 if masks is not None:
                     data["masks"] = masks[part].astype(bool)
+                if segments is not None:
+                    data["segments"] = segments[[seg_rows[int(i)] for i in part]]
                 yield s, [Batch(data, part)]
 
         with Executor(params, batch=min(cfg.batch, max(len(idx), 1)), tune=False) as ex:
@@ -189,6 +210,17 @@ def run_quality(root, mp, methods: dict, rated, cfg, masks, n: int, progress=Non
             "scores": scores, "informative": verdicts, "ranking": ranking(scores, verdicts),
             "seconds": time.perf_counter() - t0,
             "higher_is_better": {m: METRICS[m].higher_is_better for m in names}}
+
+
+def forward_options(model, params, images: np.ndarray, batch: int) -> str:
+    """The XLA options measured (or remembered) for the model's forward pass at this
+    batch size on this machine: the metric programs are mostly forward passes, too long
+    to measure themselves."""
+    from convlens.engine.executor import Executor, Forward
+    with Executor(params, batch=batch, tune=True) as ex:
+        from convlens.engine.executor import pad_rows
+        x = pad_rows(np.asarray(images, np.float32), ex.batch)
+        return ex.function(Forward(model)).tuning(ex.params, {"images": x}, ex.keys(np.arange(ex.batch))).choice
 
 
 def _better(a: dict, b: dict, higher: bool) -> bool:

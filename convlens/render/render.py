@@ -268,8 +268,73 @@ def render_audit(root, out: Path, cmap: str, alpha: float, style: str) -> list[P
                 curves[m] = (d[ok].mean(0), i[ok].mean(0))
     if curves:
         files.append(_curves_png(curves, out / "audit" / "curves.png"))
+    q = a.get("quality")
+    if q and q.get("scores"):
+        files.append(_intervals_png(q, out / "audit" / "quality_intervals.png"))
+        qc = {m: {s: np.nanmean(np.asarray(root[f"audit/{s}/metrics/{m}_curve"][:]), axis=0) for s in q["scores"]
+                  if f"audit/{s}/metrics/{m}_curve" in root}
+              for m in q["metrics"]}
+        qc = {m: v for m, v in qc.items() if v}
+        if qc:
+            files.append(_quality_curves_png(qc, q, out / "audit" / "quality_curves.png"))
     del names
     return files
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _intervals_png(q: dict, path: Path) -> Path:
+    """Each metric's mean and 95% interval per method and control; uninformative metrics greyed."""
+    plt = _plt()
+    names, sources = q["metrics"], list(q["scores"])
+    cols = 3
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 0.35 * len(sources) * rows + 1.2 * rows), dpi=80,
+                             squeeze=False)
+    for ax, m in zip(axes.ravel(), names):
+        info = q["informative"][m]["informative"]
+        for k, src in enumerate(sources):
+            v = q["scores"][src].get(m)
+            if not v or not np.isfinite(v["mean"]):
+                continue
+            colour = "tab:gray" if src.startswith("control_") else ("tab:blue" if info else "silver")
+            ax.errorbar(v["mean"], k, xerr=[[v["mean"] - v["ci"][0]], [v["ci"][1] - v["mean"]]], fmt="o",
+                        color=colour, capsize=3)
+        ax.set_yticks(range(len(sources)), sources, fontsize=7)
+        better = "higher" if q["higher_is_better"][m] else "lower"
+        ax.set_title(f"{m} ({better} is better)" + ("" if info else "\nuninformative here"), fontsize=8,
+                     color="black" if info else "gray")
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _quality_curves_png(curves: dict, q: dict, path: Path) -> Path:
+    """Mean curves of the catalogue metrics that have one, per method and control."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), dpi=80, squeeze=False)
+    for ax, (m, per) in zip(axes[0], curves.items()):
+        for src, c in per.items():
+            ax.plot(np.arange(len(c)), c, label=src, linestyle="--" if src.startswith("control_") else "-")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _curves_png(curves: dict, path: Path) -> Path:

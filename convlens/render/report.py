@@ -112,7 +112,9 @@ def report(path, out, *, per_page: int = 48, cmap: str = "jet", alpha: float = 0
             body.append("<div class='ok'>The audit raised no flag.</div>")
         try:
             from convlens.render.tables import compare_table
-            body.append("<p>Methods ranked by faithfulness (insertion AUC − deletion AUC; cost from the run):</p>"
+            body.append("<p>Methods ranked by faithfulness (insertion AUC − deletion AUC; cost from the run); with "
+                        "<code>--quality</code>, every catalogue metric with its 95% interval, whether it is "
+                        "informative on this store, and the ranking over the informative ones:</p>"
                         f"<pre>{html.escape(compare_table(path))}</pre>")
         except Exception:  # noqa: BLE001 - a ranking needs metrics; the flags stand without it
             pass

@@ -94,8 +94,15 @@ def quality_table(q: dict) -> str:
         verdict = "informative" if q["informative"][m]["informative"] else "uninformative here"
         lines.append(f"{m:26s} {'higher' if q['higher_is_better'][m] else 'lower':6s} "
                      + " ".join(f"{c:>22s}" for c in cells) + f"  {verdict}")
+    if q.get("skipped_without_masks"):
+        lines.append(f"skipped (the store has no object masks): {', '.join(q['skipped_without_masks'])}")
     used = [m for m in q["metrics"] if q["informative"][m]["informative"]]
-    lines += ["", "Ranking (mean rank over the informative metrics: " + (", ".join(used) or "none") + "):"]
+    if not used:
+        lines += ["", "No metric separates the methods from the random map on this store: no ranking."]
+        return "\n".join(lines)
+    lines += ["", "Ranking (mean rank over the informative metrics: " + ", ".join(used) + "):"]
     for i, r in enumerate(q["ranking"], 1):
-        lines.append(f"  {i}. {r['source']:22s} mean rank {r['mean_rank']:.2f}")
+        mr = r["mean_rank"]
+        lines.append(f"  {i}. {r['source']:22s} mean rank " +
+                     (f"{mr:.2f}" if isinstance(mr, (int, float)) and np.isfinite(mr) else "-"))
     return "\n".join(lines)

@@ -121,6 +121,32 @@ def test_region_perturbation_and_selectivity_match_a_patch_loop(setup):
                                rtol=1e-4, atol=1e-6)
 
 
+def test_irof_matches_a_segment_loop(setup):
+    """Segments removed in the order of their mean relevance, filled with the image's
+    mean, cumulatively; the area over ``f(x_s) / f(x)``."""
+    model, params, x, a, y, _ = setup
+    p = probs_of(model, params)
+    rng = np.random.default_rng(4)
+    seg = np.stack([(np.arange(H * W).reshape(H, W) // 32 + b) % 8 for b in range(B)])  # 8 bands, shifted
+    seg[1][seg[1] == 7] = 6  # item 1 has 7 segments
+    seg[1] = np.unique(seg[1], return_inverse=True)[1].reshape(H, W)
+    a = jnp.asarray(rng.normal(size=(B, H, W)), jnp.float32)
+    out = faithful.irof(p, x, a, y, jnp.asarray(seg), n_segments=8)
+    xn, an = np.asarray(x), prep(a)
+    for b in range(B):
+        n = seg[b].max() + 1
+        means = np.array([an[b][seg[b] == k].mean() for k in range(n)])
+        img = xn[b].copy()
+        f0 = float(np.asarray(p(jnp.asarray(xn[b:b + 1])))[0, int(y[b])])
+        curve = []
+        for k in np.argsort(-means, kind="stable"):
+            img[seg[b] == k] = xn[b].mean(axis=(0, 1))
+            curve.append(float(np.asarray(p(jnp.asarray(img[None])))[0, int(y[b])]) / f0)
+        curve = np.asarray(curve + [0.0] * (8 - n))
+        np.testing.assert_allclose(out["curve"][b], curve, rtol=1e-5, atol=1e-6)
+        assert float(out["score"][b]) == pytest.approx(n - np.trapezoid(curve), rel=1e-5)
+
+
 def test_imputation_solves_roads_linear_system_exactly():
     """Against scipy's direct sparse solver on the system ROAD writes down."""
     from scipy.sparse import lil_matrix
@@ -146,7 +172,7 @@ def test_imputation_solves_roads_linear_system_exactly():
                 else:
                     rhs[r] += wgt * img[0, i + di, j + dj]
     sol = spsolve(A.tocsc(), rhs)
-    ours = np.asarray(faithful.impute(jnp.asarray(img), jnp.asarray(rem)[None]))[0]
+    ours = np.asarray(faithful.impute(jnp.asarray(img), jnp.asarray(rem)[None], tol=1e-7))[0]
     np.testing.assert_allclose(ours[rem], sol, atol=2e-5)
     np.testing.assert_array_equal(ours[~rem], img[0][~rem])
 
@@ -154,14 +180,14 @@ def test_imputation_solves_roads_linear_system_exactly():
 def test_road_with_no_noise_is_the_imputed_images_scores(setup):
     model, params, x, a, y, _ = setup
     p = probs_of(model, params)
-    out = faithful.road(p, x, a, y, percentages=(10, 50), noise=0.0)
+    out = faithful.road(p, x, a, y, percentages=(10, 50), noise=0.0, tol=1e-7)
     an = prep(a)
     for j, pc in enumerate((10, 50)):
         k = int(H * W * pc / 100)
         rem = np.zeros((B, H * W), bool)
         np.put_along_axis(rem, np.argsort(-an.reshape(B, -1), 1, kind="stable")[:, :k], True, 1)
         rem = rem.reshape(B, H, W)
-        img = np.where(rem[..., None], np.asarray(faithful.impute(x, jnp.asarray(rem))), np.asarray(x))
+        img = np.where(rem[..., None], np.asarray(faithful.impute(x, jnp.asarray(rem), tol=1e-7)), np.asarray(x))
         pr = np.asarray(p(jnp.asarray(img)))
         np.testing.assert_allclose(out["curve"][:, j], pr[np.arange(B), np.asarray(y)], rtol=1e-5)
         np.testing.assert_array_equal(out["accuracy"][:, j], pr.argmax(1) == np.asarray(y))
@@ -264,8 +290,9 @@ def test_every_catalogue_metric_runs_batched_and_names_expand(setup):
 
     def explain(im, t):
         return jax.grad(lambda z: jnp.sum(jnp.take_along_axis(p(z), t[:, None], 1)))(im)[..., 0]
+    seg = jnp.asarray(np.arange(H * W).reshape(H, W) // 64)[None].repeat(B, 0)
     ctx = catalogue.Context(x=x, a=a, y=y, probs=p, logits=logits_of(model, params), explain=explain, masks=s,
-                            key=jax.random.PRNGKey(0), num_classes=5)
+                            segments=seg, n_segments=4, key=jax.random.PRNGKey(0), num_classes=5)
     for name in catalogue.METRICS:
         out = catalogue.evaluate(name, ctx, {"steps": 8} if "steps" in catalogue.METRICS[name].defaults else {})
         assert out["score"].shape == (B,), name
@@ -320,8 +347,98 @@ def test_parity_with_quantus(setup):
     rem = np.zeros((H, W), bool)
     rem[3:9, 2:12] = True
     ref = noisy_linear_imputation(xn[0], np.flatnonzero(rem.ravel()), noise=0.0)
-    ours = np.asarray(faithful.impute(x[:1], jnp.asarray(rem)[None]))[0].transpose(2, 0, 1)
+    ours = np.asarray(faithful.impute(x[:1], jnp.asarray(rem)[None], tol=1e-7))[0].transpose(2, 0, 1)
     np.testing.assert_allclose(ours, ref, atol=2e-5)
     # Quantus 0.6's Monotonicity "restores" pixels of the all-baseline image with the
     # baseline, so its curve is flat and every map passes; we follow Arya et al.
     assert theirs(quantus.Monotonicity(features_in_step=8, **q)).tolist() == [1.0] * B
+
+
+@pytest.mark.slow
+def test_parity_with_quantus_for_metrics_that_draw_or_rerun(setup):
+    """ROAD (noise off: the accuracy curve, averaged over items as Quantus reports it),
+    random logit (Quantus's seeded choice of the other class), and avg-sensitivity with
+    Quantus's own noise draws replayed: the method re-run is the same JAX function on
+    both sides, so only the metrics' arithmetic is compared."""
+    pytest.importorskip("torch", reason="PyTorch not installed (CI installs it for this check)")
+    quantus = pytest.importorskip("quantus", reason="Quantus not installed (CI installs it for this check)")
+    from tests.torch_twin import twin
+    model, params, x, a, y, _ = setup
+    net = twin(model, {k: {n: np.asarray(v) for n, v in vs.items()} for k, vs in params.items()}, logits=True)
+    p = probs_of(model, params)
+    xn = np.asarray(x).transpose(0, 3, 1, 2).copy()
+    an, yn = np.asarray(a)[:, None].copy(), np.asarray(y)
+
+    @jax.jit
+    def explain(im, t):
+        return jax.grad(lambda z: jnp.sum(jnp.take_along_axis(p(z), t[:, None], 1)))(im)[..., 0]
+
+    def quantus_explain(model, inputs, targets, **kw):
+        return np.asarray(explain(jnp.asarray(np.asarray(inputs).transpose(0, 2, 3, 1)), jnp.asarray(targets)))[:, None]
+
+    def raw(metric, **kw):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return metric(model=net, x_batch=xn.copy(), y_batch=yn, a_batch=an.copy(), device="cpu",
+                          explain_func=quantus_explain, **kw)
+
+    def theirs(metric, **kw):
+        return np.asarray(raw(metric, **kw), dtype=np.float64)
+    q = {"disable_warnings": True}
+    pct = [10, 30, 50, 70, 90]
+    road = raw(quantus.ROAD(noise=0.0, percentages=pct, **q))  # {percentage: accuracy over the items}
+    ours = faithful.road(p, x, a, y, percentages=tuple(pct), noise=0.0, tol=1e-7)["accuracy"].mean(axis=0)
+    np.testing.assert_allclose(ours, [road[k] for k in pct], atol=1e-9)
+    # Random logit: Quantus seeds NumPy with 42 and draws an index among the other classes.
+    np.random.seed(42)
+    idx = np.random.randint(0, 5 - 1, B)
+    y_off = np.asarray([[c for c in range(5) if c != yn[b]][idx[b]] for b in range(B)])
+    # Maps unnormalised on both sides: Quantus divides each batch by its largest value,
+    # the original maps and the other class's by different numbers, which SSIM sees.
+    ref = theirs(quantus.RandomLogit(num_classes=5, normalise=False, **q))
+    ours = randomise.random_logit(explain, x, a, y, num_classes=5, y_off=jnp.asarray(y_off), normalise=False)["score"]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    # Avg-sensitivity: replay Quantus's uniform draws (one [B, H*W] array per sample).
+    np.random.seed(7)
+    noises = np.stack([np.random.uniform(-0.2, 0.2, (B, H * W)) for _ in range(3)]).reshape(3, B, H, W, 1)
+    np.random.seed(7)
+    ref = theirs(quantus.AvgSensitivity(nr_samples=3, lower_bound=0.2, **q))
+    ours = robust.sensitivity(explain, p, x, a, y, reduce="mean", noises=jnp.asarray(noises, jnp.float32))["score"]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_model_randomisation_variants_against_a_layer_loop():
+    """Cascading MPRT's curve is the rank correlation of the maps recomputed layer by
+    layer (a loop); a method blind to the weights keeps correlation 1 and eMPRT's ratio
+    1; smooth MPRT with no noise is MPRT."""
+    from tests.kernels.nets import gap_net
+    model = gap_net()
+    params = with_random_biases(model, 1)
+    fresh = model.init(9)
+    x = jnp.asarray(np.random.default_rng(2).uniform(0, 255, (3, 16, 16, 3)), jnp.float32)
+    y = jnp.asarray([0, 1, 2])
+
+    def grad_map(p, im, t):
+        f = lambda z: jnp.sum(jnp.take_along_axis(common.forward_logits(model, p, z), t[:, None], 1))  # noqa: E731
+        return jnp.abs(jax.grad(f)(im)).max(-1)
+    layers = ["pred", "c2", "c1"]
+    a = grad_map(params, x, y)
+    out = randomise.model_parameter_randomisation(grad_map, params, fresh, layers, x, a, y)
+    p = dict(params)
+    for k, name in enumerate(layers):
+        p[name] = fresh[name]
+        m = np.asarray(grad_map(p, x, y))
+        from scipy.stats import spearmanr
+        want = [spearmanr(np.abs(np.asarray(a[b])).ravel(), np.abs(m[b]).ravel())[0] for b in range(3)]
+        np.testing.assert_allclose(out["curve"][:, k], want, rtol=1e-4, atol=1e-5)
+    smooth = randomise.model_parameter_randomisation(grad_map, params, fresh, layers, x, a, y, smooth_samples=2,
+                                                     smooth_noise=0.0)
+    np.testing.assert_allclose(smooth["curve"], out["curve"], rtol=1e-5, atol=1e-6)
+    blind = lambda p, im, t: im.mean(-1)  # noqa: E731
+    out = randomise.model_parameter_randomisation(blind, params, fresh, layers, x, x.mean(-1), y)
+    np.testing.assert_allclose(out["score"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(randomise.efficient_mprt(blind, params, fresh, x, x.mean(-1), y)["score"], 1.0,
+                               rtol=1e-6)
+    counts = np.histogram(np.asarray(a[0]).ravel(), bins=100)[0] / a[0].size
+    want = -np.sum(counts[counts > 0] * np.log(counts[counts > 0]))
+    assert float(randomise.histogram_entropy(a[:1] / a[:1].max())[0]) == pytest.approx(want, rel=1e-4)

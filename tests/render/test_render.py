@@ -122,6 +122,21 @@ def test_demo_finds_the_planted_shortcut_and_reports_it(demo_run):
     assert "Input pipeline" in html and "Galleries" in html
 
 
+@pytest.mark.slow
+def test_demo_ranks_methods_above_both_controls_on_informative_metrics(demo_run):
+    """The README demo's comparison: a faithfulness metric separates the methods from the
+    random map (non-overlapping intervals), and the controls rank last."""
+    q = demo_run["quality"]
+    faithful = [m for m in q["metrics"] if m in ("road_gain", "faithfulness_estimate")
+                and q["informative"][m]["informative"]]
+    assert faithful, q["informative"]
+    order = [r["source"] for r in q["ranking"]]
+    assert set(order[-2:]) == {"control_random", "control_sobel"}, q["ranking"]
+    assert "informative" in demo_run["text"] and "Ranking" in demo_run["text"]
+    html = demo_run["report"].read_text()
+    assert "quality_intervals" in html and "uninformative here" in html or "informative" in html
+
+
 def chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)

@@ -71,11 +71,35 @@ def scan_steps(score, make, steps: int, targets, with_class: bool = False):
     return res.T
 
 
+def _int_keys(v):
+    """float32 -> int32 keys with the same order (XLA:CPU sorts int32 keys about 3.5x
+    faster than floats: no NaN-aware comparator). Negative floats have their 31 lower bits
+    flipped so that larger magnitudes come first."""
+    v = v.astype(jnp.float32)
+    v = jnp.where(v == 0, jnp.float32(0), v)  # -0.0 and +0.0 tie, as in a float sort
+    k = jax.lax.bitcast_convert_type(v, jnp.int32)
+    return jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k)
+
+
+def sort_rows(v):
+    """Each row of ``v [..., n]`` sorted ascending (float32)."""
+    k = jax.lax.sort(_int_keys(v), dimension=v.ndim - 1, is_stable=False)
+    return jax.lax.bitcast_convert_type(jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k), jnp.float32)
+
+
+def argsort_rows(v, descending: bool = False):
+    """Stable argsort of each row of ``v [..., n]`` (ties keep their order)."""
+    k = _int_keys(v)
+    if descending:
+        k = ~k  # reverses the order of int32 keys exactly
+    iota = jax.lax.broadcasted_iota(jnp.int32, v.shape, v.ndim - 1)
+    return jax.lax.sort((k, iota), dimension=v.ndim - 1, is_stable=True, num_keys=1)[1]
+
+
 def pixel_order(a, descending: bool = True):
     """Pixel indices of maps ``[B, H, W]`` by value, ``[B, H*W]`` (stable: ties keep
     raster order)."""
-    flat = a.reshape(a.shape[0], -1)
-    return jnp.argsort(-flat if descending else flat, axis=1, stable=True)
+    return argsort_rows(a.reshape(a.shape[0], -1), descending=descending)
 
 
 def ranks_of(order):

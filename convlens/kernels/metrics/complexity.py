@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from convlens.kernels.metrics.base import prepare
+from convlens.kernels.metrics.base import prepare, sort_rows
 
 
 def sparseness(a, *, abs=True, normalise=True):
@@ -13,7 +13,7 @@ def sparseness(a, *, abs=True, normalise=True):
     ``sum_i (2i - n - 1) a_(i) / (n sum a)`` over the ascending values ``a_(i)`` (with
     Quantus's ``1e-7`` added so an empty map is defined); 1 is one pixel, 0 uniform."""
     a = prepare(a, abs, normalise)
-    v = jnp.sort(a.reshape(a.shape[0], -1) + 1e-7, axis=1)
+    v = sort_rows(a.reshape(a.shape[0], -1) + 1e-7)
     n = v.shape[1]
     i = jnp.arange(1, n + 1, dtype=v.dtype)
     return {"score": jnp.sum((2 * i - n - 1) * v, axis=1) / (n * v.sum(axis=1))}

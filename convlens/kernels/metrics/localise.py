@@ -58,12 +58,19 @@ def top_k_intersection(a, s, *, k=1000, concept_influence=False, abs=False, norm
 
 def relevance_rank_accuracy(a, s, *, abs=False, normalise=True):
     """Relevance rank accuracy (Arras et al. 2022): of the ``K`` most relevant pixels,
-    ``K`` the object's size, the share on the object."""
+    ``K`` the object's size, the share on the object (ties at the K-th value taken in
+    raster order, as a stable sort takes them)."""
+    from convlens.kernels.metrics.base import sort_rows
     a, s = _flat(prepare(a, abs, normalise), s)
-    order = jnp.argsort(-a, axis=1, stable=True)
+    a = jnp.where(a == 0, 0.0, a)
     k = s.sum(axis=1)
-    on = jnp.take_along_axis(s, order, axis=1) & (jnp.arange(a.shape[1])[None] < k[:, None])
-    return {"score": _nan_empty(on.sum(axis=1) / jnp.maximum(k, 1), s)}
+    desc = sort_rows(a)[:, ::-1]
+    t = jnp.take_along_axis(desc, jnp.maximum(k - 1, 0)[:, None], axis=1)  # the K-th largest value
+    above = a > t
+    tied = a == t
+    room = k[:, None] - above.sum(axis=1, keepdims=True)  # how many tied pixels make the top K
+    take = above | (tied & (jnp.cumsum(tied, axis=1) <= room))
+    return {"score": _nan_empty(jnp.sum(take & s, axis=1) / jnp.maximum(k, 1), s)}
 
 
 def relevance_mass_accuracy(a, s, *, abs=False, normalise=True):

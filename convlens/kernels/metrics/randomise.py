@@ -53,25 +53,62 @@ def random_logit(explain, x, a, y, *, num_classes, flat=True, abs=False, normali
 
 
 def model_parameter_randomisation(explain_with, params, fresh, layers, x, a, y, *, abs=True, normalise=True,
-                                  independent=False, noise_draws=None):
+                                  independent=False, smooth_samples=0, smooth_noise=0.1, key=None):
     """Model-parameter randomisation (Adebayo et al. 2018): the layers (top first) are
     replaced by a fresh random initialisation, cascading (each step keeps the layers
     randomised before) or ``independent``; the map is recomputed with
-    ``explain_with(params, x, y)`` and compared to the original by Spearman rank
-    correlation of absolute values. ``curve [B, L]`` per layer; ``score`` the correlation
-    with every layer random (cascading) or the mean over layers (independent); lower is
-    better. ``noise_draws`` > 1 averages that many maps per step, each on the images
-    plus small noise (the smooth variant of Hedström et al. 2024)."""
+    ``explain_with(params, x, y) -> [B, H, W]`` and compared with the original by the
+    Spearman rank correlation of absolute values. ``curve [B, L]`` per layer; ``score``
+    the correlation with every layer random (cascading) or the mean over layers
+    (independent); lower is better.
+
+    ``smooth_samples > 0`` is smooth MPRT (Hedström et al. 2024): every map, the
+    original included, is the mean over that many copies of the input with Gaussian
+    noise (std ``smooth_noise`` of the image's value range), which removes the noise
+    of gradient maps from the comparison."""
     from convlens.kernels.metrics.base import spearman_rows
+    b = x.shape[0]
+    if smooth_samples > 0:
+        spread = x.max(axis=(1, 2, 3), keepdims=True) - x.min(axis=(1, 2, 3), keepdims=True)
+        noises = jax.random.normal(key if key is not None else jax.random.PRNGKey(0), (smooth_samples, *x.shape))
+
+        def maps(q):
+            # Unrolled: see `convlens.kernels.metrics.robust` (backward passes in loops are slow on CPU).
+            return jnp.mean(jnp.stack([explain_with(q, x + smooth_noise * spread * n, y) for n in noises]), axis=0)
+        a = maps(params)
+    else:
+        def maps(q):
+            return explain_with(q, x, y)
     a = prepare(a, abs, normalise)
-    b = a.shape[0]
     out = []
     p = dict(params)
     for name in layers:
         q = dict(params) if independent else p
         q[name] = fresh[name]
         p = q if not independent else p
-        m = prepare(explain_with(q, x, y), abs, normalise)
+        m = prepare(maps(q), abs, normalise)
         out.append(spearman_rows(a.reshape(b, -1), m.reshape(b, -1)))
     curve = jnp.stack(out, axis=1)
     return {"curve": curve, "score": curve[:, -1] if not independent else jnp.nanmean(curve, axis=1)}
+
+
+def histogram_entropy(a, bins=100):
+    """Entropy (natural log) of the histogram of each map's values, ``bins`` equal bins
+    between its min and max: ``[B]`` (0 for a constant map)."""
+    v = a.reshape(a.shape[0], -1)
+    lo, hi = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
+    idx = jnp.clip(((v - lo) / jnp.where(hi > lo, hi - lo, 1.0) * bins).astype(jnp.int32), 0, bins - 1)
+    counts = jax.vmap(lambda i: jnp.bincount(i, length=bins))(idx).astype(jnp.float32)
+    pr = counts / v.shape[1]
+    return -jnp.sum(jnp.where(pr > 0, pr * jnp.log(jnp.where(pr > 0, pr, 1.0)), 0.0), axis=1)
+
+
+def efficient_mprt(explain_with, params, fresh, x, a, y, *, bins=100, abs=True, normalise=True):
+    """Efficient MPRT (Hedström et al. 2024): how much more complex the map becomes when
+    every layer is randomised at once, ``H(a_random) / H(a)`` with ``H`` the entropy of
+    the histogram of the map's values (``bins`` bins); higher means the map depends more
+    on what the model learned."""
+    a = prepare(a, abs, normalise)
+    r = prepare(explain_with(dict(fresh), x, y), abs, normalise)
+    h0 = histogram_entropy(a, bins)
+    return {"score": histogram_entropy(r, bins) / jnp.where(h0 > 0, h0, jnp.nan)}
