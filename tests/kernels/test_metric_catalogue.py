@@ -442,3 +442,98 @@ def test_model_randomisation_variants_against_a_layer_loop():
     counts = np.histogram(np.asarray(a[0]).ravel(), bins=100)[0] / a[0].size
     want = -np.sum(counts[counts > 0] * np.log(counts[counts > 0]))
     assert float(randomise.histogram_entropy(a[:1] / a[:1].max())[0]) == pytest.approx(want, rel=1e-4)
+
+
+def test_sufficiency_against_scipy_distances():
+    from scipy.spatial.distance import cdist
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(6, 3, 4)).astype(np.float32)
+    a[1] = a[0] + 0.01
+    a[2] = a[0] - 0.02
+    pred = np.asarray([0, 0, 1, 2, 2, 1])
+    out = faithful.sufficiency(jnp.asarray(a), jnp.asarray(pred), threshold=1.0, abs=False, normalise=False)
+    d = cdist(a.reshape(6, -1), a.reshape(6, -1), "seuclidean")
+    near = (d <= 1.0) & ~np.eye(6, dtype=bool)
+    want = [(near[i] & (pred == pred[i])).sum() / near[i].sum() if near[i].any() else 0.0 for i in range(6)]
+    np.testing.assert_allclose(out["score"], want, atol=1e-6)
+    assert want[0] == 0.5 and want[3] == 0.0
+
+
+def test_monotonicity_correlation_and_infidelity_match_naive_loops(setup):
+    model, params, x, a, y, _ = setup
+    p = probs_of(model, params)
+    xn, an = np.asarray(x), prep(a, abs_=True)
+    yn = np.asarray(y)
+    fills = np.random.default_rng(7).uniform(0, 1, (4, 3, B)).astype(np.float32)  # [steps, samples, B]
+    out = faithful.monotonicity_correlation(p, x, a, y, features_in_step=64, fills=jnp.asarray(fills))
+    up = np.argsort(an.reshape(B, -1), axis=1, kind="stable")
+    f0 = np.asarray(p(x))[np.arange(B), yn]
+    from scipy.stats import spearmanr
+    for b in range(B):
+        var, sums = [], []
+        for s in range(4):
+            ix = up[b, s * 64:(s + 1) * 64]
+            preds = []
+            for r in range(3):
+                img = xn[b].reshape(-1, 1).copy()
+                img[ix] = fills[s, r, b]
+                preds.append(float(np.asarray(p(jnp.asarray(img.reshape(1, H, W, 1))))[0, yn[b]]))
+            var.append(np.mean((np.asarray(preds) - f0[b]) ** 2) / f0[b] ** 2)
+            sums.append(an[b].ravel()[ix].sum())
+        np.testing.assert_allclose(out["curve"][b], var, rtol=1e-4, atol=1e-7)
+        assert float(out["score"][b]) == pytest.approx(spearmanr(sums, var)[0], abs=1e-5)
+    # Infidelity: 4x4 patches removed cumulatively (image minimum), squared error between
+    # the output's drop and the map's sum over the removed difference.
+    out = faithful.infidelity(p, x, a, y, patch_sizes=(4,), n_perturb_samples=1)
+    for b in range(B):
+        img, errs = xn[b].copy(), []
+        for q in range(16):
+            r, c = divmod(q, 4)
+            img[4 * r:4 * r + 4, 4 * c:4 * c + 4] = xn[b].min()
+            drop = f0[b] - float(np.asarray(p(jnp.asarray(img[None])))[0, yn[b]])
+            errs.append((drop - np.sum(np.asarray(a[b]) * (xn[b] - img)[..., 0])) ** 2)
+        assert float(out["score"][b]) == pytest.approx(np.mean(errs), rel=1e-4)
+
+
+def test_relative_stability_and_input_invariance_by_hand():
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.uniform(0.1, 1, (2, 4, 4, 1)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+    y = jnp.asarray([0, 2])
+
+    def score(im):
+        return im.reshape(im.shape[0], -1) @ w
+
+    def explain(im, t):  # gradient x input of a linear model
+        return (w[:, t].T.reshape(-1, 4, 4) * im[..., 0])
+    a = explain(x, y)
+    noises = jnp.asarray(rng.uniform(-0.1, 0.1, (3, 2, 4, 4, 1)), jnp.float32)
+    ris = robust.relative_stability(explain, score, x, a, y, noises=noises, return_nan_when_prediction_changes=False)
+    ros = robust.relative_stability(explain, score, x, a, y, of="output", noises=noises,
+                                    return_nan_when_prediction_changes=False)
+    an, xn = np.asarray(a), np.asarray(x)
+    want_i, want_o = [], []
+    for r in range(3):
+        xs = xn + np.asarray(noises[r])
+        e = np.asarray(explain(jnp.asarray(xs), y))
+        num = np.sqrt((((an - e) / an) ** 2).sum(axis=(1, 2)))
+        want_i.append(num / np.sqrt((((xn - xs) / xn) ** 2).sum(axis=(1, 2, 3))))
+        want_o.append(num / np.linalg.norm(np.asarray(score(x)) - np.asarray(score(jnp.asarray(xs))), axis=1))
+    np.testing.assert_allclose(ris["score"], np.max(want_i, axis=0), rtol=1e-4)
+    np.testing.assert_allclose(ros["score"], np.max(want_o, axis=0), rtol=1e-4)
+    # Input invariance: the model with the shift compensated has the same gradients, so
+    # plain gradients are invariant and gradient x input is not.
+    shift = -0.5
+
+    def grad_of(f):
+        return lambda im, t: jax.grad(lambda z: jnp.sum(jnp.take_along_axis(f(z), t[:, None], 1)))(im)[..., 0]
+
+    def shifted(im):
+        return score(im - shift)
+    assert np.asarray(axioms.input_invariance(grad_of(shifted), grad_of(score), x, y, shift=shift)["score"]
+                      ).tolist() == [1.0, 1.0]
+
+    def gxi(f):
+        return lambda im, t: grad_of(f)(im, t) * im[..., 0]
+    assert np.asarray(axioms.input_invariance(gxi(shifted), gxi(score), x, y, shift=shift)["score"]
+                      ).tolist() == [0.0, 0.0]

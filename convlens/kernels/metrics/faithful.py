@@ -312,6 +312,26 @@ def road_gain(score, x, a, y, *, percentages=tuple(range(1, 100, 2)), noise=0.01
     return {"curve": lerf["curve"] - morf["curve"], "score": lerf["score"] - morf["score"]}
 
 
+def sufficiency(a, predicted, *, threshold=0.6, abs=True, normalise=True):
+    """Sufficiency (Dasgupta et al. 2022), over a set of items (a batch: the score of an
+    item depends on the others): items whose maps lie within ``threshold`` of the item's
+    (standardised Euclidean distance of the flattened maps, the variances taken as
+    scipy's ``cdist`` takes them, over the set stacked twice) should share its predicted
+    class; ``score [B]`` is the share of those near items that do (0 where none is near).
+    Pixels constant over the set are left out of the distance (scipy makes every
+    distance NaN then, so Quantus finds no neighbour at all)."""
+    a = prepare(a, abs, normalise)
+    v = a.reshape(a.shape[0], -1)
+    n = v.shape[0]
+    var = jnp.sum((v - v.mean(0)) ** 2, axis=0) * 2 / (2 * n - 1)  # var(vstack([v, v]), ddof=1)
+    w = jnp.where(var > 0, 1.0 / jnp.where(var > 0, var, 1.0), 0.0)
+    d2 = jnp.sum((v[:, None] - v[None]) ** 2 * w, axis=-1)
+    near = (jnp.sqrt(d2) <= threshold) & ~jnp.eye(n, dtype=bool)
+    same = predicted[:, None] == predicted[None]
+    count = near.sum(axis=1)
+    return {"score": jnp.where(count > 0, jnp.sum(near & same, axis=1) / jnp.maximum(count, 1), 0.0)}
+
+
 _NEIGHBOURS = jnp.asarray([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]], jnp.float32)
 
 
