@@ -537,3 +537,66 @@ def test_relative_stability_and_input_invariance_by_hand():
         return lambda im, t: grad_of(f)(im, t) * im[..., 0]
     assert np.asarray(axioms.input_invariance(gxi(shifted), gxi(score), x, y, shift=shift)["score"]
                       ).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.slow
+def test_parity_with_quantus_robustness_and_axioms(setup):
+    """Max-sensitivity, local Lipschitz estimate, relative input / output stability with
+    Quantus's own draws replayed (maps unnormalised on both sides: Quantus normalises by
+    the batch's largest value), non-sensitivity and infidelity (deterministic)."""
+    pytest.importorskip("torch", reason="PyTorch not installed (CI installs it for this check)")
+    quantus = pytest.importorskip("quantus", reason="Quantus not installed (CI installs it for this check)")
+    from tests.torch_twin import twin
+    model, params, x, a, y, _ = setup
+    net = twin(model, {k: {n: np.asarray(v) for n, v in vs.items()} for k, vs in params.items()}, logits=True)
+    p, lg = probs_of(model, params), logits_of(model, params)
+    xn = np.asarray(x).transpose(0, 3, 1, 2).copy()
+    an, yn = np.asarray(a)[:, None].copy(), np.asarray(y)
+
+    @jax.jit
+    def explain(im, t):
+        return jax.grad(lambda z: jnp.sum(jnp.take_along_axis(p(z), t[:, None], 1)))(im)[..., 0]
+
+    def quantus_explain(model, inputs, targets, **kw):
+        return np.asarray(explain(jnp.asarray(np.asarray(inputs).transpose(0, 2, 3, 1)), jnp.asarray(targets)))[:, None]
+
+    def theirs(metric, seed=None):
+        if seed is not None:
+            np.random.seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.asarray(metric(model=net, x_batch=xn.copy(), y_batch=yn, a_batch=an.copy(), device="cpu",
+                                     explain_func=quantus_explain), dtype=np.float64)
+
+    def replay(seed, draw):
+        np.random.seed(seed)
+        return jnp.asarray(np.stack([draw() for _ in range(3)]).reshape(3, B, H, W, 1), jnp.float32)
+    q = {"disable_warnings": True, "nr_samples": 3}
+    ref = theirs(quantus.MaxSensitivity(lower_bound=0.2, **q), 11)
+    ours = robust.sensitivity(explain, p, x, a, y, reduce="max",
+                              noises=replay(11, lambda: np.random.uniform(-0.2, 0.2, (B, H * W))))["score"]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    ref = theirs(quantus.LocalLipschitzEstimate(normalise=False, **q), 12)
+    ours = robust.local_lipschitz_estimate(explain, p, x, a, y, normalise=False,
+                                           noises=replay(12, lambda: np.random.normal(0.0, 0.1, (B, H * W))))["score"]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    for of, cls, score in (("input", quantus.RelativeInputStability, p), ("output", quantus.RelativeOutputStability, lg)):
+        ref = theirs(cls(return_nan_when_prediction_changes=False, **q), 13)
+        ours = robust.relative_stability(explain, score, x, a, y, of=of, return_nan_when_prediction_changes=False,
+                                         noises=replay(13, lambda: np.random.uniform(0.02, 0.2, (B, H * W))))["score"]
+        np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-5)
+    qd = {"disable_warnings": True}
+    ref = theirs(quantus.NonSensitivity(features_in_step=1, normalise=False, **qd))
+    ours = axioms.non_sensitivity(p, x, a, y, features_in_step=1, normalise=False)["score"]
+    # A pixel whose output change lies within float32 noise of eps (1e-5) may fall either
+    # side in two frameworks: allow as many disagreements as there are such pixels.
+    xf = np.asarray(x).reshape(B, -1)
+    imgs = np.repeat(xf[:, None], H * W, axis=1)
+    imgs[:, np.arange(H * W), np.arange(H * W)] = xf.min(axis=1, keepdims=True)
+    f0 = np.asarray(p(x))[np.arange(B), yn]
+    fs = np.stack([np.asarray(p(jnp.asarray(imgs[b].reshape(-1, H, W, 1))))[:, yn[b]] for b in range(B)])
+    edge = (np.abs(np.abs(fs - f0[:, None]) - 1e-5) < 2e-7).sum(axis=1)
+    assert (np.abs(np.asarray(ours) - ref) <= edge).all(), (ours, ref, edge)
+    ref = theirs(quantus.Infidelity(perturb_patch_sizes=[4], n_perturb_samples=1, **qd))
+    ours = faithful.infidelity(lg, x, a, y, patch_sizes=(4,), n_perturb_samples=1)["score"]
+    np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-6)

@@ -83,16 +83,19 @@ def _relative(v, ref, eps):
     return v / (ref + (ref == 0) * eps)
 
 
-def relative_stability(explain, score, x, a, y, *, of="input", nr_samples=200, upper_bound=0.2, eps_min=1e-6,
-                       abs=False, normalise=False, return_nan_when_prediction_changes=True, key=None, noises=None):
+def relative_stability(explain, score, x, a, y, *, of="input", nr_samples=200, lower_bound=0.02, upper_bound=0.2,
+                       eps_min=1e-6, abs=False, normalise=False, return_nan_when_prediction_changes=True, key=None,
+                       noises=None):
     """Relative input (``of="input"``) and output (``of="output"``) stability (Agarwal et
     al. 2022): the largest ``||(a - a') / a|| / max(||(x - x') / x||, eps)`` (input) or
     ``... / max(||h(x) - h(x')||, eps)`` with ``h`` the model's outputs (output), over
-    uniform noise in ``[-upper_bound, upper_bound]``; relative differences divide by
-    ``eps_min`` where the reference is 0, as Quantus. Lower is more stable."""
+    uniform noise in ``[lower_bound, upper_bound]`` (one-sided, as Quantus draws it);
+    relative differences divide by ``eps_min`` where the reference is 0, as Quantus.
+    Lower is more stable."""
     a = prepare(a, abs, normalise)
     if noises is None:
-        noises = _draws("uniform", key, nr_samples, x, upper_bound)
+        rng = (x.max(axis=(1, 2, 3), keepdims=True) - x.min(axis=(1, 2, 3), keepdims=True))[None]
+        noises = jax.random.uniform(key, (nr_samples, *x.shape), minval=lower_bound, maxval=upper_bound) * rng
 
     def per(xs, a_s, o_s, o):
         num = _norm(_relative(a - prepare(a_s, abs, normalise), a, eps_min))
