@@ -597,6 +597,31 @@ def test_parity_with_quantus_robustness_and_axioms(setup):
     fs = np.stack([np.asarray(p(jnp.asarray(imgs[b].reshape(-1, H, W, 1))))[:, yn[b]] for b in range(B)])
     edge = (np.abs(np.abs(fs - f0[:, None]) - 1e-5) < 2e-7).sum(axis=1)
     assert (np.abs(np.asarray(ours) - ref) <= edge).all(), (ours, ref, edge)
+    # Faithfulness correlation: Quantus draws each run's subsets item by item, then its
+    # baseline function draws a "uniform" fill per item whatever baseline is asked.
+    np.random.seed(14)
+    runs = []
+    for _ in range(10):
+        runs.append(np.stack([np.random.choice(H * W, 20, replace=False) for _ in range(B)]))
+        np.random.uniform(0.0, 1.0, size=B)
+    subsets = np.stack(runs, axis=1)
+    np.random.seed(14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = np.asarray(quantus.FaithfulnessCorrelation(nr_runs=10, subset_size=20, return_aggregate=False, **qd)(
+            model=net, x_batch=xn.copy(), y_batch=yn, a_batch=an.copy(), device="cpu"), dtype=np.float64)
+    ours = faithful.faithfulness_correlation(lg, x, a, y, subsets=jnp.asarray(subsets))["score"]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    # Monotonicity correlation: its "uniform" fills are one draw per item and sample.
+    np.random.seed(15)
+    fills = np.random.uniform(0.0, 1.0, size=(4 * 3, B)).reshape(4, 3, B)
+    np.random.seed(15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = np.asarray(quantus.MonotonicityCorrelation(nr_samples=3, features_in_step=64, **qd)(
+            model=net, x_batch=xn.copy(), y_batch=yn, a_batch=an.copy(), device="cpu"), dtype=np.float64)
+    ours = faithful.monotonicity_correlation(p, x, a, y, features_in_step=64, fills=jnp.asarray(fills))["score"]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
     ref = theirs(quantus.Infidelity(perturb_patch_sizes=[4], n_perturb_samples=1, **qd))
     ours = faithful.infidelity(lg, x, a, y, patch_sizes=(4,), n_perturb_samples=1)["score"]
     np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-6)
