@@ -84,7 +84,7 @@ def superpixels(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def bootstrap(values: np.ndarray, higher: bool, reps: int = 2000, seed: int = 0, level: float = 0.95):
+def bootstrap(values: np.ndarray, reps: int = 2000, seed: int = 0, level: float = 0.95):
     """Mean of ``values`` (NaN left out) and its percentile bootstrap interval."""
     v = values[np.isfinite(values)]
     if len(v) == 0:
@@ -153,7 +153,7 @@ def run_quality(root, mp, methods: dict, rated, cfg, masks, n: int, progress=Non
     from convlens.engine.targets import n_classes
     num_classes = n_classes(model)
     first = next(iter(methods.values()))
-    sources = {**{m: v for m, v in methods.items()}, **{c: (None, first[1], None, None) for c in CONTROLS}}
+    sources = {**methods, **{c: (None, first[1], None, None) for c in CONTROLS}}
     segments = None
     if any("segments" in METRICS[m].needs for m in names):
         segments = superpixels(root["inputs"].get_orthogonal_selection((idx,)).astype(np.float32))
@@ -200,7 +200,7 @@ def run_quality(root, mp, methods: dict, rated, cfg, masks, n: int, progress=Non
             full[idx] = v
             store.write(root, f"{g}/{k}", full)
             if not k.endswith("_curve"):
-                mean, lo, hi, count = bootstrap(v.astype(np.float64), METRICS[k].higher_is_better)
+                mean, lo, hi, count = bootstrap(v.astype(np.float64))
                 per[k] = {"mean": mean, "ci": [lo, hi], "items": count}
         scores[source] = per
         if progress:

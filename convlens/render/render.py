@@ -281,6 +281,14 @@ def render_audit(root, out: Path, cmap: str, alpha: float, style: str) -> list[P
     return files
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -312,11 +320,7 @@ def _intervals_png(q: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _quality_curves_png(curves: dict, q: dict, path: Path) -> Path:
@@ -330,11 +334,7 @@ def _quality_curves_png(curves: dict, q: dict, path: Path) -> Path:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _curves_png(curves: dict, path: Path) -> Path:
@@ -352,11 +352,7 @@ def _curves_png(curves: dict, path: Path) -> Path:
         ax.set_ylabel("target probability")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def render_pipeline(root, out: Path) -> list[Path]:
