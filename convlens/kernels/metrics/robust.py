@@ -106,27 +106,34 @@ def relative_stability(explain, score, x, a, y, *, of="input", nr_samples=200, l
     return {"score": jnp.nanmax(r, axis=0)}
 
 
-def continuity(explain, score, x, a, y, *, nr_steps=28, patch_size=7, dx=1, abs=True, normalise=True, key=None):
-    """Continuity (Montavon et al. 2018): the image is shifted right one pixel at a time
-    (``nr_steps`` shifts of ``dx``, the left border edge-filled); for each ``patch_size``
-    patch of the map, its relevance is correlated (Pearson) across shifts with the
-    target's score; ``score`` is the mean correlation over patches (higher means the
-    map changes with the output, as Quantus reports it)."""
-    from convlens.kernels.metrics.base import pearson, target_score
+def continuity(explain, score, x, a, y, *, nr_steps=28, abs=True, normalise=True,
+               return_nan_when_prediction_changes=False, key=None):
+    """Continuity (Montavon et al. 2018, "explanation continuity"): the largest
+    ``||a(x) - a(x')||_1 / ||x - x'||_2`` over translates ``x'`` of the image. As in
+    Quantus 0.6, the image is shifted along its width by ``t = -W + k * dx`` pixels,
+    ``k = 1 .. nr_steps`` with ``dx = (2W + 1) // nr_steps``, the uncovered columns filled
+    with the image's smallest value ("black"); ``1e-9`` is added to the denominator. The
+    reference map is the method re-run on ``x`` (as Quantus; ``a`` only gives the shape):
+    a stored map may differ from a re-run in its last digits, which a near-zero
+    denominator would blow up. A translate equal to the image (a shift of 0) scores 0:
+    the definition takes ``x' != x``. Lower is more continuous. (Quantus's
+    ``patch_size`` option is unused by its own code and is not taken.)"""
     b, h, w = a.shape
+    a = prepare(explain(x, y), abs, normalise)
+    dx = (2 * w + 1) // nr_steps
+    black = x.min(axis=(1, 2, 3), keepdims=True)
+    out = score(x) if return_nan_when_prediction_changes else None
 
-    def shifted(s):
-        d = s * dx
-        idx = jnp.clip(jnp.arange(w) - d, 0, w - 1)
-        return x[:, :, idx]
-
-    def one(s):
-        xs = shifted(s)
-        return prepare(explain(xs, y), abs, normalise), target_score(score, xs, y)
-    res = [one(k) for k in range(nr_steps)]  # unrolled, as in _over_samples
-    maps, outs = jnp.stack([r[0] for r in res]), jnp.stack([r[1] for r in res])  # [S, B, H, W], [S, B]
-    gh, gw = h // patch_size, w // patch_size
-    sums = maps[:, :, :gh * patch_size, :gw * patch_size].reshape(nr_steps, b, gh, patch_size, gw, patch_size)
-    sums = sums.sum(axis=(3, 5)).reshape(nr_steps, b, -1)  # [S, B, P]
-    corr = pearson(jnp.moveaxis(sums, 0, -1), jnp.moveaxis(outs, 0, -1)[:, None, :])
-    return {"score": jnp.nanmean(corr, axis=1)}
+    def one(t):
+        src = jnp.arange(w) - t
+        inside = (src >= 0) & (src < w)
+        xs = jnp.where(inside[None, None, :, None], x[:, :, jnp.clip(src, 0, w - 1)], black)
+        num = jnp.sum(jnp.abs(a - prepare(explain(xs, y), abs, normalise)).reshape(b, -1), axis=1)
+        den = jnp.sqrt(jnp.sum(((x - xs) ** 2).reshape(b, -1), axis=1))
+        v = jnp.where(den > 0, num / (den + 1e-9), 0.0)
+        if return_nan_when_prediction_changes:
+            v = jnp.where(jnp.argmax(score(xs), axis=1) != jnp.argmax(out, axis=1), jnp.nan, v)
+        return v
+    # Unrolled, as in _over_samples; shifts beyond the width give an all-black image.
+    r = jnp.stack([one(min(-w + k * dx, w)) for k in range(1, nr_steps + 1)])  # [S, B]
+    return {"score": jnp.nanmax(r, axis=0)}
