@@ -36,3 +36,19 @@ def photo_batch(size, names=("chelsea", "coffee", "astronaut", "rocket")) -> np.
 @pytest.fixture(scope="session")
 def photos224():
     return photo_batch((224, 224))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop the compiled programs it left behind. Each XLA:CPU
+    executable maps hundreds of memory regions; a whole suite in one process otherwise
+    crosses Linux's cap (vm.max_map_count, 65530) in the Keras zoo test and the next
+    compile segfaults (CI did, twice). The executor guards its own compiles
+    (`executor._guard_regions`); the tests' own jits and Keras's are released here."""
+    yield
+    import sys
+    if "keras" in sys.modules:
+        sys.modules["keras"].backend.clear_session()
+    if "jax" in sys.modules:
+        from convlens.engine import executor
+        executor.clear_cache()

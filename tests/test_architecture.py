@@ -259,3 +259,27 @@ def test_methods_sharing_a_pass_run_it_once_with_the_same_numbers():
     def convs(fn):
         return str(jax.make_jaxpr(fn)(params, inputs, jnp.zeros((3, 2), jnp.uint32))).count("conv_general_dilated")
     assert convs(shared) == convs(comps["gradcam"]) > 0
+
+
+def test_compiles_near_the_memory_region_cap_drop_the_compiled_programs_first(monkeypatch):
+    """Past Linux's cap on a process's memory regions (vm.max_map_count) the next XLA
+    compile segfaults; the executor drops its compiled programs before a compile that
+    starts near the cap, and not otherwise, and the numbers are the same after."""
+    model = gap_net()
+    params = with_random_biases(model, 2)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    counts = executor._map_count()
+    assert counts is not None and 0 < counts[0] < counts[1]  # Linux: the guard has numbers to go by
+    executor.clear_cache()
+    before = convlens.explain(model, params, x, "gradcam")
+    assert executor.cache_size() >= 1
+    n = executor.cache_size()
+    convlens.explain(model, params, x, "gradcam")  # cached: no compile, nothing dropped
+    assert executor.cache_size() == n
+    monkeypatch.setattr(executor, "_map_count", lambda: (60000, 65530))
+    after = convlens.explain(model, params, x, "gradient")  # a new compile near the cap
+    assert executor.cache_size() == 1  # everything before it was dropped
+    monkeypatch.undo()
+    again = convlens.explain(model, params, x, "gradcam")  # recompiled, the same numbers
+    np.testing.assert_array_equal(again.heatmap, before.heatmap)
+    assert np.isfinite(after.heatmap).all()

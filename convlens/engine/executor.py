@@ -356,6 +356,28 @@ _COMPILED_LOCK = threading.Lock()
 _CACHE_LIMIT = 256
 
 
+def _map_count() -> tuple[int, int] | None:
+    """``(memory regions of this process, the system's cap)`` on Linux, else None."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            cap = int(f.read())
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f), cap
+    except (OSError, ValueError):
+        return None
+
+
+def _guard_regions(share: float = 0.6) -> bool:
+    """Before a compile: if this process uses more than ``share`` of its memory-region cap,
+    drop the compiled programs (`clear_cache`) so the compile cannot cross it. True if
+    it did."""
+    counts = _map_count()
+    if counts is None or counts[0] < share * counts[1]:
+        return False
+    clear_cache()
+    return True
+
+
 def _signature(args) -> tuple:
     leaves, tree = jax.tree.flatten(args)
     return (tree, tuple((np.shape(x), getattr(x, "dtype", type(x)),
@@ -389,11 +411,13 @@ class Function:
     def compiled(self, *args):
         key = (self.comp, _signature(args))
         hit = _COMPILED.get(key)
-        fixed = getattr(self.comp, "xla", None)
-        if hit is None and fixed in CPU_CANDIDATES and xla_mode() == "auto" and jax.default_backend() == "cpu":
-            hit = (self.jitted(fixed), Tuning(fixed, {}, "given"))
         if hit is None:
-            hit = _choose(self.jitted, args, self.comp.label or type(self.comp).__name__, self.tune)
+            _guard_regions()  # before the compile, which adds hundreds of regions
+            fixed = getattr(self.comp, "xla", None)
+            if fixed in CPU_CANDIDATES and xla_mode() == "auto" and jax.default_backend() == "cpu":
+                hit = (self.jitted(fixed), Tuning(fixed, {}, "given"))
+            else:
+                hit = _choose(self.jitted, args, self.comp.label or type(self.comp).__name__, self.tune)
             with _COMPILED_LOCK:
                 if len(_COMPILED) >= _CACHE_LIMIT:
                     _COMPILED.pop(next(iter(_COMPILED)))
@@ -413,10 +437,18 @@ def function(comp: Computation, tune: bool = True) -> Function:
 
 
 def clear_cache() -> None:
-    """Forgets every compiled executable (tests of the cache)."""
+    """Drops every compiled program, convlens's and JAX's caches; they recompile on next
+    use. XLA:CPU maps each executable's code into hundreds of memory regions (an
+    EfficientNet-B0 gradient: about 550), and Linux caps a process's regions
+    (``vm.max_map_count``, 65530 by default): past it, the next compile crashes the
+    process with a segmentation fault, not an error. Compiles through the executor
+    call this themselves when near the cap (`_guard_regions`)."""
+    import gc
     with _COMPILED_LOCK:
         _COMPILED.clear()
         _JITS.clear()
+    jax.clear_caches()
+    gc.collect()
 
 
 def cache_size() -> int:

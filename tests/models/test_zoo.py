@@ -30,6 +30,16 @@ BIG = ("convnext_xlarge", "convnext_large", "efficientnet_v2_l", "nasnet_large",
 NAMES = [n for n in NAMES if n not in BIG] + [n for n in BIG if n in NAMES]
 
 
+@pytest.fixture(autouse=True)
+def _release_each_model():
+    """40 models in Keras and convlens, compiled in one process: release each one's
+    programs before the next (see ``tests/conftest.py``)."""
+    yield
+    keras.backend.clear_session()
+    from convlens.engine import executor
+    executor.clear_cache()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_keras_applications_zoo(name, tmp_path):
