@@ -41,7 +41,9 @@ SAMPLES = 2
 # backward passes). Pixel flipping 24 steps, faithfulness estimate 24 + 1, region
 # perturbation 16 + 1; two samples of the gradient for each robustness metric; the other
 # class's gradient; the image and the baseline.
-PASSES = {"faithfulness": (66, 0), "robustness": (0, 4), "randomisation": (0, 1), "axiomatic": (2, 0),
+# Randomisation: the other class's gradient; MPRT and eMPRT each the original's gradient and
+# the fully random model's (convlens computes the two shared ones once: the same program).
+PASSES = {"faithfulness": (66, 0), "robustness": (0, 4), "randomisation": (0, 5), "axiomatic": (2, 0),
           "localisation": (0, 0), "complexity": (0, 0)}
 
 
@@ -65,7 +67,11 @@ def families(c, hw):
             ("relevance_mass_accuracy", "RelevanceMassAccuracy"), ("auc", "AUC"))],
         "complexity": [(m, {}, q, {}) for m, q in (("sparseness", "Sparseness"), ("complexity", "Complexity"),
                                                    ("effective_complexity", "EffectiveComplexity"))],
-        "randomisation": [("random_logit", {"flat": True}, "RandomLogit", {"num_classes": 1000})],
+        "randomisation": [("random_logit", {"flat": True}, "RandomLogit", {"num_classes": 1000}),
+                          # Every layer random at once, the last correlation (Quantus builds each
+                          # step's model but explains only the last with skip_layers).
+                          ("mprt", {"stages": 1}, "MPRT", {"skip_layers": True, "return_last_correlation": True}),
+                          ("efficient_mprt", {}, "EfficientMPRT", {})],
         "axiomatic": [("completeness", {}, "Completeness", {})],
     }
 
@@ -98,18 +104,26 @@ def main():
     xla = forward_options(model, params, x, n)  # as the audit compiles its metric programs
     print("XLA options of the forward pass here:", xla, flush=True)
 
+    layers = tuple(nm for nm in reversed(model.layer_names) if nm in params and params[nm])
+    variables = {"model": params, "fresh": jax.tree.map(jnp.asarray, model.init(1234))}
+
     def convlens_family(items):
-        def fn(p, x, a, y, s, key):
+        def fn(v, x, a, y, s, key):
+            p = v["model"]
+
             def logits(im):
                 return common.forward_logits(model, p, im)
 
             def probs(im):
                 return common.probabilities(model, logits(im))
 
+            def explain_with(q, im, t):
+                return gspec.explain(model, q, im, t[:, None], None)["heatmap"][:, 0]
+
             def explain(im, t):
-                return gspec.explain(model, p, im, t[:, None], None)["heatmap"][:, 0]
+                return explain_with(p, im, t)
             ctx = Context(x=x, a=a, y=y, probs=probs, logits=logits, explain=explain, masks=s, key=key,
-                          num_classes=1000)
+                          num_classes=1000, explain_with=explain_with, params=p, fresh=v["fresh"], layers=layers)
             return {m: evaluate(m, ctx, o)["score"] for m, o, _, _ in items}
         comp = function(Fn(lambda p, i, k: fn(p, i["x"], i["a"], i["y"], i["s"], k), ("bench", repr(items)),
                            ("x", "a", "y", "s"), xla=xla), tune=False)
@@ -136,7 +150,8 @@ def main():
         if only and fam not in only:
             continue
         f = convlens_family(items)
-        args = (params, jnp.asarray(x), jnp.asarray(maps), jnp.asarray(y), jnp.asarray(masks), jax.random.PRNGKey(0))
+        args = (variables, jnp.asarray(x), jnp.asarray(maps), jnp.asarray(y), jnp.asarray(masks),
+                jax.random.PRNGKey(0))
         jax.block_until_ready(f(*args))
         t_ours = min(_timed(lambda: jax.block_until_ready(f(*args))) for _ in range(a.reps))
         qs = []

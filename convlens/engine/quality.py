@@ -95,14 +95,17 @@ def bootstrap(values: np.ndarray, reps: int = 2000, seed: int = 0, level: float 
     return float(v.mean()), float(lo), float(hi), int(len(v))
 
 
-def _metric_fn(model, names, options, source, spec, cfg_method, num_classes, n_segments=0):
-    """The pure batch function computing every metric for one map source."""
+def _metric_fn(model, names, options, source, spec, cfg_method, num_classes, n_segments=0, layers=()):
+    """The pure batch function computing every metric for one map source. With
+    ``layers`` (the randomisation tests), its variables are ``{"model": params, "fresh":
+    a random initialisation}``: arguments, not constants folded into the program."""
     import jax
 
     from convlens.kernels import common
     from convlens.kernels.metrics.catalogue import Context, evaluate
 
-    def fn(params, inputs, keys):
+    def fn(variables, inputs, keys):
+        params, fresh = (variables["model"], variables["fresh"]) if layers else (variables, None)
         x, y = inputs["images"], inputs["targets"]
 
         def logits(im):
@@ -112,17 +115,21 @@ def _metric_fn(model, names, options, source, spec, cfg_method, num_classes, n_s
             return common.probabilities(model, logits(im))
 
         if source == "control_random":
-            def explain(im, t):
+            def explain_with(p, im, t):
                 return jax.random.uniform(jax.random.fold_in(keys[0], 7), im.shape[:3])
         elif source == "control_sobel":
-            def explain(im, t):
+            def explain_with(p, im, t):
                 return sobel(im)
         else:
-            def explain(im, t):
-                return spec.explain(model, params, im, t[:, None], cfg_method, keys)[spec.heatmap][:, 0]
+            def explain_with(p, im, t):
+                return spec.explain(model, p, im, t[:, None], cfg_method, keys)[spec.heatmap][:, 0]
+
+        def explain(im, t):
+            return explain_with(params, im, t)
         a = inputs["maps"] if source not in CONTROLS else explain(x, y)
         ctx = Context(x=x, a=a, y=y, probs=probs, logits=logits, explain=explain, masks=inputs.get("masks"),
-                      segments=inputs.get("segments"), n_segments=n_segments, key=keys[0], num_classes=num_classes)
+                      segments=inputs.get("segments"), n_segments=n_segments, key=keys[0], num_classes=num_classes,
+                      explain_with=explain_with, params=params, fresh=fresh, layers=tuple(layers))
         out = {}
         for name in names:
             res = evaluate(name, ctx, options.get(name))
@@ -162,8 +169,13 @@ def run_quality(root, mp, methods: dict, rated, cfg, masks, n: int, progress=Non
     scores: dict[str, dict] = {}
     t0 = time.perf_counter()
     xla = forward_options(model, params, root["inputs"].get_orthogonal_selection((idx[:cfg.batch],)), cfg.batch)
+    # The randomisation tests: the layers with variables, output first, as the sanity
+    # check takes them, and one random initialisation shared by every source.
+    layers = [n for n in reversed(model.layer_names) if n in params and params[n]] \
+        if any("weights" in METRICS[m].needs for m in names) else []
+    variables = {"model": params, "fresh": model.init(1234)} if layers else params  # the sanity check's seed
     for source, (heat, targets, spec, mcfg) in sources.items():
-        need_explain = [m for m in names if "explain" in METRICS[m].needs]
+        need_explain = [m for m in names if {"explain", "weights"} & set(METRICS[m].needs)]
         use = names if (spec is not None or source in CONTROLS) else [m for m in names if m not in need_explain]
         if not use:
             continue
@@ -171,8 +183,8 @@ def run_quality(root, mp, methods: dict, rated, cfg, masks, n: int, progress=Non
                repr(sorted(options.items())), n_segments)
         inputs = ("images", "targets") + (("maps",) if source not in CONTROLS else ()) + \
             (("masks",) if masks is not None else ()) + (("segments",) if segments is not None else ())
-        comp = {"q": Fn(_metric_fn(model, use, options, source, spec, mcfg, num_classes, n_segments), key, inputs,
-                        source, xla=xla)}
+        comp = {"q": Fn(_metric_fn(model, use, options, source, spec, mcfg, num_classes, n_segments, layers), key,
+                        inputs, source, xla=xla)}
         res: dict[str, list] = {}
 
         def groups(ex):
@@ -188,7 +200,7 @@ def run_quality(root, mp, methods: dict, rated, cfg, masks, n: int, progress=Non
                     data["segments"] = segments[[seg_rows[int(i)] for i in part]]
                 yield s, [Batch(data, part)]
 
-        with Executor(params, batch=min(cfg.batch, max(len(idx), 1)), tune=False) as ex:
+        with Executor(variables, batch=min(cfg.batch, max(len(idx), 1)), tune=False) as ex:
             for _, results in ex.stream(comp, groups(ex)):
                 for k, v in results[0]["q"].items():
                     res.setdefault(k, []).append(np.asarray(v))

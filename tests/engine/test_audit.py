@@ -224,6 +224,30 @@ def test_quality_metrics_with_controls_intervals_and_ranking(tmp_path, shortcut_
     shutil.rmtree(out)
 
 
+def test_quality_randomisation_tests_agree_with_the_sanity_check(tmp_path, shortcut_model):
+    """MPRT in the catalogue (one compiled program per batch) against the audit's sanity
+    check (a host loop over the same stages, seed and items): the same rank correlations
+    stage by stage. The controls ignore the weights: correlation 1, eMPRT ratio 1."""
+    from convlens.engine import store
+    model, params, src = shortcut_model
+    out = tmp_path / "r.zarr"
+    runner.run(model, params, src, {"gradcam": {}}, out, target="label", batch_size=16, progress=False)
+    cfg = audit.AuditConfig(metrics=False, sanity=True, sanity_items=8, quality="mprt,efficient_mprt",
+                            quality_items=8)
+    audit.audit(out, cfg, model=model, params=params, progress=None)
+    root = store.open_store(out)
+    attrs = root.attrs["audit"]
+    sanity = attrs["methods"]["gradcam"]["sanity"] if "methods" in attrs else attrs["gradcam"]["sanity"]
+    curve = np.asarray(root["audit/gradcam/metrics/mprt_curve"][:])
+    rows = curve[np.isfinite(curve).all(axis=1)]
+    assert rows.shape == (8, len(sanity["rank_correlation"]))
+    np.testing.assert_allclose(np.nanmean(rows, axis=0), sanity["rank_correlation"], atol=1e-4)
+    for control in ("control_random", "control_sobel"):
+        np.testing.assert_allclose(np.asarray(root[f"audit/{control}/metrics/mprt"][:])[:8], 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(root[f"audit/{control}/metrics/efficient_mprt"][:])[:8], 1.0,
+                                   atol=1e-5)
+
+
 def test_quality_option_errors_are_one_line():
     from convlens.errors import OptionError
     with pytest.raises(OptionError, match="unknown metric 'roadd'"):

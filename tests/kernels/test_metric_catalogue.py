@@ -242,6 +242,39 @@ def test_robustness_identities(setup):
     np.testing.assert_allclose(sens["score"], want.max(0), rtol=1e-5)
 
 
+def test_continuity_matches_a_translation_loop(setup):
+    """Continuity against one item, one shift at a time, columns moved by hand; a method
+    that ignores the input scores 0 (its map never changes), and so does a stored map
+    that is not the method's (the reference is the method re-run)."""
+    *_, x, _, y, _ = setup
+
+    def score(im):
+        return jnp.ones((im.shape[0], 5))
+
+    def explain(im, t):  # a non-linear, item-dependent map
+        return jnp.tanh(3 * im[..., 0] - t[:, None, None]) * im[..., 0].mean(axis=(1, 2))[:, None, None]
+    a = explain(x, y)
+    xn = np.asarray(x)
+    for steps in (8, 28, 40):
+        got = np.asarray(robust.continuity(explain, score, x, a, y, nr_steps=steps)["score"])
+        dx = (2 * W + 1) // steps
+        for b in range(B):
+            ref = prep(np.abs(np.asarray(explain(x[b:b + 1], y[b:b + 1]))))[0]
+            best = -np.inf
+            for k in range(1, steps + 1):
+                t = min(-W + k * dx, W)
+                shifted = np.full_like(xn[b], xn[b].min())
+                for col in range(W):
+                    if 0 <= col - t < W:
+                        shifted[:, col] = xn[b][:, col - t]
+                m = prep(np.abs(np.asarray(explain(jnp.asarray(shifted[None]), y[b:b + 1]))))[0]
+                den = np.sqrt(((xn[b] - shifted) ** 2).sum())
+                best = max(best, np.abs(ref - m).sum() / (den + 1e-9) if den > 0 else 0.0)
+            np.testing.assert_allclose(got[b], best, rtol=1e-5)
+    blind = robust.continuity(lambda im, t: jnp.ones(im.shape[:3]), score, x, a, y)
+    np.testing.assert_allclose(blind["score"], 0.0, atol=1e-6)
+
+
 def test_ssim_matches_scikit_image_and_random_logit_of_a_class_blind_map():
     from skimage.metrics import structural_similarity
     rng = np.random.default_rng(2)
@@ -288,15 +321,22 @@ def test_every_catalogue_metric_runs_batched_and_names_expand(setup):
     model, params, x, a, y, s = setup
     p = probs_of(model, params)
 
+    def explain_with(ps, im, t):
+        q = lambda z: common.probabilities(model, common.forward_logits(model, ps, z))  # noqa: E731
+        return jax.grad(lambda z: jnp.sum(jnp.take_along_axis(q(z), t[:, None], 1)))(im)[..., 0]
+
     def explain(im, t):
-        return jax.grad(lambda z: jnp.sum(jnp.take_along_axis(p(z), t[:, None], 1)))(im)[..., 0]
+        return explain_with(params, im, t)
     seg = jnp.asarray(np.arange(H * W).reshape(H, W) // 64)[None].repeat(B, 0)
     ctx = catalogue.Context(x=x, a=a, y=y, probs=p, logits=logits_of(model, params), explain=explain, masks=s,
-                            segments=seg, n_segments=4, key=jax.random.PRNGKey(0), num_classes=5)
+                            segments=seg, n_segments=4, key=jax.random.PRNGKey(0), num_classes=5,
+                            explain_with=explain_with, params=params, fresh=model.init(5), layers=("pred", "c2", "c1"))
     for name in catalogue.METRICS:
         out = catalogue.evaluate(name, ctx, {"steps": 8} if "steps" in catalogue.METRICS[name].defaults else {})
         assert out["score"].shape == (B,), name
     assert catalogue.expand("complexity,auc") == ["sparseness", "complexity", "effective_complexity", "auc"]
+    assert catalogue.stages(["a", "b", "c", "d", "e"], 4) == [("a",), ("b",), ("c", "d"), ("e",)]  # as the sanity check
+    assert catalogue.stages(["a", "b"], 4) == [("a",), ("b",)]
     with pytest.raises(KeyError):
         catalogue.expand("nope")
 
@@ -576,6 +616,10 @@ def test_parity_with_quantus_robustness_and_axioms(setup):
     ours = robust.sensitivity(explain, p, x, a, y, reduce="max",
                               noises=replay(11, lambda: np.random.uniform(-0.2, 0.2, (B, H * W))))["score"]
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    # Continuity: deterministic translations (a shift of 0 scores 0 on both sides).
+    ref = theirs(quantus.Continuity(nr_steps=8, normalise=False, disable_warnings=True))
+    ours = robust.continuity(explain, p, x, a, y, nr_steps=8, normalise=False)["score"]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
     ref = theirs(quantus.LocalLipschitzEstimate(normalise=False, **q), 12)
     ours = robust.local_lipschitz_estimate(explain, p, x, a, y, normalise=False,
                                            noises=replay(12, lambda: np.random.normal(0.0, 0.1, (B, H * W))))["score"]
@@ -625,3 +669,102 @@ def test_parity_with_quantus_robustness_and_axioms(setup):
     ref = theirs(quantus.Infidelity(perturb_patch_sizes=[4], n_perturb_samples=1, **qd))
     ours = faithful.infidelity(lg, x, a, y, patch_sizes=(4,), n_perturb_samples=1)["score"]
     np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_parity_with_quantus_model_randomisation(setup):
+    """MPRT (cascading and independent), smooth MPRT and efficient MPRT against Quantus on
+    a native PyTorch net with the same weights. Quantus randomises the torch layers
+    (``reset_parameters`` after seeding, per layer) and explains them with Captum's
+    gradient; convlens gets the same random weights as ``fresh`` and explains with JAX's
+    gradient; smooth MPRT's NumPy draws are replayed."""
+    torch = pytest.importorskip("torch", reason="PyTorch not installed (CI installs it for this check)")
+    pytest.importorskip("captum", reason="Captum not installed (CI installs it for this check)")
+    quantus = pytest.importorskip("quantus", reason="Quantus not installed (CI installs it for this check)")
+    import copy
+
+    import torch.nn.functional as F
+    model, params, x, _, y, _ = setup
+
+    class Native(torch.nn.Module):  # grey_net, module by module (Quantus resets modules)
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.Conv2d(6, 8, 3, padding=1)
+            self.pred = torch.nn.Linear(8, 5)
+
+        def forward(self, im):
+            h = F.max_pool2d(F.relu(self.c1(im)), 2)
+            return self.pred(F.relu(self.c2(h)).mean(dim=(2, 3)))
+
+    def load(net, ps):
+        with torch.no_grad():
+            for n in ("c1", "c2"):
+                getattr(net, n).weight.copy_(torch.from_numpy(np.asarray(ps[n]["kernel"]).transpose(3, 2, 0, 1).copy()))
+                getattr(net, n).bias.copy_(torch.from_numpy(np.array(ps[n]["bias"])))
+            net.pred.weight.copy_(torch.from_numpy(np.asarray(ps["pred"]["kernel"]).T.copy()))
+            net.pred.bias.copy_(torch.from_numpy(np.array(ps["pred"]["bias"])))
+        return net
+
+    def weights(net, n):
+        m = getattr(net, n)
+        k = m.weight.detach().numpy()
+        k = k.transpose(2, 3, 1, 0) if k.ndim == 4 else k.T
+        return {"kernel": jnp.asarray(k), "bias": jnp.asarray(m.bias.detach().numpy())}
+
+    net = load(Native(), params).eval()
+    xn, yn = np.asarray(x).transpose(0, 3, 1, 2).copy(), np.asarray(y)
+    np.testing.assert_allclose(net(torch.from_numpy(xn)).detach().numpy(), logits_of(model, params)(x),
+                               rtol=1e-4, atol=1e-5)
+    fresh = {}  # what Quantus's layer generator puts in each layer (seed 42 + 1 before each reset)
+    for n in ("c1", "c2", "pred"):
+        scratch = copy.deepcopy(net)
+        torch.manual_seed(43)
+        getattr(scratch, n).reset_parameters()
+        fresh[n] = weights(scratch, n)
+
+    @jax.jit
+    def explain_with(ps, im, t):
+        f = lambda z: jnp.sum(jnp.take_along_axis(common.forward_logits(model, ps, z), t[:, None], 1))  # noqa: E731
+        return jax.grad(f)(im)[..., 0]
+
+    def theirs(metric, seed=None):
+        if seed is not None:
+            np.random.seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return metric(model=net, x_batch=xn.copy(), y_batch=yn, a_batch=None, device="cpu",
+                          explain_func=quantus.explain, explain_func_kwargs={"method": "Gradient"})
+    a = explain_with(params, x, y)
+    q = {"disable_warnings": True}
+    for order, layers, independent in (("top_down", ["pred", "c2", "c1"], False),
+                                       ("independent", ["c1", "c2", "pred"], True)):
+        ref = theirs(quantus.MPRT(layer_order=order, **q))  # {"original": .., layer: [B]}
+        ours = randomise.model_parameter_randomisation(explain_with, params, fresh, layers, x, a, y,
+                                                       independent=independent)
+        np.testing.assert_allclose(ours["curve"], np.stack([ref[n] for n in layers], axis=1), rtol=1e-4, atol=1e-5)
+    # Quantus's average correlation skips a key "orig" that does not exist, so it averages
+    # in the original-versus-original correlation (1 for a deterministic method); ours is
+    # the mean over the randomised layers.
+    avg = np.asarray(theirs(quantus.MPRT(layer_order="independent", return_average_correlation=True, **q)))
+    np.testing.assert_allclose(avg, np.mean(np.stack([ref[k] for k in ref]), axis=0), rtol=1e-6)
+    np.testing.assert_allclose(ours["score"], np.mean(np.stack([ref[n] for n in layers]), axis=0), rtol=1e-4,
+                               atol=1e-5)
+    # Smooth MPRT: each map is the mean over nr_samples inputs, the last noise-free; Quantus
+    # draws one [B, 1, H, W] normal per noisy sample and map (std 0.1 of each image's value
+    # range): the reference map, the "original" map (not compared here), then each layer's.
+    s = 3
+    spread = (xn.max(axis=(1, 2, 3)) - xn.min(axis=(1, 2, 3)))[:, None, None, None]
+    np.random.seed(21)
+    draws = np.stack([np.concatenate([np.random.randn(s - 1, B, 1, H, W) * 0.1 * spread, np.zeros((1, B, 1, H, W))])
+                      for _ in range(5)]).transpose(0, 1, 2, 4, 5, 3)  # [maps, S, B, H, W, 1]
+    noises = jnp.asarray(draws[[0, 2, 3, 4]], jnp.float32)
+    ref = theirs(quantus.SmoothMPRT(layer_order="top_down", nr_samples=s, noise_magnitude=0.1, **q), 21)
+    ours = randomise.model_parameter_randomisation(explain_with, params, fresh, ["pred", "c2", "c1"], x, a, y,
+                                                   noises=noises)
+    np.testing.assert_allclose(ours["curve"], np.stack([ref[n] for n in ("pred", "c2", "c1")], axis=1),
+                               rtol=1e-4, atol=1e-5)
+    # Efficient MPRT: the entropy of a 100-bin histogram, every layer randomised; Quantus
+    # reports the relative rise (ratio - 1).
+    ref = np.asarray(theirs(quantus.EfficientMPRT(**q)), dtype=np.float64)
+    ours = randomise.efficient_mprt(explain_with, params, fresh, x, a, y, abs=False, normalise=False)["score"]
+    np.testing.assert_allclose(np.asarray(ours) - 1, ref, rtol=1e-4, atol=1e-5)

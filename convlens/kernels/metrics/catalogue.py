@@ -24,7 +24,8 @@ class MetricSpec:
 
     Attributes:
       needs: what beyond maps it uses: ``model`` (scores of perturbed images),
-        ``explain`` (re-runs the method), ``masks`` (object masks), ``segments``.
+        ``explain`` (re-runs the method), ``weights`` (re-runs it with other weights),
+        ``masks`` (object masks), ``segments``.
       higher_is_better: the direction of ``score``.
       softmax: scores are probabilities (else logits), Quantus's default per metric.
       defaults: options and their defaults (what ``--metric-option`` may set).
@@ -45,7 +46,10 @@ class Context:
     """What a metric may use for one batch: ``x [B, H, W, C]``, maps ``a [B, H, W]``,
     targets ``y [B]``, ``probs``/``logits`` (pure ``images -> [N, K]``), ``explain``
     (``(images, targets [B]) -> [B, H, W]``), ``masks [B, H, W]``, ``segments [B, H, W]``
-    with ``n_segments``, ``key`` and ``num_classes``."""
+    with ``n_segments``, ``key`` and ``num_classes``; for the randomisation tests,
+    ``explain_with`` (``(params, images, targets) -> [B, H, W]``), the model's ``params``,
+    ``fresh`` (a random initialisation of the same variables) and ``layers`` (names of
+    the layers with variables, output first)."""
 
     x: Any
     a: Any
@@ -58,6 +62,10 @@ class Context:
     n_segments: int = 0
     key: Any = None
     num_classes: int = 0
+    explain_with: Callable | None = None
+    params: Any = None
+    fresh: Any = None
+    layers: tuple = ()
 
     def score(self, softmax: bool):
         return self.probs if softmax else self.logits
@@ -77,6 +85,28 @@ def _maps(fn):
 
 def _segments(fn, softmax):
     return lambda c, **o: fn(c.score(softmax), c.x, c.a, c.y, c.segments, n_segments=c.n_segments, key=c.key, **o)
+
+
+def stages(layers, n: int) -> list[tuple]:
+    """``layers`` (output first) cut into ``n`` cascading steps as the audit's sanity
+    check does: the top layer alone first, the last step ending with every layer."""
+    n = max(1, min(int(n), len(layers)))
+    ends = sorted({max(1, round(len(layers) * (k + 1) / n)) for k in range(n)} | {1})
+    return [tuple(layers[a:b]) for a, b in zip([0] + ends[:-1], ends)]
+
+
+# The randomisation tests compare the method's map re-run in the program (not the
+# stored one, which may be float16) with its maps under random weights: the same
+# function at the same precision on both sides.
+def _mprt(c, stages_=4, independent=False, smooth_samples=0, smooth_noise=0.1, abs=True, normalise=True):
+    return randomise.model_parameter_randomisation(
+        c.explain_with, c.params, c.fresh, stages(c.layers, stages_), c.x, c.explain(c.x, c.y), c.y, abs=abs,
+        normalise=normalise, independent=independent, smooth_samples=smooth_samples, smooth_noise=smooth_noise,
+        key=c.key)
+
+
+def _efficient_mprt(c, **o):
+    return randomise.efficient_mprt(c.explain_with, c.params, c.fresh, c.x, c.explain(c.x, c.y), c.y, **o)
 
 
 def _explain(fn, softmax):
@@ -121,7 +151,7 @@ SPECS = (
           of="input", nr_samples=8),
     _spec("relative_output_stability", "robustness", robust.relative_stability, ("explain",), False, False,
           of="output", nr_samples=8),
-    _spec("continuity", "robustness", robust.continuity, ("explain",), True, False, nr_steps=8),
+    _spec("continuity", "robustness", robust.continuity, ("explain",), False, False, nr_steps=8),
     _spec("pointing_game", "localisation", localise.pointing_game, ("masks",), True),
     _spec("attribution_localisation", "localisation", localise.attribution_localisation, ("masks",), True),
     _spec("top_k_intersection", "localisation", localise.top_k_intersection, ("masks",), True, k=1000),
@@ -135,6 +165,15 @@ SPECS = (
                lambda c, **o: randomise.random_logit(c.explain, c.x, c.a, c.y, num_classes=c.num_classes,
                                                      key=c.key, **o),
                ("explain",), False, False, {}, (randomise.random_logit.__doc__ or "").strip()),
+    MetricSpec("mprt", "randomisation", lambda c, stages=4, **o: _mprt(c, stages, **o), ("weights",), False, False,
+               {"stages": 4, "independent": False}, (randomise.model_parameter_randomisation.__doc__ or "").strip()),
+    MetricSpec("smooth_mprt", "randomisation", lambda c, stages=4, **o: _mprt(c, stages, **o), ("weights",), False,
+               False, {"stages": 4, "smooth_samples": 4, "smooth_noise": 0.1},
+               (randomise.model_parameter_randomisation.__doc__ or "").strip()),
+    MetricSpec("efficient_mprt", "randomisation",
+               _efficient_mprt,
+               ("weights",), True, False, {"bins": 100, "abs": False, "normalise": False},
+               (randomise.efficient_mprt.__doc__ or "").strip()),
     _spec("completeness", "axiomatic", axioms.completeness, ("model",), True, False),
     _spec("non_sensitivity", "axiomatic", axioms.non_sensitivity, ("model",), False, True, features_in_step=64),
 )

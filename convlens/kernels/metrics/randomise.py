@@ -53,10 +53,11 @@ def random_logit(explain, x, a, y, *, num_classes, flat=True, abs=False, normali
 
 
 def model_parameter_randomisation(explain_with, params, fresh, layers, x, a, y, *, abs=True, normalise=True,
-                                  independent=False, smooth_samples=0, smooth_noise=0.1, key=None):
+                                  independent=False, smooth_samples=0, smooth_noise=0.1, key=None, noises=None):
     """Model-parameter randomisation (Adebayo et al. 2018): the layers (top first) are
     replaced by a fresh random initialisation, cascading (each step keeps the layers
-    randomised before) or ``independent``; the map is recomputed with
+    randomised before) or ``independent``; an entry of ``layers`` may be a tuple of
+    names, randomised together as one step; the map is recomputed with
     ``explain_with(params, x, y) -> [B, H, W]`` and compared with the original by the
     Spearman rank correlation of absolute values. ``curve [B, L]`` per layer; ``score``
     the correlation with every layer random (cascading) or the mean over layers
@@ -65,28 +66,37 @@ def model_parameter_randomisation(explain_with, params, fresh, layers, x, a, y, 
     ``smooth_samples > 0`` is smooth MPRT (Hedström et al. 2024): every map, the
     original included, is the mean over that many copies of the input with Gaussian
     noise (std ``smooth_noise`` of the image's value range), which removes the noise
-    of gradient maps from the comparison."""
+    of gradient maps from the comparison. The same draws serve every map (common random
+    numbers: the comparison sees the weights change, not the noise). ``noises`` replaces
+    them, in input units: ``[S, B, H, W, C]`` for every map, or ``[L + 1, S, B, H, W, C]``
+    one set per map, the original's first (Quantus draws afresh for each map, and makes
+    its last sample noise-free)."""
     from convlens.kernels.metrics.base import spearman_rows
     b = x.shape[0]
-    if smooth_samples > 0:
-        spread = x.max(axis=(1, 2, 3), keepdims=True) - x.min(axis=(1, 2, 3), keepdims=True)
-        noises = jax.random.normal(key if key is not None else jax.random.PRNGKey(0), (smooth_samples, *x.shape))
+    if smooth_samples > 0 or noises is not None:
+        if noises is None:
+            spread = x.max(axis=(1, 2, 3), keepdims=True) - x.min(axis=(1, 2, 3), keepdims=True)
+            key = key if key is not None else jax.random.PRNGKey(0)
+            noises = smooth_noise * spread * jax.random.normal(key, (smooth_samples, *x.shape))
+        per_map = noises.ndim == x.ndim + 2
 
-        def maps(q):
+        def maps(q, i):
+            ns = noises[i] if per_map else noises
             # Unrolled: see `convlens.kernels.metrics.robust` (backward passes in loops are slow on CPU).
-            return jnp.mean(jnp.stack([explain_with(q, x + smooth_noise * spread * n, y) for n in noises]), axis=0)
-        a = maps(params)
+            return jnp.mean(jnp.stack([explain_with(q, x + n, y) for n in ns]), axis=0)
+        a = maps(params, 0)
     else:
-        def maps(q):
+        def maps(q, i):
             return explain_with(q, x, y)
     a = prepare(a, abs, normalise)
     out = []
     p = dict(params)
-    for name in layers:
-        q = dict(params) if independent else p
-        q[name] = fresh[name]
+    for i, stage in enumerate(layers):
+        q = dict(params) if independent else dict(p)
+        for name in ((stage,) if isinstance(stage, str) else stage):
+            q[name] = fresh[name]
         p = q if not independent else p
-        m = prepare(maps(q), abs, normalise)
+        m = prepare(maps(q, i + 1), abs, normalise)
         out.append(spearman_rows(a.reshape(b, -1), m.reshape(b, -1)))
     curve = jnp.stack(out, axis=1)
     return {"curve": curve, "score": curve[:, -1] if not independent else jnp.nanmean(curve, axis=1)}
@@ -103,11 +113,11 @@ def histogram_entropy(a, bins=100):
     return -jnp.sum(jnp.where(pr > 0, pr * jnp.log(jnp.where(pr > 0, pr, 1.0)), 0.0), axis=1)
 
 
-def efficient_mprt(explain_with, params, fresh, x, a, y, *, bins=100, abs=True, normalise=True):
+def efficient_mprt(explain_with, params, fresh, x, a, y, *, bins=100, abs=False, normalise=False):
     """Efficient MPRT (Hedström et al. 2024): how much more complex the map becomes when
     every layer is randomised at once, ``H(a_random) / H(a)`` with ``H`` the entropy of
     the histogram of the map's values (``bins`` bins); higher means the map depends more
-    on what the model learned."""
+    on what the model learned. Quantus reports the relative rise, this ratio minus 1."""
     a = prepare(a, abs, normalise)
     r = prepare(explain_with(dict(fresh), x, y), abs, normalise)
     h0 = histogram_entropy(a, bins)
