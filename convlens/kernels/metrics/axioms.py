@@ -50,7 +50,8 @@ def input_invariance(explain_shifted, explain, x, y, *, shift=-1.0, atol=1e-5, a
     compensated in the first layer's bias so the model's outputs do not change, should
     not change the map. ``explain_shifted(x + shift, y)`` runs the method on the
     compensated model. ``score`` is 1 where the maps agree within ``atol``, ``gap``
-    their largest difference."""
+    their largest difference. (Quantus 0.6 shifts every pixel but the first: its
+    ``perturb_batch`` drops each item's first index.)"""
     a1 = prepare(explain(x, y), abs, normalise)
     a2 = prepare(explain_shifted(x + shift, y), abs, normalise)
     gap = jnp.max(jnp.abs(a1 - a2).reshape(a1.shape[0], -1), axis=1)

@@ -208,15 +208,16 @@ def sensitivity_n(score, x, a, y, *, fractions=(0.01, 0.02, 0.05, 0.1, 0.2, 0.4,
     return {"curve": curve, "score": jnp.nanmean(curve, axis=1)}
 
 
-def irof(score, x, a, y, segments, *, n_segments, abs=False, normalise=True, key=None):
+def irof(score, x, a, y, segments, *, n_segments, baseline="mean", abs=False, normalise=True, key=None):
     """Iterative removal of features (Rieger & Hansen 2020): superpixels ``segments
     [B, H, W]`` (ints ``0 .. n-1``; SLIC, computed by the caller) are replaced by the
     image's mean in the order of their mean relevance, cumulatively; ``curve`` is
     ``f(x_s) / f(x)`` and ``score`` the area over it, ``n - trapz(curve)`` as Quantus
     (higher is more faithful). Deviation: Quantus fills with the mean of the whole
     batch's current images, which makes one item's score depend on the others; the
-    paper (and we) use the item's own mean. ``n_segments`` (static) bounds the segment
-    count of every item."""
+    paper (and we) use the item's own mean (``baseline``: another fill of
+    `convlens.kernels.metrics.base.baseline_value`). ``n_segments`` (static) bounds the
+    segment count of every item."""
     a = prepare(a, abs, normalise)
     b = a.shape[0]
     nmax = int(n_segments)
@@ -228,7 +229,7 @@ def irof(score, x, a, y, segments, *, n_segments, abs=False, normalise=True, key
     order = jnp.argsort(-mean, axis=1, stable=True)
     rank = ranks_of(order)  # [B, nmax]: absent segments last
     pix = jnp.take_along_axis(rank, seg, axis=1).reshape(segments.shape)
-    base = jnp.mean(x, axis=(1, 2), keepdims=True)
+    base = jnp.mean(x, axis=(1, 2), keepdims=True) if baseline == "mean" else baseline_value(x, baseline, key)
     f0 = target_score(score, x, y)
     curve = scan_steps(score, lambda s: jnp.where((pix <= s)[..., None], base, x), nmax, y) / f0[:, None]
     n = present.sum(axis=1)
@@ -315,18 +316,22 @@ def road_gain(score, x, a, y, *, percentages=tuple(range(1, 100, 2)), noise=0.01
 def sufficiency(a, predicted, *, threshold=0.6, abs=True, normalise=True):
     """Sufficiency (Dasgupta et al. 2022), over a set of items (a batch: the score of an
     item depends on the others): items whose maps lie within ``threshold`` of the item's
-    (standardised Euclidean distance of the flattened maps, the variances taken as
-    scipy's ``cdist`` takes them, over the set stacked twice) should share its predicted
-    class; ``score [B]`` is the share of those near items that do (0 where none is near).
-    Pixels constant over the set are left out of the distance (scipy makes every
-    distance NaN then, so Quantus finds no neighbour at all)."""
+    should share its predicted class; ``score [B]`` is the share of those near items that
+    do (0 where none is near). The distance is the standardised Euclidean distance of the
+    flattened maps (the variances taken as scipy's ``cdist`` takes them, over the set
+    stacked twice) divided by the set's largest, as Quantus does: ``threshold`` is a
+    fraction of it (in absolute units, Quantus's 0.6 would find no neighbour among
+    50,000-pixel maps). Pixels constant over the set are left out of the distance (scipy
+    makes every distance NaN then, so Quantus finds no neighbour at all)."""
     a = prepare(a, abs, normalise)
     v = a.reshape(a.shape[0], -1)
     n = v.shape[0]
     var = jnp.sum((v - v.mean(0)) ** 2, axis=0) * 2 / (2 * n - 1)  # var(vstack([v, v]), ddof=1)
     w = jnp.where(var > 0, 1.0 / jnp.where(var > 0, var, 1.0), 0.0)
-    d2 = jnp.sum((v[:, None] - v[None]) ** 2 * w, axis=-1)
-    near = (jnp.sqrt(d2) <= threshold) & ~jnp.eye(n, dtype=bool)
+    d = jnp.sqrt(jnp.sum((v[:, None] - v[None]) ** 2 * w, axis=-1))
+    top = jnp.max(d)
+    d = jnp.where(top > 0, d / jnp.where(top > 0, top, 1.0), d)
+    near = (d <= threshold) & ~jnp.eye(n, dtype=bool)
     same = predicted[:, None] == predicted[None]
     count = near.sum(axis=1)
     return {"score": jnp.where(count > 0, jnp.sum(near & same, axis=1) / jnp.maximum(count, 1), 0.0)}
