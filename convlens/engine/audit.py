@@ -302,10 +302,12 @@ def sanity_check(model, params, explain_fn, stages: int = 4, seed: int = 1234):
     import jax.numpy as jnp
 
     from convlens.kernels.metrics import spearman
+    from convlens.kernels.metrics.catalogue import layers_with_weights
+    from convlens.kernels.metrics.catalogue import stages as cut
 
     ref = np.asarray(explain_fn(params))
-    layers = [n for n in reversed(model.layer_names) if n in params and params[n]]
-    counts = sorted({max(1, round(len(layers) * (k + 1) / stages)) for k in range(stages)} | {1})
+    layers = layers_with_weights(model, params)
+    counts = np.cumsum([len(g) for g in cut(layers, stages)]).tolist()  # layers random after each stage
     fresh = model.init(seed)
     rho, done = [], []
     for c in counts:

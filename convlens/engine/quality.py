@@ -146,7 +146,7 @@ def run_quality(root, mp, methods: dict, rated, cfg, masks, n: int, progress=Non
     import time
 
     from convlens.engine.executor import Batch, Executor, Fn
-    from convlens.kernels.metrics.catalogue import METRICS
+    from convlens.kernels.metrics.catalogue import METRICS, layers_with_weights
 
     names = parse_quality(cfg.quality)
     options = parse_options(cfg.quality_options)
@@ -171,8 +171,7 @@ def run_quality(root, mp, methods: dict, rated, cfg, masks, n: int, progress=Non
     xla = forward_options(model, params, root["inputs"].get_orthogonal_selection((idx[:cfg.batch],)), cfg.batch)
     # The randomisation tests: the layers with variables, output first, as the sanity
     # check takes them, and one random initialisation shared by every source.
-    layers = [n for n in reversed(model.layer_names) if n in params and params[n]] \
-        if any("weights" in METRICS[m].needs for m in names) else []
+    layers = layers_with_weights(model, params) if any("weights" in METRICS[m].needs for m in names) else []
     variables = {"model": params, "fresh": model.init(1234)} if layers else params  # the sanity check's seed
     for source, (heat, targets, spec, mcfg) in sources.items():
         need_explain = [m for m in names if {"explain", "weights"} & set(METRICS[m].needs)]

@@ -87,6 +87,11 @@ def _segments(fn, softmax):
     return lambda c, **o: fn(c.score(softmax), c.x, c.a, c.y, c.segments, n_segments=c.n_segments, key=c.key, **o)
 
 
+def layers_with_weights(model, params) -> list[str]:
+    """The layers the randomisation tests replace: those with variables, output first."""
+    return [n for n in reversed(model.layer_names) if n in params and params[n]]
+
+
 def stages(layers, n: int) -> list[tuple]:
     """``layers`` (output first) cut into ``n`` cascading steps as the audit's sanity
     check does: the top layer alone first, the last step ending with every layer."""
@@ -170,10 +175,8 @@ SPECS = (
     MetricSpec("smooth_mprt", "randomisation", lambda c, stages=4, **o: _mprt(c, stages, **o), ("weights",), False,
                False, {"stages": 4, "smooth_samples": 4, "smooth_noise": 0.1},
                (randomise.model_parameter_randomisation.__doc__ or "").strip()),
-    MetricSpec("efficient_mprt", "randomisation",
-               _efficient_mprt,
-               ("weights",), True, False, {"bins": 100, "abs": False, "normalise": False},
-               (randomise.efficient_mprt.__doc__ or "").strip()),
+    MetricSpec("efficient_mprt", "randomisation", _efficient_mprt, ("weights",), True, False,
+               {"bins": 100, "abs": False, "normalise": False}, (randomise.efficient_mprt.__doc__ or "").strip()),
     _spec("completeness", "axiomatic", axioms.completeness, ("model",), True, False),
     _spec("non_sensitivity", "axiomatic", axioms.non_sensitivity, ("model",), False, True, features_in_step=64),
 )
