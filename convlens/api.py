@@ -16,6 +16,7 @@ import numpy as np
 
 from convlens.errors import ConvlensError
 from convlens.models.network import Model
+from convlens.pixels import check_images
 
 
 @dataclasses.dataclass
@@ -51,36 +52,10 @@ class Explanation:
         return self.outputs[name]
 
 
-def check_images(model: Model, images) -> np.ndarray:
-    """Pixels as float32 ``[B, H, W, C]`` (one image ``[H, W, C]`` is accepted)."""
-    x = np.asarray(images)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4:
-        raise ConvlensError(f"images must be [B, H, W, C] (or one [H, W, C]); got shape {x.shape}")
-    if len(x) == 0:
-        raise ConvlensError("no images given (an empty batch)")
-    if x.shape[-1] != model.channels:
-        raise ConvlensError(f"images have {x.shape[-1]} channels; model {model.name!r} takes {model.channels} "
-                            "(convert grey/RGBA images to RGB)")
-    h, w, _ = model.graph.input_shape
-    if (h is not None and x.shape[1] != h) or (w is not None and x.shape[2] != w):
-        raise ConvlensError(f"images are {x.shape[1]}x{x.shape[2]}; model {model.name!r} takes {h}x{w}: "
-                            "resize them first")
-    if x.dtype.kind not in "uif":
-        raise ConvlensError(f"images must be numeric pixels (0..255), got dtype {x.dtype}")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise ConvlensError("images hold NaN or infinite pixels")
-    return x
-
-
 def resolve(model: Model, method: str, options: dict | None = None):
     """``method``'s config for ``model`` from keyword options (checked, layer resolved)."""
-    from convlens.kernels.registry import METHODS
-    if method not in METHODS:
-        raise ConvlensError(f"unknown method {method!r}; methods: {', '.join(sorted(METHODS))}")
-    return METHODS[method].resolve(model, options or {})
+    from convlens.kernels.registry import resolve as _resolve
+    return _resolve(model, method, options)
 
 
 def explain(model: Model, params, images, method: str | None = None, *, target="top1", key=0,
@@ -106,7 +81,7 @@ def explain(model: Model, params, images, method: str | None = None, *, target="
       An `Explanation`; e.g. Grad-CAM's ``heatmap`` is ``[B, T, H, W]``.
     """
     from convlens.engine import targets as tg
-    from convlens.engine.executor import Executor, Explain, merge
+    from convlens.engine.executor import Executor, Explain
     from convlens.kernels.common import default_method
     from convlens.kernels.registry import METHODS
     from convlens.models.labels import class_probabilities
@@ -125,8 +100,7 @@ def explain(model: Model, params, images, method: str | None = None, *, target="
         inputs["targets"] = t.for_items(np.arange(len(x)))
     # Measuring XLA settings pays off only for repeated work: several batches of it.
     with Executor(params, batch=bs, key=key, tune=-(-len(x) // bs) >= 4) as ex:
-        results = [r for _, rs in ex.stream({method: comp}, ((b, [b]) for b in ex.split(inputs))) for r in rs]
-    merged = merge(results)[method]
+        merged = ex.map({method: comp}, inputs)[method]
     bad = [name for name, v in merged.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
     if bad:
         warnings.warn(f"{method} produced non-finite values in {', '.join(bad)} (check its options and the "

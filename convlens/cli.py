@@ -585,9 +585,10 @@ def _live():
                 last[0] = now
                 click.echo(f"\rlive: {stats.processed} frames, {stats.fps:.1f} fps", nl=False, err=True)
 
-        stats = run_live(m, params, stream, method=method, options=per, target=target, out=out, show=show,
-                         max_frames=max_frames, duration=duration, pace=pace, resize=resize, cmap=look.cmap,
-                         alpha=look.alpha, style=look.style, long_side=long_side, timeout=timeout, on_frame=status)
+        from convlens.live import LiveOptions
+        lo = build(LiveOptions, dict(target=target, out=out, show=show, max_frames=max_frames, duration=duration,
+                                     pace=pace, resize=resize, long_side=long_side, timeout=timeout))
+        stats = run_live(m, params, stream, method=method, options=per, opts=lo, look=look, on_frame=status)
         if not quiet:
             click.echo("", err=True)
         click.echo(f"live {stream} ({stats.stopped_by}): {stats.line()}" + (f"; wrote {out}" if out else ""))

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from convlens.config import Config, option
 from convlens.errors import ConvlensError
 
 
@@ -183,119 +184,150 @@ def _peak_rss_mb() -> float:
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
-def live(model, params, stream: str, *, method: str = "gradcam", options: dict | None = None, target="top1",
-         out=None, show: bool = False, max_frames: int | None = None, duration: float | None = None,
-         pace: str = "auto", resize: str = "squash", cmap: str = "jet", alpha: float = 0.5, style: str = "blend",
-         long_side: int = 640, seed: int = 0, timeout: float = 10.0,
-         on_frame: Callable[[LiveStats, np.ndarray], None] | None = None) -> LiveStats:
+PACES = ("auto", "native", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveOptions(Config):
+    """How a live session runs (see the module docstring).
+
+    Attributes:
+      target: top1, topk:N (the first is drawn), or class indices.
+      out: write the overlays: FILE.mp4, FILE.webm, FILE.gif, or a folder of PNG frames.
+      show: show the overlays in a window (needs a display).
+      max_frames: stop after this many explained frames.
+      duration: stop after this many seconds.
+      pace: files: auto/native play at their own speed (like a camera); none decodes as fast as it can.
+      resize: fit frames to the model: squash, crop or pad.
+      long_side: longer side of the output frames in pixels.
+      seed: PRNG seed (stochastic methods; every frame draws as item 0).
+      timeout: seconds to wait for a stream to open.
+    """
+
+    target: str = "top1"
+    out: str | None = None
+    show: bool = False
+    max_frames: int | None = option(None, min=1)
+    duration: float | None = option(None, above=0)
+    pace: str = option("auto", choices=PACES)
+    resize: str = option("squash", choices=("squash", "crop", "pad"))
+    long_side: int = option(640, min=16, max=8192)
+    seed: int = option(0, min=0, max=2**63 - 1)
+    timeout: float = option(10.0, above=0)
+
+    _owner = "live"
+
+
+def live(model, params, stream: str, *, method: str | None = None, options: dict | None = None,
+         opts: LiveOptions = LiveOptions(), look=None,
+         on_frame: Callable[[LiveStats, np.ndarray], None] | None = None, **kw) -> LiveStats:
     """Explains ``stream`` frame by frame (see the module docstring).
 
     Args:
       model, params: from `convlens.load_model`.
       stream: ``camera:N``, ``/dev/videoN``, a URL, or a video file.
-      method, options: any method with a heatmap and its options (``layer`` ...).
-      target: ``top1``, ``topk:N`` (the first is drawn), or class indices.
-      out: ``.mp4``, ``.gif``, or a folder for PNG frames; show: a window too.
-      max_frames, duration: stop after this many explained frames / seconds.
-      pace: ``auto`` (files at their own speed, like a camera), ``native`` or ``none``
-        (files as fast as they decode: the model takes the newest frame each time).
+      method, options: any method with a heatmap and its options (``layer`` ...); default
+        the method `convlens.kernels.common.choose_method` picks for the model.
+      opts: `LiveOptions` (keyword arguments ``**kw`` build one instead: ``out=``,
+        ``max_frames=`` ...).
+      look: `convlens.render.render.LookOptions` (colour map, style, opacity).
       on_frame: called with the stats and each output frame (tests, custom sinks).
 
     Returns:
       `LiveStats`.
     """
-    from convlens.api import resolve
+    from convlens.config import build
     from convlens.engine import targets as tg
-    from convlens.engine.executor import Batch, Executor, Explain
+    from convlens.engine.executor import Batch, Executor, Explain, Group
     from convlens.engine.sources import fit
     from convlens.engine.video import open_stream
-    from convlens.kernels.registry import METHODS, heatmap_methods
+    from convlens.kernels.common import choose_method
+    from convlens.kernels.registry import METHODS, heatmap_methods, resolve
     from convlens.models.labels import class_probabilities, name_of
+    from convlens.render.render import LookOptions
     from convlens.render.video import VideoWriter, annotate
 
+    if kw:
+        opts = build(LiveOptions, {**dataclasses.asdict(opts), **kw})
+    look = look or LookOptions()
+    method = method or choose_method(model, (options or {}).get("layer")).method
     if method not in METHODS or METHODS[method].heatmap is None:
         raise ConvlensError(f"live runs a method with a heatmap; {method!r} is not one ({', '.join(heatmap_methods())})")
-    if pace not in ("auto", "native", "none"):
-        raise ConvlensError(f"pace {pace!r}: auto, native or none")
-    if out is None and not show and on_frame is None:
+    if opts.out is None and not opts.show and on_frame is None:
         raise ConvlensError("live needs somewhere to put the overlays: --out FILE.mp4|FILE.gif|FOLDER or --show")
     cfg = resolve(model, method, dict(options or {}))
-    targets = tg.parse(target, 1, tg.n_classes(model), labelled=False)
+    targets = tg.parse(opts.target, 1, tg.n_classes(model), labelled=False)
     comp = {method: Explain(model, method, cfg, targets.top_k)}
     fixed = targets.for_items(np.zeros(1, int))
     heat_name = METHODS[method].heatmap
     names = model.class_names
-    window = Window(f"convlens live: {stream}") if show else None
+    window = Window(f"convlens live: {stream}") if opts.show else None
 
-    container, st, is_file = open_stream(stream, timeout)
+    container, st, is_file = open_stream(stream, opts.timeout)
     fps = float(st.average_rate or st.guessed_rate or 25)
-    writer = VideoWriter(out, fps) if out is not None else None
+    writer = VideoWriter(opts.out, fps) if opts.out is not None else None
     slot = LatestFrame()
-    reader = Reader(container, st, slot, pace == "native" or (pace == "auto" and is_file))
+    reader = Reader(container, st, slot, opts.pace == "native" or (opts.pace == "auto" and is_file))
     stats = LiveStats()
     compute = []
-    t_start = None
-    pending = None
+    clock = {"start": None, "sent": 0}
 
-    def finish(p):
-        frame, dispatched, res = p
-        host = Executor.fetch([res])[0][method]
-        compute.append(time.perf_counter() - dispatched)
-        heat = np.asarray(host[heat_name][0, 0])
-        probs = class_probabilities(host["logits"][0:1], model.output_activation)[0]
-        c = int(np.asarray(host["targets"])[0, 0])
-        top = int(np.argmax(probs))
-        top_p = float(probs[top])
-        label = name_of(top, names)
-        what = "" if c == top else f" (map: {name_of(c, names)})"
-        title = f"{label} {top_p:.2f}{what}  |  {method}  |  t={frame.time:.2f}s  {stats.fps:.1f} fps"
-        img = annotate(frame.image, heat, title, cmap=cmap, alpha=alpha, style=style, long_side=long_side)
-        if writer is not None:
-            writer.write(img, frame.time)
-        stats.processed += 1
-        stats.seconds = time.perf_counter() - t_start
-        if on_frame is not None:
-            on_frame(stats, img)
-        if window is not None and not window.show(img):
-            return False
-        return True
-
-    executor = Executor(params, batch=1, key=seed)
-    reader.start()
-    try:
+    def frames():
+        """The newest frame each time the executor asks (it asks for frame n+1 before
+        handing back frame n's map, so the device works while frame n is drawn)."""
         while True:
+            if opts.max_frames is not None and clock["sent"] >= opts.max_frames:
+                stats.stopped_by = "max frames"
+                return
+            if opts.duration is not None and clock["start"] is not None and \
+                    time.perf_counter() - clock["start"] >= opts.duration:
+                stats.stopped_by = "duration"
+                return
             frame = slot.get()
             if frame is None:
                 if slot.error is not None:
                     raise ConvlensError(f"the stream {stream} failed: {slot.error}")
                 stats.stopped_by = "end of stream"
-                break
-            if t_start is None:
-                t_start = time.perf_counter()
-            inputs = {"images": fit(frame.image, model.input_size, resize).astype(np.float32)[None]}
+                return
+            if clock["start"] is None:
+                clock["start"] = time.perf_counter()
+            inputs = {"images": fit(frame.image, model.input_size, opts.resize).astype(np.float32)[None]}
             if fixed is not None:
                 inputs["targets"] = fixed
-            # Every frame is item 0 (the same key): dispatched, so the device works while the last frame is drawn.
-            res = executor.submit(comp, Batch(inputs, np.zeros(1, np.int32)))
-            held = 1 + slot.held + (pending is not None)
-            stats.max_held = max(stats.max_held, held)
-            if pending is not None and not finish(pending):
-                pending = None
-                stats.stopped_by = "window closed"
-                break
-            pending = (frame, time.perf_counter(), res)
-            if max_frames is not None and stats.processed + 1 >= max_frames:
-                stats.stopped_by = "max frames"
-                break
-            if duration is not None and time.perf_counter() - t_start >= duration:
-                stats.stopped_by = "duration"
-                break
-        if pending is not None:
-            finish(pending)
+            stats.max_held = max(stats.max_held, 1 + slot.held + (clock["sent"] > stats.processed))
+            clock["sent"] += 1
+            # Every frame is item 0 (the same key).
+            yield Group((frame, time.perf_counter()), comp, [Batch(inputs, np.zeros(1, np.int32))])
+
+    def draw(frame, dispatched, host) -> bool:
+        compute.append(time.perf_counter() - dispatched)
+        heat = np.asarray(host[heat_name][0, 0])
+        probs = class_probabilities(host["logits"][0:1], model.output_activation)[0]
+        c = int(np.asarray(host["targets"])[0, 0])
+        top = int(np.argmax(probs))
+        what = "" if c == top else f" (map: {name_of(c, names)})"
+        title = f"{name_of(top, names)} {float(probs[top]):.2f}{what}  |  {method}  |  t={frame.time:.2f}s  " \
+                f"{stats.fps:.1f} fps"
+        img = annotate(frame.image, heat, title, cmap=look.cmap, alpha=look.alpha, style=look.style,
+                       long_side=opts.long_side)
+        if writer is not None:
+            writer.write(img, frame.time)
+        stats.processed += 1
+        stats.seconds = time.perf_counter() - clock["start"]
+        if on_frame is not None:
+            on_frame(stats, img)
+        return window is None or window.show(img)
+
+    reader.start()
+    try:
+        with Executor(params, batch=1, key=opts.seed) as ex:
+            for (frame, dispatched), results in ex.stream(frames()):
+                if not draw(frame, dispatched, results[0][method]):
+                    stats.stopped_by = "window closed"
+                    break
     except KeyboardInterrupt:
         stats.stopped_by = "interrupted"
     finally:
-        executor.close()
         reader.stop.set()
         reader.join(timeout=5)
         container.close()

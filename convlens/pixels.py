@@ -27,7 +27,8 @@ MIN_SIDE = 8  # smaller images carry no picture worth explaining
 # images fail with their reason; ``--max-pixels`` raises the limit.
 MAX_PIXELS = 40_000_000
 
-__all__ = ["ItemError", "MAX_PIXELS", "MIN_SIDE", "RESIZE_POLICIES", "decode", "fit", "read_image", "to_rgb_uint8"]
+__all__ = ["ItemError", "MAX_PIXELS", "MIN_SIDE", "RESIZE_POLICIES", "check_images", "decode", "fit", "read_image",
+           "to_rgb_uint8"]
 
 
 def to_rgb_uint8(a: np.ndarray, bits: int | None = None) -> np.ndarray:
@@ -183,3 +184,27 @@ def read_image(path) -> np.ndarray:
             return decode(f.read(), str(path))
     except (OSError, ItemError) as e:
         raise ConvlensError(f"cannot read the image {path}: {e}") from None
+
+
+def check_images(model, images) -> np.ndarray:
+    """Pixels as float32 ``[B, H, W, C]`` (one image ``[H, W, C]`` is accepted)."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ConvlensError(f"images must be [B, H, W, C] (or one [H, W, C]); got shape {x.shape}")
+    if len(x) == 0:
+        raise ConvlensError("no images given (an empty batch)")
+    if x.shape[-1] != model.channels:
+        raise ConvlensError(f"images have {x.shape[-1]} channels; model {model.name!r} takes {model.channels} "
+                            "(convert grey/RGBA images to RGB)")
+    h, w, _ = model.graph.input_shape
+    if (h is not None and x.shape[1] != h) or (w is not None and x.shape[2] != w):
+        raise ConvlensError(f"images are {x.shape[1]}x{x.shape[2]}; model {model.name!r} takes {h}x{w}: "
+                            "resize them first")
+    if x.dtype.kind not in "uif":
+        raise ConvlensError(f"images must be numeric pixels (0..255), got dtype {x.dtype}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ConvlensError("images hold NaN or infinite pixels")
+    return x

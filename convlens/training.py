@@ -46,8 +46,9 @@ class ExplainRecorder:
 
     def __init__(self, model, images, methods, out, *, target="top1", labels=None, ids=None, seed: int = 0,
                  overwrite: bool = False, command: str = "training", batch_size: int | None = None):
-        from convlens.api import check_images, resolve
         from convlens.engine.executor import Explain
+        from convlens.kernels.registry import resolve
+        from convlens.pixels import check_images
 
         if not isinstance(methods, dict):
             methods = {m: {} for m in methods}
@@ -79,10 +80,9 @@ class ExplainRecorder:
 
     def explain(self, params) -> dict[str, dict[str, np.ndarray]]:
         """Every method's outputs for ``params`` (host arrays)."""
-        from convlens.engine.executor import Executor, merge
+        from convlens.engine.executor import Executor
         with Executor(params, batch=self.batch, key=self.seed) as ex:
-            results = [r for _, rs in ex.stream(self.comps, ((b, [b]) for b in ex.split(self.inputs))) for r in rs]
-        return merge(results)
+            return ex.map(self.comps, self.inputs)
 
     def record(self, epoch: int, params, metrics: dict | None = None) -> float:
         """Explains the images with ``params`` and appends them as epoch ``epoch``;

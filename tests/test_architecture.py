@@ -149,7 +149,7 @@ def test_executor_pads_keys_and_dispatches_ahead():
             return Executor.fetch(pendings)
 
     with Spy(params, batch=2, key=7) as ex:
-        parts = [r for _, rs in ex.stream(comp, ((b, [b]) for b in ex.split({"images": x}))) for r in rs]
+        parts = [r for _, rs in ex.stream((b, comp, [b]) for b in ex.split({"images": x})) for r in rs]
     assert [e[0] for e in events] == ["submit", "submit", "fetch", "submit", "fetch", "fetch"]
     got = executor.merge(parts)["s"]["attribution"]
     with Executor(params, batch=5, key=7) as ex:

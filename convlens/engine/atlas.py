@@ -29,7 +29,7 @@ import numpy as np
 
 from convlens.config import Config, option
 from convlens.engine import store
-from convlens.engine.executor import Batch, Computation, Executor, Fn
+from convlens.engine.executor import Batch, Computation, Executor, Fn, Group, Loop, round_batch
 from convlens.engine.progress import progress_bar
 from convlens.errors import ConvlensError
 from convlens.kernels import ascent
@@ -106,50 +106,37 @@ def loop_mode(cfg: ascent.AscentConfig, loop: str = "auto") -> str:
     return "fori" if cfg.recipe == "classic" and cfg.n_steps <= 64 else "host"
 
 
-class Ascent(Computation):
-    """Gradient ascent of ``objective`` for units ``inputs["units"] [B]`` (one image each):
-    the whole ascent in one compiled loop (``fori``) or dispatched step by step from the
-    host (``host``); the same images either way."""
-
-    inputs = ("units",)
-
-    def __init__(self, model: Model, objective: ascent.Objective, cfg: ascent.AscentConfig, loop: str):
-        if loop == "fori" and jax.default_backend() != "cpu" and cfg.unroll == 0:
+def ascent_computation(model: Model, objective: ascent.Objective, cfg: ascent.AscentConfig,
+                       loop: str = "auto") -> Computation:
+    """Gradient ascent of ``objective`` for units ``inputs["units"] [B]`` (one image each),
+    as the executor runs it: the whole ascent in one compiled program (``fori``), or a
+    `Loop` of compiled steps dispatched from the host (``host``); the same images either
+    way (see `loop_mode`)."""
+    loop = loop_mode(cfg, loop)
+    m, o = model, objective
+    if loop == "fori":
+        if jax.default_backend() != "cpu" and cfg.unroll == 0:
             cfg = dataclasses.replace(cfg, unroll=1)
-        self.model, self.objective, self.cfg, self.loop = model, objective, cfg, loop
-        self.label = f"ascent:{loop}"
-
-    def key(self):
-        return (self.model.computation, self.objective, self.cfg, self.loop)
-
-    def __call__(self, params, inputs, keys):
-        return ascent.visualize(self.model, params, self.objective, inputs["units"], self.cfg, keys)
-
-    def _step(self, name):
-        m, o, c = self.model, self.objective, self.cfg
-        fns = {"start": lambda p, i, k: ascent.start(m, p, o, i["units"], c, k),
-               "advance": lambda p, i, state_step: ascent.advance(m, p, o, i["units"], c, *state_step),
-               "finish": lambda p, i, state_s0: ascent.finish(m, p, o, i["units"], c, *state_s0)}
-        return Fn(fns[name], (self.key(), name), self.inputs, f"ascent:{name}")
-
-    def dispatch(self, executor, params, inputs, keys):
-        if self.loop == "fori":
-            return super().dispatch(executor, params, inputs, keys)
-        state, s0 = executor.function(self._step("start"))(params, inputs, keys)
-        step = executor.function(self._step("advance"))
-        for i in range(self.cfg.n_steps):  # dispatched asynchronously: nothing returns to the host
-            state = step(params, inputs, (state, jnp.int32(i)))
-        return executor.function(self._step("finish"))(params, inputs, (state, s0))
+        c = cfg
+        return Fn(lambda p, i, k: ascent.visualize(m, p, o, i["units"], c, k), (m.computation, o, c, "fori"),
+                  ("units",), "ascent:fori")
+    c = cfg
+    return Loop((m.computation, o, c, "host"), ("units",),
+                start=lambda p, i, k: ascent.start(m, p, o, i["units"], c, k),
+                step=lambda p, i, k, st, n: (ascent.advance(m, p, o, i["units"], c, st[0], n), st[1]),
+                finish=lambda p, i, k, st: ascent.finish(m, p, o, i["units"], c, *st),
+                steps=c.n_steps, label="ascent:host")
 
 
-def ascend(model: Model, params, objective: ascent.Objective, units, cfg: ascent.AscentConfig, keys,
-           loop: str = "auto") -> dict:
-    """`ascent.visualize` run the fastest way on this backend (see `loop_mode`); the same
-    images whichever loop runs it (dispatched, not fetched)."""
-    comp = Ascent(model, objective, cfg, loop_mode(cfg, loop))
-    units = jnp.asarray(units, jnp.int32)
-    with Executor(params, batch=len(units), tune=False) as ex:
-        return comp.dispatch(ex, ex.params, {"units": units}, keys)
+def ascend(model: Model, params, objective: ascent.Objective, units, cfg: ascent.AscentConfig, seed=0,
+           salt: int | None = None, loop: str = "auto") -> dict:
+    """`ascent.visualize` of units ``[N]`` run the fastest way on this backend (see
+    `loop_mode`) through the executor: unit ``n`` draws from ``fold_in(fold_in(key(seed),
+    salt), n)``; host arrays, the same images whichever loop runs it."""
+    units = np.asarray(units, np.int32)
+    with Executor(params, batch=len(units), key=seed, tune=False) as ex:
+        return ex.run({"a": ascent_computation(model, objective, cfg, loop)},
+                      Batch({"units": units}, units, salt))["a"]
 
 
 @dataclasses.dataclass
@@ -194,10 +181,7 @@ def run_atlas(model: Model, params, out, *, layers="conv", filters: str | None =
         n = shapes[name][-1]
         idx = parse_filters(filters, n)
         b = batch or max(1, min(64, (memory_mb << 20) // backward_bytes(model, name, cfg.size)))
-        b = min(b, len(idx))
-        nd = len(jax.local_devices())
-        b = -(-b // nd) * nd
-        plan[name] = (idx, b)
+        plan[name] = (idx, round_batch(min(b, len(idx))))
     attrs = {"recipe": cfg.recipe, "size": cfg.size, "steps": cfg.n_steps, "lr": cfg.step_size,
              "objective": "channel (mean activation)", "seed": seed, "layers": names, "filters": filters or "all"}
     fp = store.fingerprint(model.name, model.source, model.weights_sha256, attrs,
@@ -253,14 +237,15 @@ def _atlas_locked(model, params, out, plan, cfg, attrs, fp, conv, seed, resume, 
                        unit="filter", desc="visualising")
     t0 = time.perf_counter()
     done_filters = 0
-    comp = {name: {"pattern": Ascent(model, ascent.channel(name), cfg, loop_mode(cfg, loop))} for name in plan}
-    executors: dict[str, Executor] = {}
+    comp = {name: {"pattern": ascent_computation(model, ascent.channel(name), cfg, loop)} for name in plan}
 
     def groups():
+        # Each layer's filters draw from its own salt; each chunk compiles at its layer's batch.
         for name, c in todo:
             idx, b = plan[name]
             units = idx[c * b:(c + 1) * b]
-            yield (name, c, len(units)), [Batch({"units": units.astype(np.int32)}, units)]
+            yield Group((name, c, len(units)), comp[name],
+                        [Batch({"units": units.astype(np.int32)}, units, salt=layer_index[name], size=b)])
 
     def collect(name, c, n, res):
         nonlocal done_filters
@@ -275,18 +260,9 @@ def _atlas_locked(model, params, out, plan, cfg, attrs, fp, conv, seed, resume, 
         bar.update(n)
 
     try:
-        # One executor per layer (its batch and key salt); each dispatches the next chunk
-        # before the previous one is fetched.
-        pending = None
-        for (name, c, n), batches in groups():
-            if name not in executors:  # a layer's batch and key salt
-                executors[name] = Executor(params, batch=plan[name][1], key=seed, salt=layer_index[name])
-            p = (name, c, n, executors[name].submit(comp[name], batches[0]))
-            if pending is not None:
-                collect(*pending[:3], Executor.fetch([pending[3]])[0]["pattern"])
-            pending = p
-        if pending is not None:
-            collect(*pending[:3], Executor.fetch([pending[3]])[0]["pattern"])
+        with Executor(params, batch=max([b for _, b in plan.values()] or [1]), key=seed) as ex:
+            for (name, c, n), results in ex.stream(groups()):
+                collect(name, c, n, results[0]["pattern"])
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

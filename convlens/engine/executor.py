@@ -59,22 +59,20 @@ class Computation:
 
     Subclasses define `key` (a hashable value: everything the function depends on but
     its arguments), `inputs` (the batch inputs it reads) and `__call__`. A computation
-    that runs as several compiled steps from the host (a loop of dispatches) overrides
-    `dispatch`.
+    that runs as several compiled steps from the host is a `Loop`.
     """
 
     inputs: tuple[str, ...] = ()
     label: str = ""
+    # Outputs are per item (``[B, ...]``: padding rows dropped on fetching), unless
+    # ``whole`` (a result for the batch as a whole, e.g. trained params): fetched as is.
+    whole: bool = False
 
     def key(self) -> tuple:
         raise NotImplementedError
 
     def __call__(self, params, inputs: Mapping[str, jax.Array], keys) -> dict[str, jax.Array]:
         raise NotImplementedError
-
-    def dispatch(self, executor: Executor, params, inputs, keys):
-        """Dispatches the computation (asynchronously) and returns its device outputs."""
-        return executor.function(self)(params, inputs, keys)
 
     def check(self, batch: int) -> None:
         """Raises a one-line error if the computation cannot run at this batch size (before
@@ -178,6 +176,51 @@ class Fn(Computation):
         return self.fn(params, inputs, keys)
 
 
+class Loop(Computation):
+    """A loop with explicit state, dispatched step by step from the host: ``start(params,
+    inputs, keys) -> state``, then ``step(params, inputs, keys, state, i) -> state`` for
+    ``i = 0 .. steps - 1``, then ``finish(params, inputs, keys, state) -> outputs``. The
+    executor compiles the three pieces once each and dispatches them asynchronously (the
+    state never leaves the device); calling the loop itself runs the same steps in one
+    program (``lax.fori_loop``), with the same numbers.
+
+    Why a host loop at all: XLA:CPU runs a rolled loop of convolution gradients several
+    times slower than the same steps dispatched one by one (benchmarks/ascent_throughput.py),
+    and compiling hundreds of unrolled steps takes longer than running them.
+    """
+
+    def __init__(self, key: tuple, inputs: tuple[str, ...], start: Callable, step: Callable, finish: Callable,
+                 steps: int, label: str = "", whole: bool = False):
+        self._key, self.inputs, self.label = key, inputs, label or "loop"
+        self.start, self.step, self.finish, self.steps = start, step, finish, int(steps)
+        self.whole = whole
+
+    def key(self):
+        return self._key
+
+    def __call__(self, params, inputs, keys):
+        state = self.start(params, inputs, keys)
+        state = jax.lax.fori_loop(0, self.steps, lambda i, st: self.step(params, inputs, keys, st, i), state)
+        return self.finish(params, inputs, keys, state)
+
+    def part(self, name: str) -> Computation:
+        """One piece of the loop as a computation of its own (compiled once by value)."""
+        return _LoopPart(self, name)
+
+
+class _LoopPart(Computation):
+    def __init__(self, loop: Loop, name: str):
+        self.loop, self.name = loop, name
+        self.inputs, self.label = loop.inputs, f"{loop.label}:{name}"
+        self.whole = loop.whole
+
+    def key(self):
+        return (self.loop.key(), self.name)
+
+    def __call__(self, params, inputs, keys, *state):
+        return getattr(self.loop, self.name)(params, inputs, keys, *state)
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to this process (Linux's MemAvailable), or ``None``."""
     try:
@@ -260,11 +303,25 @@ def _machine() -> str:
 _tune_lock = threading.Lock()
 
 
+_warned_cache: set = set()
+
+
 def _read_choices() -> dict:
+    path = tuning_cache()
     try:
-        return json.loads(tuning_cache().read_text())
-    except (OSError, ValueError):
+        choices = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:
+        choices = e
+    if not isinstance(choices, dict):  # unreadable, or JSON that is not an object: measured again, rewritten
+        if str(path) not in _warned_cache:
+            _warned_cache.add(str(path))
+            import warnings
+            warnings.warn(f"ignoring the XLA tuning cache {path}: it is not what convlens writes (it is rewritten "
+                          "when a choice is next measured)", RuntimeWarning, stacklevel=3)
+        return {}
+    return {k: v for k, v in choices.items() if isinstance(v, dict)}
 
 
 def _remember(fingerprint: str, entry: dict) -> None:
@@ -478,6 +535,13 @@ def item_keys(key, indices, salt: int | None = None):
     return _fold_each(base, jnp.asarray(np.asarray(indices), jnp.int32))
 
 
+def round_batch(n: int, devices: int | None = None) -> int:
+    """``n`` items per compiled call rounded up to a multiple of the device count (each
+    device takes an equal share)."""
+    nd = devices or jax.local_device_count()
+    return -(-max(int(n), 1) // nd) * nd
+
+
 def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
     """``a [m, ...]`` padded to ``[n, ...]`` by repeating its last row (``m <= n``)."""
     m = len(a)
@@ -490,33 +554,69 @@ def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class Batch:
-    """Host arrays of ``n`` items (``inputs``, each ``[n, ...]``) and their global indices."""
+    """Host arrays of ``n`` items (``inputs``, each ``[n, ...]``) and their global indices.
+
+    Attributes:
+      salt: folded into the key before the item index (an atlas's layer), so items of
+        different groups with the same index draw differently.
+      size: the compiled batch size to pad to (default: the executor's); work of several
+        shapes (an atlas's layers) goes through one executor.
+    """
 
     inputs: dict[str, np.ndarray]
     indices: np.ndarray
+    salt: int | None = None
+    size: int | None = None
 
     def __len__(self):
         return len(self.indices)
 
 
+def split(inputs: Mapping[str, np.ndarray], batch: int, start: int = 0, salt: int | None = None) -> list[Batch]:
+    """Arrays of ``N`` items cut into batches of at most ``batch`` (global indices from
+    ``start``)."""
+    n = len(next(iter(inputs.values())))
+    return [Batch({k: v[s:s + batch] for k, v in inputs.items()}, np.arange(start + s, start + min(n, s + batch)),
+                  salt) for s in range(0, n, batch)]
+
+
+def merge(results: Sequence[Mapping[str, Mapping[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
+    """Per-batch results concatenated along the item axis."""
+    first = results[0]
+    return {c: {k: np.concatenate([r[c][k] for r in results]) for k in first[c]} for c in first}
+
+
 @dataclasses.dataclass
 class Pending:
-    """Dispatched work: device outputs per computation name for one batch, and how many
-    of its rows are real."""
+    """Dispatched work: device outputs per computation name for one batch, how many of
+    its rows are real, and which outputs are whole (not per item)."""
 
     outputs: dict[str, Any]
     n: int
+    whole: frozenset = frozenset()
+
+
+@dataclasses.dataclass
+class Group:
+    """A unit of `Executor.stream`: computations to run on batches, and a tag the caller
+    gets back with their results."""
+
+    tag: Any
+    comps: Mapping[str, Computation]
+    batches: Sequence[Batch]
 
 
 # ---------------------------------------------------------------- the executor
 
 class Executor:
-    """Runs computations over batches of a fixed size on the local devices.
+    """Runs computations over batches on the local devices: every driver's only way to
+    compile, key, pad, shard, dispatch and fetch.
 
     Args:
       params: the model's variables (put on the devices once, replicated).
-      batch: items per compiled call (rounded up to a multiple of the device count).
-      key: an int seed or a JAX key for per-item keys; salt: folded in first.
+      batch: items per compiled call (rounded up to a multiple of the device count; a
+        `Batch` may name another size).
+      key: an int seed or a JAX key for per-item keys (a `Batch` may add a salt).
       devices: the devices to shard over (default: all local devices).
       timing: charge each computation its device time (a background thread, closed by
         `close`; use the executor as a context manager).
@@ -526,19 +626,18 @@ class Executor:
     Example::
 
         with Executor(params, batch=8, key=0) as ex:
-            for tag, results in ex.stream({"gradcam": task}, groups):
+            for tag, results in ex.stream(Group(tag, {"gradcam": comp}, batches) for ...):
                 ...
+            outputs = ex.map({"gradcam": comp}, {"images": x})   # split, stream, merge
     """
 
-    def __init__(self, params, *, batch: int, key=0, salt: int | None = None, devices=None,
-                 timing: bool = False, tune: bool = True):
+    def __init__(self, params, *, batch: int, key=0, devices=None, timing: bool = False, tune: bool = True):
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
         if batch < 1:
             raise ConvlensError("the batch size must be at least 1")
         self.devices = list(devices or jax.local_devices())
-        nd = len(self.devices)
-        self.batch = -(-batch // nd) * nd
-        self.key, self.salt, self.tune = key, salt, tune
+        self.batch = round_batch(batch, len(self.devices))
+        self.key, self.tune = key, tune
         self.mesh = Mesh(np.asarray(self.devices), ("data",))
         self.data = NamedSharding(self.mesh, PartitionSpec("data"))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -568,42 +667,55 @@ class Executor:
     def function(self, comp: Computation) -> Function:
         return function(comp, self.tune)
 
-    def keys(self, indices) -> jax.Array:
-        return item_keys(self.key, indices, self.salt)
+    def keys(self, indices, salt: int | None = None) -> jax.Array:
+        return item_keys(self.key, indices, salt)
 
-    def _device_inputs(self, comp: Computation, batch: Batch) -> dict:
+    def _device_inputs(self, comp: Computation, batch: Batch, size: int) -> dict:
         out = {}
         for name in comp.inputs:
             if name not in batch.inputs:
                 raise ValueError(f"{comp!r} needs input {name!r}; the batch has {', '.join(batch.inputs)}")
-            a = pad_rows(np.asarray(batch.inputs[name]), self.batch)
+            a = pad_rows(np.asarray(batch.inputs[name]), size)
             out[name] = jax.device_put(a, self.data) if len(self.devices) > 1 else jnp.asarray(a)
         return out
 
+    def _dispatch(self, comp: Computation, params, inputs, keys):
+        if isinstance(comp, Loop):  # dispatched piece by piece; the state stays on the device
+            state = self.function(comp.part("start"))(params, inputs, keys)
+            step = self.function(comp.part("step"))
+            for i in range(comp.steps):
+                state = step(params, inputs, keys, state, jnp.int32(i))
+            return self.function(comp.part("finish"))(params, inputs, keys, state)
+        return self.function(comp)(params, inputs, keys)
+
     def submit(self, comps: Mapping[str, Computation], batch: Batch, params=None) -> Pending:
-        """Dispatches every computation of ``comps`` on ``batch`` (at most ``self.batch``
-        items); returns without waiting for the device."""
+        """Dispatches every computation of ``comps`` on ``batch``; returns without waiting
+        for the device."""
         n = len(batch)
-        if not 0 < n <= self.batch:
-            raise ValueError(f"a batch of {n} items for an executor of batch {self.batch}")
-        idx = pad_rows(np.asarray(batch.indices), self.batch)
-        keys = self.keys(idx)
+        size = round_batch(batch.size, len(self.devices)) if batch.size else self.batch
+        if not 0 < n <= size:
+            raise ValueError(f"a batch of {n} items for a compiled batch of {size}")
+        idx = pad_rows(np.asarray(batch.indices), size)
+        keys = self.keys(idx, batch.salt)
         if len(self.devices) > 1:
             keys = jax.device_put(keys, self.data)
         p = self.params if params is None else self.put_params(params)
         outs = {}
+        whole = set()
         for names, comp in self.plan(comps):
-            if comp not in self._checked:
-                comp.check(self.batch)
-                self._checked.add(comp)
-            out = comp.dispatch(self, p, self._device_inputs(comp, batch), keys)
+            if (comp, size) not in self._checked:
+                comp.check(size)
+                self._checked.add((comp, size))
+            out = self._dispatch(comp, p, self._device_inputs(comp, batch, size), keys)
             if self._timer is not None:
                 self._timer.add(names if len(names) > 1 else names[0], out)
             if isinstance(comp, Shared):
                 outs.update({n: out[n] for n in names})
             else:
                 outs[names[0]] = out
-        return Pending({name: outs[name] for name in comps}, n)
+            if comp.whole:
+                whole.update(names)
+        return Pending({name: outs[name] for name in comps}, n, frozenset(whole))
 
     @staticmethod
     def plan(comps: Mapping[str, Computation]) -> list[tuple[tuple[str, ...], Computation]]:
@@ -626,20 +738,22 @@ class Executor:
         """Host copies of dispatched work (one ``device_get`` for all of it), padding
         rows dropped: per pending, ``{computation: {output: [n, ...]}}``."""
         host = jax.device_get([p.outputs for p in pendings])
-        return [{c: {k: np.asarray(v)[:p.n] for k, v in outs.items()} for c, outs in h.items()}
-                for h, p in zip(host, pendings)]
+        return [{c: (outs if c in p.whole else {k: np.asarray(v)[:p.n] for k, v in outs.items()})
+                 for c, outs in h.items()} for h, p in zip(host, pendings)]
 
     def run(self, comps: Mapping[str, Computation], batch: Batch, params=None) -> dict[str, dict[str, np.ndarray]]:
         """`submit` then `fetch` one batch."""
         return self.fetch([self.submit(comps, batch, params)])[0]
 
-    def stream(self, comps: Mapping[str, Computation], groups: Iterable[tuple[Any, Sequence[Batch]]],
-               params=None) -> Iterator[tuple[Any, list[dict[str, dict[str, np.ndarray]]]]]:
-        """For each ``(tag, batches)`` of ``groups``: dispatches every batch, then fetches
-        the previous group and yields ``(its tag, its results per batch)``; so group
-        ``n+1`` is on the device while group ``n`` is on the host."""
+    def stream(self, groups: Iterable[Group | tuple], params=None
+               ) -> Iterator[tuple[Any, list[dict[str, dict[str, np.ndarray]]]]]:
+        """For each `Group` ``(tag, comps, batches)`` of ``groups``: dispatches every batch,
+        then fetches the previous group and yields ``(its tag, its results per batch)``;
+        so group ``n+1`` is on the device while group ``n`` is on the host. Groups are
+        drawn lazily: a caller that stops consuming (``break``) stops dispatching."""
         pending = None
-        for tag, batches in groups:
+        for g in groups:
+            tag, comps, batches = (g.tag, g.comps, g.batches) if isinstance(g, Group) else g
             dispatched = (tag, [self.submit(comps, b, params) for b in batches])
             if pending is not None:
                 yield pending[0], self.fetch(pending[1])
@@ -647,19 +761,17 @@ class Executor:
         if pending is not None:
             yield pending[0], self.fetch(pending[1])
 
-    def split(self, inputs: Mapping[str, np.ndarray], start: int = 0) -> list[Batch]:
-        """Arrays of ``N`` items cut into batches of at most ``self.batch`` (global
-        indices from ``start``)."""
-        n = len(next(iter(inputs.values())))
-        return [Batch({k: v[s:s + self.batch] for k, v in inputs.items()},
-                      np.arange(start + s, start + min(n, s + self.batch)))
-                for s in range(0, n, self.batch)]
+    def map(self, comps: Mapping[str, Computation], inputs: Mapping[str, np.ndarray], start: int = 0,
+            params=None) -> dict[str, dict[str, np.ndarray]]:
+        """Every computation over arrays of ``N`` items (batches of ``self.batch``, item
+        ``i`` keyed ``start + i``), pipelined; results ``{computation: {output: [N, ...]}}``."""
+        batches = self.split(inputs, start)
+        results = [r for _, rs in self.stream((Group(b, comps, [b]) for b in batches), params) for r in rs]
+        return merge(results)
 
-
-def merge(results: Sequence[Mapping[str, Mapping[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
-    """Per-batch results concatenated along the item axis."""
-    first = results[0]
-    return {c: {k: np.concatenate([r[c][k] for r in results]) for k in first[c]} for c in first}
+    def split(self, inputs: Mapping[str, np.ndarray], start: int = 0, salt: int | None = None) -> list[Batch]:
+        """Arrays of ``N`` items cut into batches of at most ``self.batch``."""
+        return split(inputs, self.batch, start, salt)
 
 
 class _Timer(threading.Thread):

@@ -36,7 +36,7 @@ from convlens.config import Config, option
 from convlens.engine import sources as src_mod
 from convlens.engine import store
 from convlens.engine import targets as tg
-from convlens.engine.executor import Batch, Executor, Explain
+from convlens.engine.executor import Executor, Explain, Fn, Group, merge, round_batch, split
 from convlens.engine.progress import progress_bar
 from convlens.engine.sources import ItemError, Source, safe_id
 from convlens.errors import ConvlensError
@@ -125,7 +125,7 @@ def layer_head(model: Model, cfg) -> dict:
 
 def resolve_methods(model: Model, methods: dict[str, dict]) -> dict[str, Any]:
     """``{method: options}`` -> ``{method: resolved config}`` (one-line errors)."""
-    from convlens.api import resolve
+    from convlens.kernels.registry import resolve
     if not methods:
         raise ConvlensError("no methods to run; give at least one (e.g. --methods gradcam)")
     return {name: resolve(model, name, dict(opts)) for name, opts in methods.items()}
@@ -241,7 +241,7 @@ class Run:
         self.targets = tg.parse(opts.target, self.n, self.n_classes, labelled=labelled)
         if self.targets.mode == tg.PER_ITEM:
             raise ConvlensError("a run takes top1/topk:N, class indices for every item, or label")
-        self.executor_batch = -(-opts.batch_size // len(jax.local_devices())) * len(jax.local_devices())
+        self.executor_batch = round_batch(opts.batch_size)
         want = opts.chunk or max(store.SAMPLE_CHUNK, self.executor_batch)
         self.chunk = -(-want // self.executor_batch) * self.executor_batch
         self.n_chunks = -(-self.n // self.chunk)
@@ -350,7 +350,11 @@ class Run:
         for j, raw in enumerate(raws):
             store.write(g, f"raw/{j}", raw)
         store.write(g, "resized", np.stack(resized))
-        pre = np.asarray(self.model.preprocess(jnp.asarray(np.stack(resized), jnp.float32)))
+        model = self.model
+        show = Fn(lambda p, i, k: {"x": model.preprocess(i["images"])}, ("preprocess", model.computation),
+                  ("images",), "preprocess")
+        with Executor(self.params, batch=len(resized), tune=False) as ex:
+            pre = ex.map({"pre": show}, {"images": np.stack(resized).astype(np.float32)})["pre"]["x"]
         store.write(g, "preprocessed", pre.astype(np.float32))
         root.attrs["pipeline"] = {"ids": ids, "preprocessing": self.model.preprocess_spec.describe(),
                                   "resize": self.opts.resize}
@@ -531,9 +535,7 @@ class Run:
         t = self.targets.for_items(idx, np.clip(labels, 0, max(self.n_classes - 1, 0)))
         if t is not None:
             inputs["targets"] = t
-        batches = [Batch({k: v[s:s + self.batch] for k, v in inputs.items()}, idx[s:s + self.batch])
-                   for s in range(0, n, self.batch)]
-        return (loaded, images, labels, ok), batches
+        return (loaded, images, labels, ok), split(inputs, self.batch, lo)
 
     def _loop(self, root, todo: list[int], failures, seconds) -> int:
         if not todo:
@@ -547,10 +549,9 @@ class Run:
         computed = 0
         try:
             with Executor(self.params, batch=self.batch, key=self.opts.seed, timing=True) as ex:
-                groups = ((ci, data, batches) for ci, (data, batches) in self._chunks(todo, pool))
-                tagged = (((ci, data), batches) for ci, data, batches in groups)
+                groups = (Group((ci, data), self.comps, batches) for ci, (data, batches) in self._chunks(todo, pool))
                 try:
-                    for (ci, data), results in ex.stream(self.comps, tagged):
+                    for (ci, data), results in ex.stream(groups):
                         computed += self._collect(root, ci, data, results, writer, failures, bar)
                 finally:
                     seconds.update(ex.seconds)
@@ -565,7 +566,7 @@ class Run:
 
     def _collect(self, root, ci, data, results, writer, failures, bar) -> int:
         loaded, images, labels, ok = data
-        merged = {m: {k: np.concatenate([r[m][k] for r in results]) for k in results[0][m]} for m in self.comps}
+        merged = merge(results)
         lo = ci * self.chunk
         hi = lo + len(loaded)
         ok = ok.copy()

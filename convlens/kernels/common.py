@@ -3,6 +3,7 @@ gradients for many targets, and resizing maps to the input."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -130,18 +131,37 @@ def head_kind(model: Model, layer: str) -> str:
     return "other"
 
 
-def default_method(model: Model, layer: str | None = None) -> str:
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """The method convlens picks for a model when none is named, and why (in words)."""
+
+    method: str
+    why: str
+
+
+def choose_method(model: Model, layer: str | None = None) -> Choice:
     """The method a run uses when none is named: Grad-CAM where the head pools ``layer``
     (default: `default_layer`) over its positions (GAP heads), HiRes-CAM where it flattens
     them (there Grad-CAM's position-averaged gradients cancel; HiRes-CAM's element-wise
-    weights are the exact contributions)."""
+    weights are the exact contributions). The one place this choice is made: the CLI, the
+    Python API, live and the demo all ask here."""
     try:
         layer = layer or default_layer(model)
         if len(model.output_shapes()[model.graph.node(layer).name]) != 4:
-            return "gradcam"  # not spatial: the method's own error says so
+            return Choice("gradcam", "")  # not spatial: the method's own error says so
     except ConvlensError:
-        return "gradcam"  # no such layer or no spatial layer: likewise
-    return "hirescam" if head_kind(model, layer) == "flatten" else "gradcam"
+        return Choice("gradcam", "")  # no such layer or no spatial layer: likewise
+    kind = head_kind(model, layer)
+    why = {"flatten": f"the head flattens {layer!r} position by position, where Grad-CAM's averaged gradients "
+                      "cancel",
+           "pooled": f"the head pools {layer!r} over its positions"}.get(
+        kind, f"the head does not flatten {layer!r} position by position")
+    return Choice("hirescam" if kind == "flatten" else "gradcam", why)
+
+
+def default_method(model: Model, layer: str | None = None) -> str:
+    """The name `choose_method` picks."""
+    return choose_method(model, layer).method
 
 
 def check_spatial_layer(model: Model, layer: str, method: str) -> str:

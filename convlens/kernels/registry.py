@@ -18,6 +18,7 @@ import pkgutil
 from convlens.kernels.spec import (COMMON, INPUT_ATTR, INPUT_MAP, LAYER_MAP, SAMPLE, TARGET,  # noqa: F401
                                    MethodSpec, Output)
 
+
 def method_modules() -> tuple[str, ...]:
     """The kernel modules (every module of ``convlens.kernels`` but this one and ``spec``)."""
     import convlens.kernels as pkg
@@ -38,8 +39,12 @@ def _assemble(modules=None) -> dict[str, MethodSpec]:
 METHODS: dict[str, MethodSpec] = _assemble()
 
 
-def all_outputs(spec: MethodSpec) -> tuple[Output, ...]:
-    return spec.all_outputs
+def resolve(model, method: str, options: dict | None = None):
+    """``method``'s config for ``model`` from keyword options (checked, layer resolved)."""
+    from convlens.errors import ConvlensError
+    if method not in METHODS:
+        raise ConvlensError(f"unknown method {method!r}; methods: {', '.join(sorted(METHODS))}")
+    return METHODS[method].resolve(model, options or {})
 
 
 def heatmap_methods() -> list[str]:

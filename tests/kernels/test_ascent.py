@@ -128,9 +128,12 @@ def test_host_loop_equals_compiled_loop(tiny, recipe):
     from convlens.engine.atlas import ascend
     model, params = tiny
     cfg = A.AscentConfig(recipe=recipe, size=16, steps=5)
-    units = jnp.arange(4)
-    keys = item_keys(0, units, salt=1)
-    a = jax.device_get(ascend(model, params, A.channel("block2_conv1"), units, cfg, keys, loop="fori"))
-    b = jax.device_get(ascend(model, params, A.channel("block2_conv1"), units, cfg, keys, loop="host"))
+    units = np.arange(4)
+    a = ascend(model, params, A.channel("block2_conv1"), units, cfg, seed=0, salt=1, loop="fori")
+    b = ascend(model, params, A.channel("block2_conv1"), units, cfg, seed=0, salt=1, loop="host")
+    # The executor's keys are the kernel's: fold_in(fold_in(key(0), salt), unit).
+    want = jax.device_get(A.visualize(model, params, A.channel("block2_conv1"), jnp.asarray(units), cfg,
+                                      item_keys(0, units, salt=1)))
+    np.testing.assert_array_equal(a["patterns"], want["patterns"])
     np.testing.assert_array_equal(a["patterns"], b["patterns"])
     np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-6)
