@@ -716,10 +716,10 @@ def _weights():
     @model_options
     def weights_cmd(model, layers, out, overwrite, **kw):
         """Raw filter weights of conv layers, as images normalised per layer."""
-        import jax
         import numpy as np
 
         from convlens.engine import store
+        from convlens.engine.executor import Executor, Fn
         from convlens.kernels.activations import filter_images
         if out:
             store.check_replaceable(out)
@@ -727,7 +727,9 @@ def _weights():
                 raise ConvlensError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
         m, params = _load({"name_or_path": model, **kw})
         names = list(layers) or list(m.conv_layer_names)
-        res = {n: jax.device_get(filter_images(m, params, n)) for n in names}
+        with Executor(params, batch=1, tune=False) as ex:
+            res = {n: ex.call(Fn(lambda p, i, k, n=n: filter_images(m, p, n), ("filters", m.computation, n), (),
+                                 "filters", whole=True)) for n in names}
         for n, r in res.items():
             k = r["kernel"]
             click.echo(f"{n:28s} kernel {list(k.shape)}  filters {list(r['filters'].shape)}  "

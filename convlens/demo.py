@@ -100,49 +100,65 @@ def demo_model(class_names=SHORTCUT_CLASSES) -> Model:
 
 def train(model: Model, images, labels, *, epochs: int = 6, batch: int = 64, lr: float = 3e-3, seed: int = 0,
           log=None):
-    """Trains ``model`` with Adam on softmax cross-entropy; returns params (deterministic)."""
+    """Trains ``model`` with Adam on softmax cross-entropy; returns params (deterministic).
+
+    An epoch is a `Loop` of the executor (one compiled step, dispatched ``n / batch``
+    times; params and Adam's state stay on the device until the epoch ends)."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    params = model.init(seed)
+    from convlens.engine.executor import Batch, Executor, Loop
+
     opt = optax.adam(lr)
-    state = opt.init(params)
-
-    def loss_fn(p, x, y):
-        logits = model.apply(p, model.preprocess(x), logits=True)[0]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
-
-    @jax.jit
-    def step(p, s, x, y):
-        (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, y)
-        upd, s = opt.update(g, s, p)
-        return optax.apply_updates(p, upd), s, loss, jnp.mean(jnp.argmax(logits, -1) == y)
-
-    rng = np.random.default_rng(seed)
     n = len(images) // batch * batch
-    for epoch in range(epochs):
-        order = rng.permutation(len(images))[:n]
-        losses, accs = [], []
-        for s in range(0, n, batch):
-            sel = order[s:s + batch]
-            params, state, loss, acc = step(params, state, jnp.asarray(images[sel], jnp.float32),
-                                            jnp.asarray(labels[sel]))
-            losses.append(loss)
-            accs.append(acc)
-        if log:
-            log(f"epoch {epoch + 1}/{epochs}: loss {float(np.mean(losses)):.3f}, "
-                f"accuracy {float(np.mean(accs)):.3f}")
+    steps = n // batch
+
+    def start(ps, inputs, keys):
+        p, s = ps
+        return p, s, jnp.zeros(steps), jnp.zeros(steps)
+
+    def step(ps, inputs, keys, state, i):
+        p, s, losses, accs = state
+        sel = jax.lax.dynamic_slice(inputs["order"], (i * batch,), (batch,))
+        x, y = inputs["images"][sel], inputs["labels"][sel]
+
+        def loss_fn(q):
+            logits = model.apply(q, model.preprocess(x), logits=True)[0]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+        (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        upd, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, upd), s, losses.at[i].set(loss),
+                accs.at[i].set(jnp.mean(jnp.argmax(logits, -1) == y)))
+
+    def finish(ps, inputs, keys, state):
+        p, s, losses, accs = state
+        return {"params": p, "opt_state": s, "loss": losses, "accuracy": accs}
+
+    epoch_loop = Loop(("demo-train", model.computation, lr, batch, steps), ("images", "labels", "order"), start, step,
+                      finish, steps, "train", whole=True)
+    params = model.init(seed)
+    state = opt.init(params)
+    rng = np.random.default_rng(seed)
+    data = {"images": np.asarray(images, np.float32), "labels": np.asarray(labels, np.int32)}
+    with Executor(None, batch=len(images), tune=False) as ex:
+        for epoch in range(epochs):
+            order = np.zeros(len(images), np.int32)
+            order[:n] = rng.permutation(len(images))[:n]
+            out = ex.run({"t": epoch_loop}, Batch({**data, "order": order}, np.arange(len(images))),
+                         params=(params, state))["t"]
+            params, state = out["params"], out["opt_state"]
+            if log:
+                log(f"epoch {epoch + 1}/{epochs}: loss {float(np.mean(out['loss'])):.3f}, "
+                    f"accuracy {float(np.mean(out['accuracy'])):.3f}")
     return params
 
 
 def accuracy(model: Model, params, images, labels) -> float:
-    import jax
-    import jax.numpy as jnp
-    f = jax.jit(lambda p, x: jnp.argmax(model.apply(p, model.preprocess(x), logits=True)[0], -1))
-    pred = np.concatenate([np.asarray(f(params, jnp.asarray(images[s:s + 256], jnp.float32)))
-                           for s in range(0, len(images), 256)])
-    return float((pred == labels).mean())
+    from convlens.engine.executor import Executor, Forward
+    with Executor(params, batch=min(256, len(images)), tune=False) as ex:
+        logits = ex.map({"f": Forward(model)}, {"images": np.asarray(images, np.float32)})["f"]["logits"]
+    return float((np.argmax(logits, -1) == labels).mean())
 
 
 def write_folder(root, images, labels, masks, class_names):

@@ -198,22 +198,46 @@ def test_no_xla_flags_are_set_at_import():
     assert r.returncode == 0 and r.stdout.strip() == "None", r.stdout + r.stderr
 
 
+def executor_offences(source: str, rel: str) -> list[str]:
+    """Where ``source`` (the module at ``rel`` in the package) compiles, dispatches or
+    fetches by itself: ``jax.jit`` in any form (a call, ``@jax.jit``, ``partial(jax.jit,
+    ...)``, ``from jax import jit``), a jitted function's ``.lower(args)``, and, outside
+    the engine, ``device_get`` / ``device_put`` / ``block_until_ready``."""
+    out = []
+    in_engine = rel.startswith("engine/")
+    for node in ast.walk(ast.parse(source)):
+        line = f"{rel}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "jax":
+            out += [f"{line} from jax import {a.name}" for a in node.names
+                    if a.name == "jit" or (not in_engine and a.name in ("device_get", "device_put"))]
+        elif isinstance(node, ast.Attribute):
+            if node.attr == "jit" and isinstance(node.value, ast.Name) and node.value.id == "jax":
+                out.append(f"{line} jax.jit")
+            elif not in_engine and node.attr in ("device_get", "device_put", "block_until_ready"):
+                out.append(f"{line} {node.attr}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "lower" \
+                and (node.args or node.keywords):  # str.lower() takes none
+            out.append(f"{line} .lower(args)")
+    return out
+
+
 def test_only_the_executor_compiles():
-    """No driver compiles by itself: ``jax.jit(...)`` and ``.lower(args)`` (a jitted
-    function's lowering) appear only in the executor."""
+    """No driver compiles, dispatches or fetches by itself: every loop goes through the
+    executor (the demo's training included: an epoch is one of its `Loop` s)."""
     offenders = []
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE).as_posix()
-        if rel in ("engine/executor.py", "demo.py"):  # the demo's training loop trains; it explains nothing
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
-                continue
-            jit = node.func.attr == "jit" and isinstance(node.func.value, ast.Name) and node.func.value.id == "jax"
-            lower = node.func.attr == "lower" and (node.args or node.keywords)  # str.lower() takes none
-            if jit or lower:
-                offenders.append(f"{rel}:{node.lineno}")
+        if rel != "engine/executor.py":
+            offenders += executor_offences(path.read_text(), rel)
     assert offenders == [], offenders
+
+
+@pytest.mark.parametrize("code", [
+    "f = jax.jit(g)", "@jax.jit\ndef f(x):\n    return x", "f = functools.partial(jax.jit, static_argnums=1)(g)",
+    "from jax import jit", "y = jax.device_get(x)", "f.lower(x)", "jax.block_until_ready(y)"])
+def test_the_compile_check_catches_every_spelling(code):
+    assert executor_offences(code, "demo.py"), code
+    assert executor_offences("s.lower()\nx = np.asarray(y)", "demo.py") == []
 
 
 def test_layer_kinds_replace_class_name_lists_in_kernels():

@@ -166,8 +166,9 @@ class Fn(Computation):
     names the XLA options to compile it with (a candidate of `CPU_CANDIDATES`, e.g. the
     one measured for the model's forward pass, for programs too long to measure)."""
 
-    def __init__(self, fn: Callable, key: tuple, inputs: tuple[str, ...], label: str = "", xla: str | None = None):
-        self.fn, self._key, self.inputs, self.label, self.xla = fn, key, inputs, label, xla
+    def __init__(self, fn: Callable, key: tuple, inputs: tuple[str, ...], label: str = "", xla: str | None = None,
+                 whole: bool = False):
+        self.fn, self._key, self.inputs, self.label, self.xla, self.whole = fn, key, inputs, label, xla, whole
 
     def key(self):
         return self._key
@@ -535,6 +536,11 @@ def item_keys(key, indices, salt: int | None = None):
     return _fold_each(base, jnp.asarray(np.asarray(indices), jnp.int32))
 
 
+def abstract_keys(batch: int):
+    """The shape and dtype of a batch's keys, for ``jax.eval_shape`` of a computation."""
+    return jax.eval_shape(lambda: item_keys(0, np.arange(batch)))
+
+
 def round_batch(n: int, devices: int | None = None) -> int:
     """``n`` items per compiled call rounded up to a multiple of the device count (each
     device takes an equal share)."""
@@ -768,6 +774,13 @@ class Executor:
         batches = self.split(inputs, start)
         results = [r for _, rs in self.stream((Group(b, comps, [b]) for b in batches), params) for r in rs]
         return merge(results)
+
+    def call(self, comp: Computation, params=None) -> dict[str, np.ndarray]:
+        """A computation of the params alone (no batch inputs; its outputs ``whole``, e.g.
+        a layer's kernels drawn as images), compiled, run and fetched like any other."""
+        if comp.inputs or not comp.whole:
+            raise ValueError(f"{comp!r}: call takes a computation without batch inputs whose outputs are whole")
+        return self.run({"_": comp}, Batch({}, np.zeros(1, np.int32), size=1), params)["_"]
 
     def split(self, inputs: Mapping[str, np.ndarray], start: int = 0, salt: int | None = None) -> list[Batch]:
         """Arrays of ``N`` items cut into batches of at most ``self.batch``."""

@@ -262,11 +262,11 @@ class Run:
 
     def output_specs(self) -> dict[str, dict[str, tuple[tuple[int, ...], np.dtype, tuple[str, ...]]]]:
         """Per method, per output: (shape of one item, dtype, dims), from ``eval_shape``."""
-        from convlens.engine.executor import item_keys
+        from convlens.engine.executor import abstract_keys
         b = self.batch
         inputs = {"images": jax.ShapeDtypeStruct((b, *self.size, self.model.channels), jnp.float32),
                   "targets": jax.ShapeDtypeStruct((b, self.targets.width), jnp.int32)}
-        keys = jax.eval_shape(lambda: item_keys(0, np.arange(b)))
+        keys = abstract_keys(b)
         specs = {}
         for m, comp in self.comps.items():
             shapes = jax.eval_shape(comp, self.params, {k: inputs[k] for k in comp.inputs}, keys)
