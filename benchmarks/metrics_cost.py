@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 from common import best_time, load_arrays, machine, explain_fn  # noqa: E402
 
 from convlens import demo  # noqa: E402
-from convlens.kernels import metrics  # noqa: E402
+from convlens.engine.quality import Plan  # noqa: E402
+from convlens.kernels.metrics.registry import METRICS  # noqa: E402
 from convlens.models.registry import build_model  # noqa: E402
 
 
@@ -34,8 +35,9 @@ def measure(model, params, size, batch, steps, reps):
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(batch))
     out = fn(params, x, None, keys)
     t_exp = best_time(lambda: jax.block_until_ready(fn(params, x, None, keys)), reps)
-    fcfg = metrics.FaithfulnessConfig(steps=steps)
-    mf = jax.jit(lambda p, a, m, t: metrics.faithfulness(model, p, a, m, t, fcfg))
+    names = ("deletion", "insertion", "average_drop")
+    plan = Plan(model, names, {m: METRICS[m].resolve({"steps": steps} if m != "average_drop" else {}) for m in names})
+    mf = jax.jit(lambda p, a, m, t: plan({"model": p}, {"images": a, "maps": m[:, 0], "targets": t[:, 0]}, keys))
     t_met = best_time(lambda: jax.block_until_ready(mf(params, x, out["heatmap"], out["targets"])), reps)
     return {"batch": batch, "steps": steps, "explain_s_per_image": t_exp / batch,
             "metrics_s_per_image": t_met / batch, "metrics_over_explain": t_met / t_exp,

@@ -28,8 +28,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from common import best_time, load_arrays, machine, torch_model  # noqa: E402
 
-from convlens.kernels import common  # noqa: E402
-from convlens.kernels.metrics.catalogue import Context, evaluate  # noqa: E402
+from convlens.engine.quality import Plan  # noqa: E402
+from convlens.kernels.metrics.registry import METRICS  # noqa: E402
 from convlens.kernels.registry import METHODS  # noqa: E402
 from convlens.models.registry import build_model  # noqa: E402
 
@@ -99,7 +99,7 @@ def main():
     xq = np.asarray(model.preprocess(jnp.asarray(x))).transpose(0, 3, 1, 2).copy()
     gspec = METHODS["gradient"]
 
-    from convlens.engine.executor import Fn, function
+    from convlens.engine.executor import Fn, function, item_keys
     from convlens.engine.quality import forward_options
     xla = forward_options(model, params, x, n)  # as the audit compiles its metric programs
     print("XLA options of the forward pass here:", xla, flush=True)
@@ -108,32 +108,20 @@ def main():
     variables = {"model": params, "fresh": jax.tree.map(jnp.asarray, model.init(1234))}
 
     def convlens_family(items):
-        def fn(v, x, a, y, s, key):
-            p = v["model"]
-
-            def logits(im):
-                return common.forward_logits(model, p, im)
-
-            def probs(im):
-                return common.probabilities(model, logits(im))
-
-            def explain_with(q, im, t):
-                return gspec.explain(model, q, im, t[:, None], None)["heatmap"][:, 0]
-
-            def explain(im, t):
-                return explain_with(p, im, t)
-            ctx = Context(x=x, a=a, y=y, probs=probs, logits=logits, explain=explain, masks=s, key=key,
-                          num_classes=1000, explain_with=explain_with, params=p, fresh=v["fresh"], layers=layers)
-            return {m: evaluate(m, ctx, o)["score"] for m, o, _, _ in items}
-        comp = function(Fn(lambda p, i, k: fn(p, i["x"], i["a"], i["y"], i["s"], k), ("bench", repr(items)),
-                           ("x", "a", "y", "s"), xla=xla), tune=False)
-        return lambda p, x, a, y, s, key: comp(p, {"x": x, "a": a, "y": y, "s": s}, key)
+        # The audit's program: every metric of the family in one Plan, keyed per item.
+        names = [m for m, *_ in items]
+        plan = Plan(model, names, {m: METRICS[m].resolve(o) for m, o, _, _ in items}, gspec, gspec.resolve(model, {}),
+                    maps_given=True, num_classes=1000, layers=layers)
+        comp = function(Fn(plan, plan.key(), plan.inputs(True, False), xla=xla), tune=False)
+        keys = item_keys(0, np.arange(n))
+        return lambda v, x, a, y, s: comp(v, {"images": x, "targets": y, "maps": a, "masks": s}, keys)
 
     # The batched-pass limit: one forward, and one gradient map, of all the images.
     from convlens.engine.executor import Forward
     fwd = function(Forward(model), tune=False)
     fwd_fixed = function(Fn(lambda p, i, k: fwd.comp(p, i, k), ("bench-forward",), ("images",), xla=xla), tune=False)
-    grad_fixed = function(Fn(lambda p, i, k: gspec.explain(model, p, i["images"], i["targets"][:, None], None),
+    grad_fixed = function(Fn(lambda p, i, k: gspec.explain(model, p, i["images"], i["targets"][:, None],
+                                                       gspec.resolve(model, {}), None),
                              ("bench-gradient",), ("images", "targets"), xla=xla), tune=False)
     xa, ya, kk = jnp.asarray(x), jnp.asarray(y, jnp.int32), jax.random.PRNGKey(0)
     t_fwd = best_time(lambda: jax.block_until_ready(fwd_fixed(params, {"images": xa}, kk)), a.reps)
@@ -150,8 +138,7 @@ def main():
         if only and fam not in only:
             continue
         f = convlens_family(items)
-        args = (variables, jnp.asarray(x), jnp.asarray(maps), jnp.asarray(y), jnp.asarray(masks),
-                jax.random.PRNGKey(0))
+        args = (variables, jnp.asarray(x), jnp.asarray(maps), jnp.asarray(y, jnp.int32), jnp.asarray(masks))
         jax.block_until_ready(f(*args))
         t_ours = min(_timed(lambda: jax.block_until_ready(f(*args))) for _ in range(a.reps))
         qs = []

@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from common import best_time, explain_fn, load_arrays, machine  # noqa: E402
 
-from convlens.kernels.metrics import spearman  # noqa: E402
+from convlens.kernels.metrics.base import spearman  # noqa: E402
 from convlens.models.registry import build_model  # noqa: E402
 from tests.conftest import photo_batch  # noqa: E402
 

@@ -10,12 +10,14 @@ __version__ = "0.2.0"
 from convlens._lazy import lazy  # noqa: E402
 from convlens.errors import ConvlensError  # noqa: E402
 
-_LAZY = {"Explanation": "convlens.api", "explain": "convlens.api", "METHODS": "convlens.kernels.registry",
+_LAZY = {"Explanation": "convlens.api", "explain": "convlens.api", "evaluate": "convlens.api",
+         "METHODS": "convlens.kernels.registry", "METRICS": "convlens.kernels.metrics.registry",
          "MODELS": "convlens.models.registry", "build_model": "convlens.models.registry",
-         "load_model": "convlens.models.registry", "default_method": "convlens.kernels.common"}
+         "load_model": "convlens.models.registry", "default_method": "convlens.kernels.common",
+         "choose_method": "convlens.kernels.common"}
 
-__all__ = ["ConvlensError", "Explanation", "METHODS", "MODELS", "build_model", "default_method", "explain", "load_model",
-           "__version__"]
+__all__ = ["ConvlensError", "Explanation", "METHODS", "METRICS", "MODELS", "build_model", "choose_method",
+           "default_method", "evaluate", "explain", "load_model", "__version__"]
 
 
 __getattr__ = lazy(globals(), _LAZY)

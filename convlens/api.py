@@ -108,3 +108,99 @@ def explain(model: Model, params, images, method: str | None = None, *, target="
     merged = tg.mask_positives(merged, spec.dims, class_probabilities(merged["logits"], model.output_activation), t)
     outputs = {k: v for k, v in merged.items() if k not in ("targets", "logits")}
     return Explanation(method, cfg, outputs, spec.dims, merged["targets"], merged["logits"])
+
+
+def evaluate(metric: str, model: Model | None = None, params=None, images=None, targets=None, maps=None, *,
+             method: str | None = None, method_options: dict | None = None, masks=None, segments=None, key=0,
+             batch_size: int | None = None, replay: dict | None = None, **options) -> dict[str, np.ndarray]:
+    """Scores explanation maps with one quality metric: convlens's
+    ``quantus.Metric(...)(model, x_batch, y_batch, a_batch)``.
+
+    Args:
+      metric: a metric's name (``convlens metrics`` lists them with their options).
+      model, params: the classifier, for metrics that score images, re-run the method or
+        randomise its weights (``convlens metrics`` says which need it).
+      images: pixels ``[B, H, W, C]`` (0..255) at the model's input size.
+      targets: the classes the maps explain ``[B]``; default: each image's top class.
+      maps: ``[B, H, W]`` (an `Explanation`'s ``heatmap [B, T, H, W]`` gives its first
+        target's); default: ``method``'s maps, computed here.
+      method: the method the maps come from (robustness and randomisation metrics re-run
+        it); its options in ``method_options``.
+      masks: object masks ``[B, H, W]`` (localisation metrics).
+      segments: superpixels ``[B, H, W]`` (IROF; default: SLIC, as Quantus).
+      key: an int seed or a JAX key; item ``i`` draws from ``fold_in(key, i)``, so a score
+        does not depend on the batch size.
+      batch_size: items per compiled call (default: all at once).
+      replay: arrays replacing the metric's draws (``noises``, ``subsets``, ``fills``,
+        ``y_off``: see `convlens.METRICS[metric].replay`), for parity with another
+        implementation; the batch is then computed at once.
+      **options: the metric's options, checked against its declaration (``steps=16``).
+
+    Returns:
+      ``{"score": [B], ...}``: the score (NaN where undefined) and whatever else the
+      metric gives per item (``curve [B, S]`` ...).
+
+    Example::
+
+        e = convlens.explain(model, params, x, "gradcam")
+        convlens.evaluate("pixel_flipping", model, params, x, e.targets[:, 0], e.heatmap, steps=32)
+        convlens.evaluate("avg_sensitivity", model, params, x, maps=e.heatmap, method="gradcam")
+        convlens.evaluate("sparseness", maps=e.heatmap)
+    """
+    from convlens.engine.quality import Plan, evaluate as run, layers_with_weights, superpixels
+    from convlens.engine.targets import n_classes
+    from convlens.kernels.metrics.registry import METRICS, resolve as resolve_metric
+    from convlens.kernels.registry import METHODS
+
+    cfg = resolve_metric(metric, options)
+    spec = METRICS[metric]
+    unknown = set(replay or {}) - set(spec.replay)
+    if unknown:
+        raise ConvlensError(f"{metric} replays {', '.join(spec.replay) or 'no draws'}, not {', '.join(sorted(unknown))}")
+    requires = set(spec.requires)
+    if maps is None and method is None:
+        raise ConvlensError(f"{metric} scores maps: give maps= or method= (the method to compute them)")
+    if maps is None or "method" in requires:
+        requires |= {"model", "method"}
+    if "model" in requires and (model is None or params is None):
+        raise ConvlensError(f"{metric} needs the model: give model= and params=")
+    if "method" in requires and method is None:
+        raise ConvlensError(f"{metric} re-runs the method the maps come from: give method= (e.g. method='gradcam')")
+    if "masks" in requires and masks is None:
+        raise ConvlensError(f"{metric} needs object masks: give masks= [B, H, W]")
+    arrays: dict[str, np.ndarray] = {}
+    if maps is not None:
+        a = np.asarray(maps, np.float32)
+        a = a[:, 0] if a.ndim == 4 else a
+        if a.ndim != 3:
+            raise ConvlensError(f"maps must be [B, H, W] (or an explanation's heatmap [B, T, H, W]); got {a.shape}")
+        arrays["maps"] = a
+    if model is not None:
+        x = check_images(model, images)
+        arrays["images"] = x
+        if targets is None:
+            from convlens.engine.executor import Executor, Forward
+            with Executor(params, batch=min(batch_size or len(x), len(x)), tune=False) as ex:
+                targets = np.argmax(ex.map({"f": Forward(model)}, {"images": x})["f"]["logits"], axis=-1)
+        arrays["targets"] = np.asarray(targets, np.int32).reshape(len(x))
+    elif images is not None:  # maps-only metrics ignore them
+        arrays["images"] = np.asarray(images, np.float32)
+    if masks is not None:
+        arrays["masks"] = np.asarray(masks, bool)
+    if "segments" in spec.needs:
+        arrays["segments"] = np.asarray(segments, np.int32) if segments is not None else superpixels(arrays["images"])
+    mspec = mcfg = None
+    if method is not None:
+        if method not in METHODS:
+            raise ConvlensError(f"unknown method {method!r}; methods: {', '.join(sorted(METHODS))}")
+        mspec, mcfg = METHODS[method], resolve(model, method, method_options)
+    plan = Plan(model, [metric], {metric: cfg}, mspec, mcfg, maps_given=maps is not None,
+                n_segments=int(arrays["segments"].max()) + 1 if "segments" in arrays else 0,
+                num_classes=n_classes(model) if model is not None else 0,
+                layers=layers_with_weights(model, params) if model is not None else (), every_output=True)
+    n = len(next(iter(arrays.values())))
+    for k, v in arrays.items():
+        if len(v) != n:
+            raise ConvlensError(f"{k} has {len(v)} items, the maps or images {n}")
+    out = run(model, params, plan, arrays, key=key, batch=batch_size, replay=replay)
+    return {k.split(":", 1)[1]: v for k, v in out.items()}

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from convlens.errors import ConvlensError
 from convlens.models.keras_graph import graph_from_config
 from convlens.models.network import Model
 from convlens.models.preprocess import Preprocess
 
 DEMO_MARKER = ".convlens-demo"
 # The quality metrics the demo ranks its methods with (a quick set: a minute on a CPU).
-DEMO_QUALITY = "road_gain,faithfulness_estimate,pointing_game,relevance_rank_accuracy,auc,sparseness,random_logit"
+DEMO_QUALITY = ("road_gain,deletion,insertion,faithfulness_estimate,pointing_game,relevance_rank_accuracy,auc,sparseness,"
+                "random_logit,mprt")
 SIZE = 64
 STAMP = (slice(5, 12), slice(50, 57))  # rows, columns of the stamp: the top-right corner
 SHORTCUT_CLASSES = ("clean", "stamped")
@@ -191,17 +191,12 @@ def run_demo(out="convlens-demo", *, train_size: int = 2000, test_size: int = 16
     from convlens.render.report import report
     from convlens.render.tables import table
 
+    from convlens.engine.ownership import claim_folder
     out = Path(out)
-    marker = out / DEMO_MARKER
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ConvlensError(f"demo --out {out} is not a folder; choose another path")
-    if out.is_dir() and any(out.iterdir()):
-        if not marker.exists():
-            raise ConvlensError(f"demo --out {out} is a folder convlens did not make; the demo writes only into a new "
-                                "folder or an earlier demo's: choose another --out")
-        shutil.rmtree(out)  # an earlier demo's folder: the demo makes it again
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text("made by convlens demo; `convlens demo` replaces this folder\n")
+    claim_folder(out, DEMO_MARKER, "demo --out")  # new, empty, or an earlier demo's: nothing else
+    for child in out.iterdir():  # an earlier demo's files: the demo makes them again
+        if child.name != DEMO_MARKER:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     t0 = time.perf_counter()
     log(f"1/5 data: {train_size} training and {test_size} held-out 64x64 images; the label is given by a small "
         "stamp in the top-right corner, not by the object")
@@ -226,13 +221,22 @@ def run_demo(out="convlens-demo", *, train_size: int = 2000, test_size: int = 16
     log(f"    {s.done} images in {s.seconds:.1f} s -> {store}")
     log("4/5 auditing: shortcut flags, faithfulness metrics, sanity check, and which method to trust (quality "
         "metrics against a random and an edge-map control)")
-    findings = audit.audit(store, audit.AuditConfig(sample=32, sanity_items=4, quality=DEMO_QUALITY,
-                                                    quality_items=32), progress=None)
+    findings = audit.audit(store, audit.AuditConfig(quality=DEMO_QUALITY, quality_items=32, progress=False))
     log("5/5 rendering pictures and the HTML report")
     pages = report(store, out / "report.html")
     flags = [(m, f) for m, e in findings.items() for f in e["flags"]]
     from convlens.engine.store import open_store
     from convlens.render.tables import quality_table
     quality = open_store(store).attrs["audit"]["quality"]
+    seconds = time.perf_counter() - t0
+    text = table(findings) + "\n\n" + quality_table(quality)
+    shortcut = [(m, f) for m, f in flags if f["kind"] == "class_location"]
+    if shortcut:
+        m, f = shortcut[0]
+        found = (f"FOUND: the model's decisions for class {f['class_name']!r} rest on the {f['where']} — the planted "
+                 f"stamp ({m}: {f['share_of_items']:.0%} of the class's items peak there).")
+    else:
+        found = "The audit did not flag the planted shortcut (unexpected: see the report)."
+    summary = f"\n{text}\n\n{found}\nReport: {Path(pages[0]).resolve()}  (open it in a browser; done in {seconds:.0f} s)"
     return {"report": pages[0], "store": store, "findings": findings, "flags": flags, "quality": quality,
-            "seconds": time.perf_counter() - t0, "text": table(findings) + "\n\n" + quality_table(quality)}
+            "seconds": seconds, "text": text, "summary": summary}

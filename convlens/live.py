@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from convlens.config import Config, option
-from convlens.errors import ConvlensError
+from convlens.errors import ConvlensError, OptionError
 
 
 @dataclasses.dataclass
@@ -194,6 +194,7 @@ class LiveOptions(Config):
     Attributes:
       target: top1, topk:N (the first is drawn), or class indices.
       out: write the overlays: FILE.mp4, FILE.webm, FILE.gif, or a folder of PNG frames.
+      overwrite: replace an earlier --out convlens wrote.
       show: show the overlays in a window (needs a display).
       max_frames: stop after this many explained frames.
       duration: stop after this many seconds.
@@ -206,6 +207,7 @@ class LiveOptions(Config):
 
     target: str = "top1"
     out: str | None = None
+    overwrite: bool = False
     show: bool = False
     max_frames: int | None = option(None, min=1)
     duration: float | None = option(None, above=0)
@@ -216,6 +218,16 @@ class LiveOptions(Config):
     timeout: float = option(10.0, above=0)
 
     _owner = "live"
+
+
+def writable(opts: LiveOptions, on_frame=None) -> None:
+    """Refuses (one line) a session with nowhere to put its overlays, or an --out that
+    exists without --overwrite."""
+    if opts.out is None and not opts.show and on_frame is None:
+        raise OptionError("live needs somewhere to put the overlays: --out FILE.mp4|FILE.gif|FOLDER or --show")
+    from convlens.engine.ownership import exists
+    if opts.out is not None and exists(opts.out) and not opts.overwrite:
+        raise ConvlensError(f"{opts.out} already exists; pass --overwrite to replace it or choose another --out")
 
 
 def live(model, params, stream: str, *, method: str | None = None, options: dict | None = None,
@@ -253,8 +265,7 @@ def live(model, params, stream: str, *, method: str | None = None, options: dict
     method = method or choose_method(model, (options or {}).get("layer")).method
     if method not in METHODS or METHODS[method].heatmap is None:
         raise ConvlensError(f"live runs a method with a heatmap; {method!r} is not one ({', '.join(heatmap_methods())})")
-    if opts.out is None and not opts.show and on_frame is None:
-        raise ConvlensError("live needs somewhere to put the overlays: --out FILE.mp4|FILE.gif|FOLDER or --show")
+    writable(opts, on_frame)
     cfg = resolve(model, method, dict(options or {}))
     targets = tg.parse(opts.target, 1, tg.n_classes(model), labelled=False)
     comp = {method: Explain(model, method, cfg, targets.top_k)}

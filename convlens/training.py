@@ -66,11 +66,12 @@ class ExplainRecorder:
         if t is not None:
             self.inputs["targets"] = t
         self.seed, self.batch = seed, min(batch_size or n, n)
-        store.check_replaceable(self.out)
-        self.root = store.create(self.out, overwrite=overwrite, attrs={
+        # The store stays locked while the recorder lives (released by `close`).
+        self.writing = store.open_for_write(self.out, "overwrite" if overwrite else "new", command=command, attrs={
             **store.model_attrs(model), "command": command,
             "training": {"methods": list(methods), "target": str(target), "seed": seed},
             "methods": {m: store.method_entry(self.comps[m].spec, cfg, {}) for m, cfg in self.configs.items()}})
+        self.root = self.writing.root
         store.write(self.root, "ids", np.asarray([str(i) for i in (ids if ids is not None else range(n))]))
         store.write(self.root, "inputs", np.clip(self.x, 0, 255).astype(np.uint8))
         store.write(self.root, "labels", self.labels)
@@ -131,7 +132,10 @@ class ExplainRecorder:
         return secs
 
     def close(self):
-        store.finish(self.out)
+        try:
+            store.finish(self.out)
+        finally:
+            self.writing.close()
 
 
 def _as_float(value) -> float:

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
+from convlens.engine import ownership
 from convlens.engine import store
 from convlens.errors import ConvlensError
 from tests.engine.test_runner import arrays_of, assert_same_arrays
@@ -162,10 +163,10 @@ def test_a_running_store_is_locked_against_a_second_writer(home):
     p1 = subprocess.Popen([sys.executable, "-m", "convlens.cli", *args], cwd=home, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (home / "s.zarr" / store.LOCK_NAME).exists():
+    while time.time() < deadline and not (home / "s.zarr" / ownership.LOCK_NAME).exists():
         time.sleep(0.05)
-    assert (home / "s.zarr" / store.LOCK_NAME).exists()
-    info = json.loads((home / "s.zarr" / store.LOCK_NAME).read_text())
+    assert (home / "s.zarr" / ownership.LOCK_NAME).exists()
+    info = json.loads((home / "s.zarr" / ownership.LOCK_NAME).read_text())
     assert info["pid"] == p1.pid and info["host"] == socket.gethostname()
     r = convlens(*args, "--overwrite", cwd=home)
     one_line(r.err, 1, r.code, "is in use by")
@@ -174,13 +175,13 @@ def test_a_running_store_is_locked_against_a_second_writer(home):
     one_line(r.err, 1, r.code, "is in use by")
     out, err = p1.communicate(timeout=600)
     assert p1.returncode == 0, err
-    assert "20 done" in out and not (home / "s.zarr" / store.LOCK_NAME).exists()
+    assert "20 done" in out and not (home / "s.zarr" / ownership.LOCK_NAME).exists()
 
 
 def test_stale_locks_are_taken_over_or_reported(home, capsys, monkeypatch):
     monkeypatch.chdir(home)
     cli_in_process(["run", *TINY, "--data", "imgs.npy", "--out", "s.zarr", "--no-progress"], capsys)
-    lock = home / "s.zarr" / store.LOCK_NAME
+    lock = home / "s.zarr" / ownership.LOCK_NAME
     # Same host, a process that is gone: provably stale, taken over with a note.
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 17, "heartbeat": time.time()}))
     code, out, err = cli_in_process(["run", *TINY, "--data", "imgs.npy", "--out", "s.zarr", "--no-progress",
@@ -193,7 +194,11 @@ def test_stale_locks_are_taken_over_or_reported(home, capsys, monkeypatch):
                                    "--resume"], capsys)
     one_line(err, 1, code, "host elsewhere")
     assert "looks stale" in err and "convlens unlock s.zarr" in err
-    code, out, _ = cli_in_process(["unlock", "s.zarr"], capsys)
+    # unlock checks the holder too: another host's lock needs --force, saying what is at stake.
+    code, _, err = cli_in_process(["unlock", "s.zarr"], capsys)
+    one_line(err, 1, code, "on another host")
+    assert "--force" in err and lock.exists()
+    code, out, _ = cli_in_process(["unlock", "s.zarr", "--force"], capsys)
     assert code == 0 and "cleared the lock" in out and not lock.exists()
     code, out, err = cli_in_process(["run", *TINY, "--data", "imgs.npy", "--out", "s.zarr", "--no-progress",
                                      "--resume"], capsys)
@@ -231,7 +236,7 @@ def test_resume_verifies_what_it_trusts_and_repairs_it(home, capsys, monkeypatch
     assert "gradcam/" in out
     # audit and render refuse a damaged store with the way to repair it, not a decoder's error
     if not full:
-        code, _, err = cli_in_process(["audit", "s.zarr", "--no-metrics", "--no-sanity"], capsys)
+        code, _, err = cli_in_process(["audit", "s.zarr", "--quality", "none"], capsys)
         one_line(err, 1, code, "is damaged")
     code, out, err = cli_in_process([*run, "--out", "s.zarr", "--resume", *(["--verify-full"] if full else [])],
                                     capsys)
@@ -275,7 +280,7 @@ def test_ctrl_c_ends_cleanly_and_leaves_the_store_resumable(home):
     assert "interrupted" in err and "--resume" in err
     for bad in ("Traceback", "terminate called", "FATAL", "Fatal Python error"):
         assert bad not in err, err
-    assert not (home / "s.zarr" / store.LOCK_NAME).exists()
+    assert not (home / "s.zarr" / ownership.LOCK_NAME).exists()
     r = convlens(*args, "--resume", cwd=home)
     assert r.code == 0 and "20 done" in r.out, r.err
 
@@ -308,7 +313,7 @@ def test_a_file_with_a_non_utf8_name_does_not_stop_the_run(home, capsys, monkeyp
     (["run", *TINY, "--data", "imgs.npy", "--out", "o.zarr", "--input-size", "-5x-5"], 2, "--input-size"),
     (["run", *TINY, "--data", "imgs.npy", "--out", "o.zarr", "-m", ""], 2, "no method given"),
     (["run", *TINY, "--data", "scalar.npy", "--out", "o.zarr"], 1, "has shape []"),
-    (["report", "nope.zarr", "--out", "r.html", "--per-page", "0"], 2, "per-page"),
+    (["report", "nope.zarr", "--out", "r.html", "--per-page", "0"], 2, "per_page=0 is out of range"),
     (["render", "nope.zarr", "--out", "pics", "--alpha", "5"], 2, "alpha=5.0 is out of range"),
     (["render", "nope.zarr", "--out", "pics", "--limit", "-1"], 2, "limit=-1 is out of range"),
     (["explain", *TINY, "holiday/p0.png", "--target", "label"], 2, "needs labelled data"),
@@ -657,7 +662,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_store_byte_for_byte(home, 
         for bad in ("Traceback", "terminate called", "Fatal Python error", "FATAL"):
             assert bad not in p.stderr, (at, p.stderr[-2000:])
         if kind != "sigkill":
-            assert not (out / store.LOCK_NAME).exists(), at  # released on the way out
+            assert not (out / ownership.LOCK_NAME).exists(), at  # released on the way out
         r = convlens(*FAULT_RUN, "--out", out, "--resume", cwd=home)
         assert r.code == 0 and "20 done" in r.out, (at, r.err)
         assert_same_arrays(reference, arrays_of(out))

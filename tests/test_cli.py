@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from convlens.engine import schema
 from convlens.cli import main
 
 
@@ -78,7 +79,7 @@ def test_explain_writes_store_matching_api(capsys, image_dir, tmp_path):
     import zarr
 
     import convlens
-    from convlens.engine import sources, store
+    from convlens.engine import sources
     out = tmp_path / "run.zarr"
     code, stdout, err = run(["explain", "vgg_tiny", "--random-init", "0", str(image_dir), "-m", "gradcam",
                              "-m", "integrated_gradients", "-o", "steps=8", "--target", "top2",
@@ -86,12 +87,12 @@ def test_explain_writes_store_matching_api(capsys, image_dir, tmp_path):
     assert code == 0, err
     assert "gradcam @ block5_conv3: targets" in stdout and f"wrote {out}" in stdout
     root = zarr.open_group(str(out), mode="r")
-    arrays = store.describe(root)
+    arrays = schema.describe(root)
     assert arrays["gradcam/heatmap"]["dims"] == ("sample", "target", "y", "x")
     assert arrays["gradcam/heatmap"]["shape"] == (3, 2, 32, 32)
     assert arrays["integrated_gradients/attribution"]["dims"] == ("sample", "target", "y", "x", "channel")
     assert root.attrs["methods"]["integrated_gradients"]["config"]["steps"] == 8
-    assert root.attrs["schema_version"] == store.SCHEMA_VERSION and root.attrs["model"] == "vgg_tiny"
+    assert root.attrs["schema_version"] == schema.SCHEMA_VERSION and root.attrs["model"] == "vgg_tiny"
     # The stored maps are the single-call API's maps for the same images.
     model, params = convlens.load_model("vgg_tiny", random_init=0)
     x, ids = sources.load_images([str(image_dir)], model.input_size)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import convlens
+from convlens.engine import schema
 from convlens import demo
 from convlens.cli import main
 from convlens.engine import runner, sources, store
@@ -129,7 +130,8 @@ def test_binary_flatten_head_default_run_points_at_both_cues(cats_dogs, capsys):
     np.testing.assert_array_equal(root["hirescam/targets"][:, 0], root["predictions/topk_index"][:, 0])
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-6)
     assert (root["hirescam/targets"][:, 0] == root["labels"][:]).mean() > 0.95
-    cli(capsys, "audit", out, "--sample", 16, "--no-sanity")
+    cli(capsys, "audit", out, "--quality", "deletion,insertion,average_drop,increase_in_confidence",
+        "--quality-items", 16)
     a = audit_of(out, "hirescam")
     empty = a["summary"]["empty_by_class"]
     for c in ("0", "1"):
@@ -150,7 +152,7 @@ def test_binary_flatten_head_gradcam_is_flagged_degenerate(cats_dogs, capsys):
     tmp, ye = cats_dogs
     out = tmp / "gradcam.zarr"
     cli(capsys, "run", tmp / "cats_dogs.h5", "--data", tmp / "held_out", "--out", out, "-m", "gradcam")
-    r = cli(capsys, "audit", out, "--no-metrics", "--no-sanity")
+    r = cli(capsys, "audit", out, "--quality", "none")
     a = audit_of(out, "gradcam")
     kinds = {f["kind"]: f for f in a["flags"]}
     # Averaged over the Flatten head's positions, the gradients of one class cancel: most
@@ -196,7 +198,7 @@ def test_multilabel_positive_targets_and_audit_per_label(tagging):
     runner.run(model, params, sources.ArraySource(xe), {"gradcam": {}}, out, target="positive", progress=False)
     root = store.open_store(out)
     assert root.attrs["head"] == "multilabel"
-    assert (root["status"][:] == store.DONE).all()  # an item without a positive label is not a failure
+    assert (root["status"][:] == schema.DONE).all()  # an item without a positive label is not a failure
     t, heat = root["gradcam/targets"][:], root["gradcam/heatmap"][:]
     for i in range(len(xe)):
         # Exactly the labels Keras scores above one half, the most probable first.

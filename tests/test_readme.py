@@ -29,7 +29,7 @@ def test_every_model_command_and_option_documented():
 
 
 def test_schema_table_is_written_from_the_schema():
-    from convlens.engine.store import schema_table
+    from convlens.engine.schema import schema_table
     assert schema_table() in README, "run python benchmarks/readme_tables.py"
 
 

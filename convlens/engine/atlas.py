@@ -24,11 +24,10 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from convlens.config import Config, option
-from convlens.engine import store
+from convlens.engine import schema, store
 from convlens.engine.executor import Batch, Computation, Executor, Fn, Group, Loop, round_batch
 from convlens.engine.progress import progress_bar
 from convlens.errors import ConvlensError
@@ -156,7 +155,7 @@ class AtlasSummary:
 def run_atlas(model: Model, params, out, *, layers="conv", filters: str | None = None,
               cfg: ascent.AscentConfig = ascent.AscentConfig(), batch: int = 0, memory_mb: int = 2048,
               seed: int = 0, resume: bool = False, overwrite: bool = False, progress: bool = True,
-              loop: str = "auto", command: str = "atlas", note=None) -> AtlasSummary:
+              loop: str = "auto", command: str = "atlas", note=None, verify_full: bool = False) -> AtlasSummary:
     """Visualises the filters of ``layers`` (``"conv"``: every conv layer) into ``out``.
 
     Args:
@@ -186,50 +185,25 @@ def run_atlas(model: Model, params, out, *, layers="conv", filters: str | None =
              "objective": "channel (mean activation)", "seed": seed, "layers": names, "filters": filters or "all"}
     fp = store.fingerprint(model.name, model.source, model.weights_sha256, attrs,
                            {k: [v[0].tolist(), v[1]] for k, v in plan.items()})
-    out = str(out)
-    if not (resume and store.exists(out)):
-        store.check_replaceable(out)
-        if store.exists(out) and not overwrite:
-            raise ConvlensError(f"{out} already exists; pass --resume to continue it, --overwrite to replace it, "
-                                "or choose another --out")
-    lock = store.StoreLock(out, command=command, note=note).acquire()
-    try:
-        return _atlas_locked(model, params, out, plan, cfg, attrs, fp, conv, seed, resume, overwrite, progress,
-                             loop, command, lock, note)
-    finally:
-        lock.release()
+    mode = "resume" if resume else ("overwrite" if overwrite else "new")
+    with store.open_for_write(str(out), mode, fingerprint=fp, command=command, note=note, verify_full=verify_full,
+                              attrs={**store.model_attrs(model), "command": command, "atlas": attrs},
+                              differs="a different atlas (model, recipe, layers, filters or batch differ)") as w:
+        if not w.resumed:
+            for name, (idx, b) in plan.items():
+                store.create_layout(w.root, "atlas", {"filter": len(idx), "y": cfg.size, "x": cfg.size, "rgb": 3},
+                                    chunk=b, values={f"atlas/{name}/filters": idx.astype(np.int32)}, name=name)
+        return _atlas(model, params, str(out), w.root, plan, cfg, conv, seed, progress, loop)
 
 
-def _atlas_locked(model, params, out, plan, cfg, attrs, fp, conv, seed, resume, overwrite, progress, loop, command,
-                  lock, note):
-    if resume and store.exists(out) and not store.only_lock(out):
-        root = store.open_store(out, "r+")
-        if root.attrs.get("fingerprint") != fp:
-            raise ConvlensError(f"{out} holds a different atlas (model, recipe, layers, filters or batch differ); "
-                                "use --overwrite or another --out")
-        store.clean_partials(out)
-        from convlens.engine.verify import repair
-        report = repair(root)
-        if report.problems:
-            note(f"resume: {report.summary()}; recomputing those chunks")
-    else:
-        root = store.create(out, overwrite=overwrite, lock=lock,
-                            attrs={**store.model_attrs(model), "command": command, "atlas": attrs, "fingerprint": fp})
-        for name, (idx, b) in plan.items():
-            f = len(idx)
-            g = f"atlas/{name}"
-            store.create_array(root, f"{g}/patterns", (f, cfg.size, cfg.size, 3), np.uint8, chunk=b)
-            store.write(root, f"{g}/filters", idx.astype(np.int32), chunk=b)
-            for k in ("scores", "start_scores"):
-                store.create_array(root, f"{g}/{k}", (f,), np.float32, chunk=b)
-            store.create_array(root, f"{g}/status", (f,), np.uint8, chunk=b)
+def _atlas(model, params, out, root, plan, cfg, conv, seed, progress, loop):
     layer_index = {n: i for i, n in enumerate(conv)}
     todo = []
     skipped = 0
     for name, (idx, b) in plan.items():
         status = np.asarray(root[f"atlas/{name}/status"][:])
         for c in range(-(-len(idx) // b)):
-            if (status[c * b:(c + 1) * b] == store.DONE).all():
+            if (status[c * b:(c + 1) * b] == schema.DONE).all():
                 skipped += 1
             else:
                 todo.append((name, c))
@@ -255,7 +229,7 @@ def _atlas_locked(model, params, out, plan, cfg, attrs, fp, conv, seed, resume, 
         store.writable(root, f"{g}/patterns")[sl] = res["patterns"]
         store.writable(root, f"{g}/scores")[sl] = res["scores"]
         store.writable(root, f"{g}/start_scores")[sl] = res["start_scores"]
-        store.writable(root, f"{g}/status")[sl] = store.DONE  # last: the chunk is complete
+        store.writable(root, f"{g}/status")[sl] = schema.DONE  # last: the chunk is complete
         done_filters += n
         bar.update(n)
 

@@ -1,5 +1,5 @@
-"""Audits: what a classifier looks at across a finished store, and how faithful each
-method's maps are.
+"""Audits: what a classifier looks at across a finished store, and how far to trust each
+method's maps there.
 
 For every method with a ``heatmap`` output, over the items whose status is done (each
 item's first target; for a multi-label model every explained label, as a sample of that
@@ -13,28 +13,14 @@ label's class):
   game) and whether the peak is inside (``pointing_hit``);
 * per class (the label where known, else the prediction): the mean map (``class_mean``),
   and for labelled data the means over correct and misclassified items;
-* flags, each with the numbers behind it:
-  - ``class_location``: at least ``consistency`` of a class's items (and ``min_items``)
-    peak in the same off-centre cell — the classic shortcut (a watermark, a corner mark);
-  - ``class_border``: at least ``consistency`` of a class's items keep over ``border``
-    of their mass outside the central box (background, frame);
-  - ``off_object``: at least ``off_object_items`` of the items put less mass on the
-    object than ``object_share`` times a uniform map would (stores with masks);
-  - ``empty_maps``: at least ``empty`` of the maps (of all, or of a class) are empty or
-    constant, with the counts per class; ``degenerate``: at least ``degenerate`` are, with
-    the method to run instead where the store's record of the layer's head tells (a
-    Flatten head cancels Grad-CAM's averaged gradients: HiRes-CAM, Layer-CAM);
+* quality metrics of the registry (`convlens.kernels.metrics.registry`; ``basic`` unless
+  told otherwise: deletion and insertion curves, average drop, increase in confidence and
+  the model-parameter randomisation test) for each method and two controls, with
+  bootstrap intervals, verdicts and a ranking (`convlens.engine.quality`);
+* flags, each with the numbers behind it, from the rules of `FLAG_RULES` (see there);
   every class flag says how many of the class's items it rests on (only items with a
-  non-empty map count) and is marked ``weak`` when that is under half of them;
-  and a ``suspicion`` score per item ranking the items that best show the problems;
-* faithfulness (`convlens.kernels.metrics`), on the first ``sample`` items, where the
-  model can be loaded: deletion / insertion curves and areas, average drop, increase in
-  confidence;
-* the model-randomisation sanity check (Adebayo et al. 2018) on ``sanity_items`` items:
-  the model's layers are randomised top-down in stages, the method rerun, and the rank
-  correlation with the original maps recorded; a method whose maps stay correlated
-  (``>= sanity_threshold``) with every layer random does not depend on the model and is
-  flagged.
+  non-empty map count) and is marked ``weak`` when that is under half of them; and a
+  ``suspicion`` score per item ranking the items that best show the problems.
 
 Results go into the store (``audit/<method>/...`` and the root attribute ``audit``).
 """
@@ -43,12 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from convlens.config import Config, option
-from convlens.engine import store
-from convlens.errors import ConvlensError, OptionError
+from convlens.engine import schema, store
+from convlens.errors import ConvlensError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,21 +51,21 @@ class AuditConfig(Config):
       object_share: an item is off its object when its map puts less than this times a
         uniform map's mass on it.
       off_object_items: share of items off their object that raises the off_object flag.
-      metrics: deletion/insertion curves, average drop and increase in confidence (needs the model).
-      sample: items the faithfulness metrics use.
-      steps: slices of the deletion/insertion curves.
-      replacement: removed pixels: blur or a pixel value.
-      sanity: the model-randomisation sanity check (needs the model).
-      sanity_items: items the sanity check uses.
-      sanity_threshold: rank correlation with every layer random above which a method is flagged.
       empty: share of empty or constant maps (of all, or of a class) that raises the empty_maps flag.
       degenerate: share of empty or constant maps (of all, or of a class) that flags the method as degenerate.
+      sanity_threshold: the model-parameter randomisation score (rank correlation with every
+        layer random) at or above which a method is flagged: its maps do not depend on
+        what the model learned.
+      quality: quality metrics (`convlens metrics`): names, families (faithfulness,
+        robustness, localisation, complexity, randomisation, axiomatic), presets (basic,
+        default), all, or none; comma-separated.
+      quality_options: options of those metrics, "name.option=value,..." (e.g. deletion.steps=16).
+      quality_items: items the quality metrics use (the first done items).
+      controls: score a random map and a Sobel-edge map too (the null the verdicts and
+        the ranking compare with).
       batch: images per compiled call of the metrics.
-      quality: metrics of the catalogue (the README's quality table), by name or family
-        (faithfulness, robustness, localisation, complexity, randomisation, axiomatic),
-        comma-separated; "default" or "all"; with a random and a Sobel-edge control map.
-      quality_options: options of those metrics, "name.option=value,..." (e.g. road_morf.noise=0).
-      quality_items: items the catalogue metrics use (the first done items).
+      seed: PRNG seed of the metrics' draws (item i: fold_in(key(seed), i)).
+      progress: report each step.
     """
 
     grid: int = option(4, min=1, max=64)
@@ -88,32 +75,29 @@ class AuditConfig(Config):
     border: float = option(0.9, above=0, max=1)
     object_share: float = option(1.0, above=0)
     off_object_items: float = option(0.25, above=0, max=1)
-    metrics: bool = True
-    sample: int = option(32, min=1)
-    steps: int = option(32, min=1, max=4096)
-    replacement: float | str = option("blur", min=0, max=255, choices=("blur",))
-    sanity: bool = True
-    sanity_items: int = option(4, min=1)
-    sanity_threshold: float = option(0.8, min=-1, max=1)
     empty: float = option(0.1, above=0, max=1)
     degenerate: float = option(0.5, above=0, max=1)
-    batch: int = option(8, min=1)
-    quality: str = ""
+    sanity_threshold: float = option(0.8, min=-1, max=1)
+    quality: str = "basic"
     quality_options: str = ""
-    quality_items: int = option(64, min=2)
+    quality_items: int = option(32, min=2)
+    controls: bool = True
+    batch: int = option(8, min=1, max=4096)
+    seed: int = option(0, min=0, max=2**63 - 1)
+    progress: bool = True
 
     _owner = "audit"
 
     def __post_init__(self):
-        if isinstance(self.replacement, str) and self.replacement != "blur":
-            try:
-                object.__setattr__(self, "replacement", float(self.replacement))
-            except ValueError:
-                raise OptionError(f"audit: replacement {self.replacement!r} is not blur or a pixel value") from None
-        from convlens.engine.quality import parse_options, parse_quality
-        parse_quality(self.quality)
+        from convlens.kernels.metrics.registry import expand, parse_options
+        expand(self.quality)
         parse_options(self.quality_options)
         super().__post_init__()
+
+    @property
+    def metrics(self) -> list[str]:
+        from convlens.kernels.metrics.registry import expand
+        return expand(self.quality)
 
 
 def where(cell, grid: int) -> str:
@@ -199,61 +183,6 @@ def central_cells(cfg: AuditConfig) -> set[int]:
     return {r * g + c for r in inside for c in inside}
 
 
-def find_flags(stats, classes: np.ndarray, class_names, cfg: AuditConfig) -> tuple[list[dict], np.ndarray]:
-    """Shortcut flags and a suspicion score per item."""
-    flags = []
-    n = len(classes)
-    g = cfg.grid
-    suspicion = np.zeros(n)
-    centre = central_cells(cfg)
-    border = 1.0 - stats["center_share"]
-    for c in np.unique(classes):
-        idx = np.flatnonzero((classes == c) & ~stats["empty"])
-        if len(idx) < cfg.min_items:
-            continue
-        name = _name(c, class_names)
-        total = int((classes == c).sum())
-        # A flag rests on the class's maps that say something: say how many of how many.
-        basis = {"class_items": total, "weak": len(idx) < 0.5 * total}
-        rests = "" if len(idx) == total else \
-            f" (only {len(idx)} of its {total} items have a non-empty map: the flag rests on those)"
-        cells, counts = np.unique(stats["peak_cell"][idx], return_counts=True)
-        k = cells[np.argmax(counts)]
-        share = counts.max() / len(idx)
-        if share >= cfg.consistency and k not in centre:
-            rc = (int(k // g), int(k % g))
-            mass = float(stats["grid_mass"][idx, rc[0], rc[1]].mean())
-            flags.append({"kind": "class_location", "class": int(c), "class_name": name, "cell": list(rc),
-                          "where": where(rc, g), "items": int(len(idx)), **basis, "share_of_items": float(share),
-                          "mean_mass_in_cell": mass, "uniform_mass": 1.0 / (g * g),
-                          "why": f"{share:.0%} of the {len(idx)} items of class {name!r} peak in the {where(rc, g)}; "
-                                 f"that cell holds {mass:.0%} of their map mass on average (uniform: {1 / g / g:.0%})"
-                                 + rests})
-            hit = idx[stats["peak_cell"][idx] == k]
-            suspicion[hit] += 1.0 + stats["grid_mass"][hit, rc[0], rc[1]]
-        over = border[idx] > cfg.border
-        if over.mean() >= cfg.consistency:
-            flags.append({"kind": "class_border", "class": int(c), "class_name": name, "items": int(len(idx)),
-                          **basis, "share_of_items": float(over.mean()), "mean_border_share": float(border[idx].mean()),
-                          "why": f"{over.mean():.0%} of the {len(idx)} items of class {name!r} keep over "
-                                 f"{cfg.border:.0%} of their map mass outside the central box "
-                                 f"(mean {border[idx].mean():.0%}; a uniform map: {1 - cfg.center ** 2:.0%})" + rests})
-            suspicion[idx[over]] += border[idx[over]]
-    if "object_share" in stats:
-        # Less mass on the object than a uniform map would put there: the map misses it.
-        share, area = stats["object_share"], stats["object_area"]
-        off = np.flatnonzero(np.nan_to_num(share, nan=np.inf) < area * cfg.object_share)
-        rated = max(1, int(np.isfinite(share).sum()))
-        if len(off) / rated >= cfg.off_object_items:
-            flags.append({"kind": "off_object", "items": int(len(off)), "share_of_items": float(len(off) / rated),
-                          "mean_object_share": float(np.nanmean(share)), "mean_object_area": float(area.mean()),
-                          "why": f"{len(off) / rated:.0%} of the items ({len(off)}) put less of their map mass on "
-                                 f"the object than a uniform map would (mean {np.nanmean(share):.0%} on objects "
-                                 f"covering {area.mean():.0%} of the image)"})
-        suspicion[off] += 1.0 - share[off] / np.maximum(area[off], 1e-6) * cfg.object_share
-    return flags, suspicion
-
-
 def class_means(mass: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
     out = np.full((n_classes, *mass.shape[1:]), np.nan, np.float32)
     for c in range(n_classes):
@@ -261,6 +190,194 @@ def class_means(mass: np.ndarray, classes: np.ndarray, n_classes: int) -> np.nda
         if sel.any():
             out[c] = mass[sel].mean(axis=0)
     return out
+
+
+# ---------------------------------------------------------------- flag rules
+
+@dataclasses.dataclass
+class Evidence:
+    """What the flag rules read for one method: per-map statistics (`item_statistics`),
+    each map's class, the store's record of the method, its quality scores, and the
+    suspicion per map the rules add to."""
+
+    method: str
+    entry: dict
+    stats: dict
+    classes: np.ndarray
+    class_names: list | None
+    cfg: AuditConfig
+    quality: dict
+    suspicion: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagRule:
+    """A flag: its kind, when it is raised (in words, with the `AuditConfig` fields that
+    set it) and the check ``Evidence -> [flag, ...]`` (each flag a dict with ``kind`` and
+    ``why``, the numbers behind it)."""
+
+    kind: str
+    when: str
+    check: Callable[[Evidence], list[dict]]
+
+
+def _name(c, class_names) -> str:
+    return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(int(c))
+
+
+def _classes(ev: Evidence):
+    """``(class, its non-empty maps, name, basis, note)`` for each class large enough to flag."""
+    for c in np.unique(ev.classes):
+        idx = np.flatnonzero((ev.classes == c) & ~ev.stats["empty"])
+        if len(idx) < ev.cfg.min_items:
+            continue
+        total = int((ev.classes == c).sum())
+        # A flag rests on the class's maps that say something: say how many of how many.
+        basis = {"class_items": total, "weak": len(idx) < 0.5 * total}
+        rests = "" if len(idx) == total else \
+            f" (only {len(idx)} of its {total} items have a non-empty map: the flag rests on those)"
+        yield int(c), idx, _name(c, ev.class_names), basis, rests
+
+
+def _class_location(ev: Evidence) -> list[dict]:
+    flags = []
+    cfg, st, g = ev.cfg, ev.stats, ev.cfg.grid
+    centre = central_cells(cfg)
+    for c, idx, name, basis, rests in _classes(ev):
+        cells, counts = np.unique(st["peak_cell"][idx], return_counts=True)
+        k = cells[np.argmax(counts)]
+        share = counts.max() / len(idx)
+        if share < cfg.consistency or k in centre:
+            continue
+        rc = (int(k // g), int(k % g))
+        mass = float(st["grid_mass"][idx, rc[0], rc[1]].mean())
+        flags.append({"kind": "class_location", "class": c, "class_name": name, "cell": list(rc),
+                      "where": where(rc, g), "items": int(len(idx)), **basis, "share_of_items": float(share),
+                      "mean_mass_in_cell": mass, "uniform_mass": 1.0 / (g * g),
+                      "why": f"{share:.0%} of the {len(idx)} items of class {name!r} peak in the {where(rc, g)}; "
+                             f"that cell holds {mass:.0%} of their map mass on average (uniform: {1 / g / g:.0%})"
+                             + rests})
+        hit = idx[st["peak_cell"][idx] == k]
+        ev.suspicion[hit] += 1.0 + st["grid_mass"][hit, rc[0], rc[1]]
+    return flags
+
+
+def _class_border(ev: Evidence) -> list[dict]:
+    flags = []
+    cfg = ev.cfg
+    border = 1.0 - ev.stats["center_share"]
+    for c, idx, name, basis, rests in _classes(ev):
+        over = border[idx] > cfg.border
+        if over.mean() < cfg.consistency:
+            continue
+        flags.append({"kind": "class_border", "class": c, "class_name": name, "items": int(len(idx)),
+                      **basis, "share_of_items": float(over.mean()), "mean_border_share": float(border[idx].mean()),
+                      "why": f"{over.mean():.0%} of the {len(idx)} items of class {name!r} keep over "
+                             f"{cfg.border:.0%} of their map mass outside the central box "
+                             f"(mean {border[idx].mean():.0%}; a uniform map: {1 - cfg.center ** 2:.0%})" + rests})
+        ev.suspicion[idx[over]] += border[idx[over]]
+    return flags
+
+
+def _off_object(ev: Evidence) -> list[dict]:
+    if "object_share" not in ev.stats:
+        return []
+    # Less mass on the object than a uniform map would put there: the map misses it.
+    share, area, cfg = ev.stats["object_share"], ev.stats["object_area"], ev.cfg
+    off = np.flatnonzero(np.nan_to_num(share, nan=np.inf) < area * cfg.object_share)
+    rated = max(1, int(np.isfinite(share).sum()))
+    ev.suspicion[off] += 1.0 - share[off] / np.maximum(area[off], 1e-6) * cfg.object_share
+    if len(off) / rated < cfg.off_object_items:
+        return []
+    return [{"kind": "off_object", "items": int(len(off)), "share_of_items": float(len(off) / rated),
+             "mean_object_share": float(np.nanmean(share)), "mean_object_area": float(area.mean()),
+             "why": f"{len(off) / rated:.0%} of the items ({len(off)}) put less of their map mass on the object "
+                    f"than a uniform map would (mean {np.nanmean(share):.0%} on objects covering "
+                    f"{area.mean():.0%} of the image)"}]
+
+
+def _empty_counts(ev: Evidence):
+    empty = ev.stats["empty"]
+    per_class = [(int(c), _name(c, ev.class_names), int(empty[ev.classes == c].sum()), int((ev.classes == c).sum()))
+                 for c in np.unique(ev.classes)]
+    return empty, per_class
+
+
+def _empty_maps(ev: Evidence) -> list[dict]:
+    empty, per_class = _empty_counts(ev)
+    n = len(empty)
+    if n == 0:
+        return []
+    share = empty.sum() / n
+    if not (share >= ev.cfg.empty or any(e / t >= ev.cfg.empty and t >= ev.cfg.min_items
+                                         for _, _, e, t in per_class)):
+        return []
+    counts = "; ".join(f"{name!r}: {e} of {t}" for _, name, e, t in per_class if e)
+    return [{"kind": "empty_maps", "maps": n, "empty": int(empty.sum()), "share": float(share),
+             "by_class": {name: [e, t] for _, name, e, t in per_class},
+             "why": f"{int(empty.sum())} of {n} {ev.method} maps ({share:.0%}) are empty or constant: they say "
+                    f"nothing about where the evidence is (by class: {counts})"}]
+
+
+def advice(method: str, entry: dict) -> tuple[list[str], str]:
+    """What to run instead of a method whose maps are empty, and why, from what the store
+    records of it (its `convlens.kernels.spec.Advice` and its layer's head)."""
+    tip = entry.get("when_empty")
+    if not tip:
+        return [], f"check {method}'s options (see `convlens methods`) and that the model's scores vary with the input"
+    layer = (entry.get("config") or {}).get("layer")
+    head = f"the model's head flattens {layer!r} position by position, and " \
+        if entry.get("pools_gradient") and entry.get("head") == "flatten" else ""
+    run = " or ".join(f"-m {m}" for m in tip["instead"])
+    return list(tip["instead"]), f"{head}{method} {tip['why']}: run {run}"
+
+
+def _degenerate(ev: Evidence) -> list[dict]:
+    empty, per_class = _empty_counts(ev)
+    if len(empty) == 0:
+        return []
+    share = empty.sum() / len(empty)
+    bad = [(name, e, t) for _, name, e, t in per_class if t >= ev.cfg.min_items and e / t >= ev.cfg.degenerate]
+    if share < ev.cfg.degenerate and not bad:
+        return []
+    instead, because = advice(ev.method, ev.entry)
+    where_ = f"{share:.0%} of all maps" if share >= ev.cfg.degenerate else \
+        ", ".join(f"{e} of the {t} maps of class {name!r}" for name, e, t in bad)
+    return [{"kind": "degenerate", "method": ev.method, "share": float(share), "instead": instead,
+             "why": f"{ev.method} says nothing for {where_} (empty or constant); {because}"}]
+
+
+def _sanity(ev: Evidence) -> list[dict]:
+    q = ev.quality.get("mprt")
+    if not q or not np.isfinite(q["mean"]) or q["mean"] < ev.cfg.sanity_threshold:
+        return []
+    return [{"kind": "sanity", "rank_correlation": q["mean"], "ci": q["ci"],
+             "why": f"with every layer randomised, {ev.method}'s maps keep a rank correlation of {q['mean']:.2f} "
+                    f"(95% interval {q['ci'][0]:.2f}..{q['ci'][1]:.2f}, {q['items']} items) with the trained "
+                    f"model's (threshold {ev.cfg.sanity_threshold}): they do not depend on what the model learned"}]
+
+
+FLAG_RULES: tuple[FlagRule, ...] = (
+    FlagRule("empty_maps", "at least `empty` of the maps (of all, or of a class of `min_items` or more) are empty or "
+             "constant: they say nothing about where the evidence is", _empty_maps),
+    FlagRule("degenerate", "at least `degenerate` are, with what to run instead (the method's own advice)",
+             _degenerate),
+    FlagRule("class_location", "at least `consistency` of a class's items (`min_items` or more) peak in the same "
+             "off-centre cell of a `grid` x `grid` partition: a watermark, a corner tag, a fixed background",
+             _class_location),
+    FlagRule("class_border", "at least `consistency` of a class's items keep over `border` of their mass outside "
+             "the central box (`center` of each side)", _class_border),
+    FlagRule("off_object", "at least `off_object_items` of the items put less mass on their object than "
+             "`object_share` times a uniform map would (stores with masks)", _off_object),
+    FlagRule("sanity", "the model-parameter randomisation score (rank correlation of the maps with every layer "
+             "random, mprt) is at least `sanity_threshold`: the maps do not depend on what the model learned",
+             _sanity),
+)
+
+
+def find_flags(ev: Evidence) -> list[dict]:
+    """Every rule of `FLAG_RULES` on the evidence, in order."""
+    return [f for rule in FLAG_RULES for f in rule.check(ev)]
 
 
 # ---------------------------------------------------------------- the model again
@@ -280,7 +397,7 @@ def model_from_store(root, model=None, params=None):
     args = root.attrs.get("model_load_args")
     if not args:
         raise ConvlensError("this store does not say how to load its model (it was built in Python): pass "
-                            "model= and params= to audit(), or skip the metrics (--no-metrics --no-sanity)")
+                            "model= and params= to audit(), or skip the quality metrics (--quality none)")
     from convlens.models.registry import load_model
     args = dict(args)
     if args.get("input_shape"):
@@ -289,86 +406,75 @@ def model_from_store(root, model=None, params=None):
     return load_model(name, **args)
 
 
-def sanity_check(model, params, explain_fn, stages: int = 4, seed: int = 1234):
-    """Model-randomisation test (Adebayo et al. 2018).
-
-    Args:
-      explain_fn: ``params -> maps [B, H, W]`` (the method on fixed images and targets).
-      stages: how many cascading randomisations, top layer first, ending with all.
-
-    Returns:
-      ``(layers randomised per stage, rank correlation [stages, B] with the original maps)``.
-    """
-    import jax.numpy as jnp
-
-    from convlens.kernels.metrics import spearman
-    from convlens.kernels.metrics.catalogue import layers_with_weights
-    from convlens.kernels.metrics.catalogue import stages as cut
-
-    ref = np.asarray(explain_fn(params))
-    layers = layers_with_weights(model, params)
-    counts = np.cumsum([len(g) for g in cut(layers, stages)]).tolist()  # layers random after each stage
-    fresh = model.init(seed)
-    rho, done = [], []
-    for c in counts:
-        p = {k: dict(v) for k, v in params.items()}
-        for name in layers[:c]:
-            p[name] = fresh[name]
-        maps = np.asarray(explain_fn(p))
-        rho.append(np.asarray(spearman(jnp.asarray(ref), jnp.asarray(maps))))
-        done.append(layers[c - 1])
-    return counts, done, np.stack(rho)
-
-
 # ---------------------------------------------------------------- the audit
 
 def audit(path, cfg: AuditConfig = AuditConfig(), *, model=None, params=None, methods=None, progress=print,
           storage_options=None) -> dict:
     """Audits the store at ``path``; writes ``audit/...`` into it and returns the findings
-    ``{method: {"flags", "summary", "faithfulness", "sanity"}}``."""
+    ``{method: {"flags", "summary", "quality", "seconds"}}`` (the quality summary, with the
+    controls and the ranking, is the root attribute ``audit["quality"]``)."""
     store.open_store(path, "r", storage_options)  # a clear error for a missing or foreign store first
     with store.StoreLock(path, storage_options, command="convlens audit"):
-        return _audit(path, cfg, model, params, methods, progress, storage_options)
+        return Audit(path, cfg, model, params, methods, progress if cfg.progress else None,
+                     storage_options).run()
 
 
-def _audit(path, cfg, model, params, methods, progress, storage_options) -> dict:
-    from convlens.engine.verify import require_sound
-    root = store.open_store(path, "r+", storage_options)
-    require_sound(root, path)
-    attrs = dict(root.attrs)
-    entries = attrs.get("methods") or {}
-    names = [m for m in entries if heatmap_of(entries[m])]
-    if methods:
-        missing = set(methods) - set(names)
-        if missing:
-            raise ConvlensError(f"no heatmaps of {', '.join(sorted(missing))} in {path}; it has: {', '.join(names)}")
-        names = [m for m in names if m in methods]
-    if not names:
-        raise ConvlensError(f"{path} holds no method with a heatmap to audit (methods: {', '.join(entries) or 'none'})")
-    status = np.asarray(root["status"][:]) if "status" in root else np.ones(root["ids"].shape[0], np.uint8)
-    valid = np.flatnonzero(status == store.DONE)
-    if len(valid) == 0:
-        raise ConvlensError(f"{path} has no finished items to audit")
-    labels = np.asarray(root["labels"][:]) if "labels" in root else np.full(len(status), -1)
-    pred = np.asarray(root["predictions/topk_index"][:, 0])
-    classes = np.where(labels >= 0, labels, pred)
-    class_names = attrs.get("class_names") or attrs.get("model_class_names")
-    masks = np.asarray(root["masks"][:]) if "masks" in root else None
-    # A multi-label model's every explained label is a sample of its own class; otherwise
-    # each item's first target is, its class the label (or the prediction).
-    per_label = attrs.get("head") == "multilabel" or str(attrs.get("target", "")).startswith("positive")
-    if "audit" in root:
-        del root["audit"]
-    findings = {}
-    mp = None
-    for method in names:
+class Audit:
+    """One audit of a store (see `audit`)."""
+
+    def __init__(self, path, cfg, model, params, methods, progress, storage_options):
+        from convlens.engine.verify import require_sound
+        self.path, self.cfg, self.progress = path, cfg, progress or (lambda msg: None)
+        self.model, self.params = model, params
+        self.root = root = store.open_store(path, "r+", storage_options)
+        self.storage_options = storage_options
+        require_sound(root, path)
+        attrs = dict(root.attrs)
+        self.entries = attrs.get("methods") or {}
+        names = [m for m in self.entries if heatmap_of(self.entries[m])]
+        if methods:
+            missing = set(methods) - set(names)
+            if missing:
+                raise ConvlensError(f"no heatmaps of {', '.join(sorted(missing))} in {path}; it has: "
+                                    f"{', '.join(names)}")
+            names = [m for m in names if m in methods]
+        if not names:
+            raise ConvlensError(f"{path} holds no method with a heatmap to audit (methods: "
+                                f"{', '.join(self.entries) or 'none'})")
+        self.names = names
+        self.status = np.asarray(root["status"][:]) if "status" in root else np.ones(root["ids"].shape[0], np.uint8)
+        self.valid = np.flatnonzero(self.status == schema.DONE)
+        if len(self.valid) == 0:
+            raise ConvlensError(f"{path} has no finished items to audit")
+        self.labels = np.asarray(root["labels"][:]) if "labels" in root else np.full(len(self.status), -1)
+        self.pred = np.asarray(root["predictions/topk_index"][:, 0])
+        self.classes = np.where(self.labels >= 0, self.labels, self.pred)
+        self.class_names = attrs.get("class_names") or attrs.get("model_class_names")
+        self.masks = np.asarray(root["masks"][:]) if "masks" in root else None
+        # A multi-label model's every explained label is a sample of its own class; otherwise
+        # each item's first target is, its class the label (or the prediction).
+        self.per_label = attrs.get("head") == "multilabel" or str(attrs.get("target", "")).startswith("positive")
+
+    def run(self) -> dict:
+        root, cfg = self.root, self.cfg
+        if "audit" in root:
+            del root["audit"]
+        quality = self.quality() if cfg.metrics else None
+        findings = {m: self.method(m, (quality or {}).get("scores", {}).get(m, {})) for m in self.names}
+        root.attrs["audit"] = store.jsonable({"config": dataclasses.asdict(cfg), "methods": findings,
+                                              **({"quality": quality} if quality else {})})
+        store.finish(self.path, self.storage_options)
+        return findings
+
+    def method(self, method: str, quality: dict) -> dict:
+        """Statistics and flags of one method's maps (written under ``audit/<method>/``)."""
         t0 = time.perf_counter()
-        entry_attrs = entries[method]
-        s = Samples.read(root, method, heatmap_of(entry_attrs), valid, classes, per_label)
-        stats = item_statistics(s.heat, cfg, None if masks is None else masks[s.items])
-        flags, suspicion = find_flags(stats, s.classes, class_names, cfg)
-        flags = empty_flags(stats, s.classes, class_names, method, entry_attrs, cfg) + flags
-        n = len(status)
+        root, entry = self.root, self.entries[method]
+        s = Samples.read(root, method, heatmap_of(entry), self.valid, self.classes, self.per_label)
+        stats = item_statistics(s.heat, self.cfg, None if self.masks is None else self.masks[s.items])
+        ev = Evidence(method, entry, stats, s.classes, self.class_names, self.cfg, quality, np.zeros(len(s.items)))
+        flags = find_flags(ev)
+        n = len(self.status)
         g = f"audit/{method}"
         first = s.slots == 0  # per-item arrays: each item's first explained target
 
@@ -379,51 +485,51 @@ def _audit(path, cfg, model, params, methods, progress, storage_options) -> dict
         for name in ("grid_mass", "center_share", "peak", "entropy", "concentration"):
             put(name, stats[name])
         item_suspicion = np.zeros(n)
-        np.add.at(item_suspicion, s.items, suspicion)
+        np.add.at(item_suspicion, s.items, ev.suspicion)
+        valid = self.valid
         store.write(root, f"{g}/suspicion", np.where(np.isin(np.arange(n), valid), item_suspicion,
                                                      np.nan).astype(np.float32))
         if "object_share" in stats:
             put("object_share", stats["object_share"])
             put("pointing_hit", stats["pointing_hit"].astype(bool), False)
-        summary = _summary(root, g, stats, s, labels, pred, class_names, per_label)
-        if per_label:  # items the model gave no positive label: nothing of theirs to audit
+        summary = _summary(root, g, stats, s, self.labels, self.pred, self.class_names, self.per_label)
+        if self.per_label:  # items the model gave no positive label: nothing of theirs to audit
             summary["items_without_positive"] = int(len(valid) - summary["items"])
         order = np.argsort(-item_suspicion[valid], kind="stable")
         ids = root["ids"][:]
         summary["most_suspicious"] = [{"id": str(ids[valid[i]]), "index": int(valid[i]),
                                        "suspicion": float(item_suspicion[valid[i]])}
                                       for i in order[:10] if item_suspicion[valid[i]] > 0]
-        entry = {"flags": flags, "summary": summary}
-        needs_model = cfg.metrics or cfg.sanity
-        if needs_model and "inputs" not in root:
-            entry["faithfulness"] = entry["sanity"] = {"skipped": "the store has no inputs (run without "
-                                                                  "--no-keep-inputs)"}
-        elif needs_model:
-            if mp is None:
-                mp = model_from_store(root, model, params)
-            # The metrics read each item's first explained target (a multi-label item
-            # without a positive label has none).
-            heat0 = np.asarray(root[f"{method}/{heatmap_of(entry_attrs)}"][:, 0])
-            targets0 = np.asarray(root[f"{method}/targets"][:, 0])
-            rated = valid[targets0[valid] >= 0]
-            if cfg.metrics:
-                entry["faithfulness"] = _faithfulness(root, mp, method, heat0, targets0, rated, cfg, g, n)
-            if cfg.sanity:
-                entry["sanity"] = _sanity(root, mp, method, entry_attrs, targets0, rated, cfg)
-                if entry["sanity"].get("flagged"):
-                    flags.append({"kind": "sanity", "why": entry["sanity"]["why"]})
-        entry["seconds"] = time.perf_counter() - t0
-        findings[method] = entry
-        if progress:
-            progress(f"audited {method}: {len(flags)} flag(s)" +
-                     "".join(f"\n  {f['kind']}: {f['why']}" for f in flags if f["kind"] in ("degenerate",)))
-    quality = None
-    if cfg.quality:
-        quality = _quality(root, mp, model, params, names, entries, valid, cfg, masks, progress)
-    root.attrs["audit"] = store.jsonable({"config": dataclasses.asdict(cfg), "methods": findings,
-                                          **({"quality": quality} if quality else {})})
-    store.finish(path, storage_options)
-    return findings
+        self.progress(f"audited {method}: {len(flags)} flag(s)" +
+                      "".join(f"\n  {f['kind']}: {f['why']}" for f in flags if f["kind"] in ("degenerate",)))
+        return {"flags": flags, "summary": summary, "quality": quality, "seconds": time.perf_counter() - t0}
+
+    def quality(self) -> dict:
+        """The quality metrics (`convlens.engine.quality`) of every audited method and the controls."""
+        from convlens.engine.quality import run_quality
+        from convlens.kernels.registry import METHODS, resolve
+        root = self.root
+        if "inputs" not in root:
+            return {"skipped": "the store has no inputs (run without --no-keep-inputs)"}
+        mp = model_from_store(root, self.model, self.params)
+        methods, rated = {}, None
+        for method in self.names:
+            entry = self.entries[method]
+            heat = np.asarray(root[f"{method}/{heatmap_of(entry)}"][:, 0])
+            targets = np.asarray(root[f"{method}/targets"][:, 0])
+            spec, mcfg = METHODS.get(method), None
+            if spec is not None:
+                fields = {f.name for f in dataclasses.fields(spec.config)}
+                opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (entry.get("config") or {}).items()
+                        if k in fields and not isinstance(v, dict)}
+                mcfg = resolve(mp[0], method, opts)
+            methods[method] = (heat, targets, spec, mcfg)
+            # Each item's first explained target (a multi-label item without a positive label has none).
+            ok = self.valid[targets[self.valid] >= 0]
+            rated = ok if rated is None else np.intersect1d(rated, ok)
+        self.progress(f"quality metrics ({', '.join(self.cfg.metrics)}) on {min(len(rated), self.cfg.quality_items)} "
+                      "items" + (", with a random and a Sobel-edge control" if self.cfg.controls else ""))
+        return run_quality(root, mp, methods, rated, self.cfg, self.masks, int(root["ids"].shape[0]), self.progress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,154 +582,3 @@ def _summary(root, g, stats, s: Samples, labels, pred, class_names, per_label) -
         summary["mean_object_share"] = float(np.nanmean(stats["object_share"]))
         summary["pointing_game"] = float(stats["pointing_hit"][~empty].mean()) if (~empty).any() else float("nan")
     return summary
-
-
-def empty_flags(stats, classes, class_names, method: str, entry: dict, cfg: AuditConfig) -> list[dict]:
-    """``empty_maps`` when at least ``cfg.empty`` of the maps (overall or of a class) are
-    empty or constant, and ``degenerate`` with what to run instead when at least
-    ``cfg.degenerate`` are."""
-    empty = stats["empty"]
-    n = len(empty)
-    if n == 0:
-        return []
-    per_class = []
-    for c in np.unique(classes):
-        sel = classes == c
-        per_class.append((int(c), _name(c, class_names), int(empty[sel].sum()), int(sel.sum())))
-    counts = "; ".join(f"{name!r}: {e} of {t}" for _, name, e, t in per_class if e)
-    share = empty.sum() / n
-    flags = []
-    if share >= cfg.empty or any(e / t >= cfg.empty and t >= cfg.min_items for _, _, e, t in per_class):
-        flags.append({"kind": "empty_maps", "maps": n, "empty": int(empty.sum()), "share": float(share),
-                      "by_class": {name: [e, t] for _, name, e, t in per_class},
-                      "why": f"{int(empty.sum())} of {n} {method} maps ({share:.0%}) are empty or constant: they "
-                             f"say nothing about where the evidence is (by class: {counts})"})
-    bad = [(name, e, t) for _, name, e, t in per_class if t >= cfg.min_items and e / t >= cfg.degenerate]
-    if share >= cfg.degenerate or bad:
-        instead, because = suggestion(method, entry)
-        where = f"{share:.0%} of all maps" if share >= cfg.degenerate else \
-            ", ".join(f"{e} of the {t} maps of class {name!r}" for name, e, t in bad)
-        flags.append({"kind": "degenerate", "method": method, "share": float(share), "instead": instead,
-                      "why": f"{method} says nothing for {where} (empty or constant); {because}"})
-    return flags
-
-
-def suggestion(method: str, entry: dict) -> tuple[list[str], str]:
-    """What to run instead of a method whose maps are empty, and why, from what the store
-    records about its layer's head (`convlens.kernels.common.head_kind`)."""
-    layer = (entry.get("config") or {}).get("layer")
-    if entry.get("pools_gradient") and entry.get("head") == "flatten":
-        return ["hirescam", "layercam"], (
-            f"the model's head flattens {layer!r} position by position, so {method}'s gradients averaged over "
-            "positions cancel; HiRes-CAM (exact on such heads) and Layer-CAM weigh each position by its own "
-            "gradient: run -m hirescam or -m layercam")
-    if entry.get("pools_gradient"):
-        return ["hirescam", "layercam"], (
-            f"{method} weighs channels by gradients averaged over positions, which can cancel; HiRes-CAM and "
-            "Layer-CAM weigh each position by its own gradient: run -m hirescam or -m layercam")
-    if entry.get("family") == "cam":
-        return ["gradient_x_input", "occlusion"], (
-            f"{method}'s maps keep only evidence for the class (ReLU) and there is none at {layer!r}: try a layer "
-            "nearer the input (--layer), or a signed method (-m gradient_x_input, -m occlusion)")
-    return [], f"check {method}'s options (see `convlens methods`) and that the model's scores vary with the input"
-
-
-def _name(c, class_names) -> str:
-    return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(int(c))
-
-
-def _quality(root, mp, model, params, names, entries, valid, cfg, masks, progress):
-    """The catalogue metrics (`convlens.engine.quality`) of every audited method."""
-    import dataclasses as dc
-
-    from convlens.api import resolve
-    from convlens.engine.quality import run_quality
-    from convlens.kernels.registry import METHODS
-    if "inputs" not in root:
-        return {"skipped": "the store has no inputs (run without --no-keep-inputs)"}
-    mp = mp or model_from_store(root, model, params)
-    methods = {}
-    rated = None
-    for method in names:
-        heat = np.asarray(root[f"{method}/{heatmap_of(entries[method])}"][:, 0])
-        targets = np.asarray(root[f"{method}/targets"][:, 0])
-        spec, mcfg = METHODS.get(method), None
-        if spec is not None:
-            fields = {f.name for f in dc.fields(spec.config)}
-            opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in entries[method].get("config", {}).items()
-                    if k in fields and not isinstance(v, dict)}
-            mcfg = resolve(mp[0], method, opts)
-        methods[method] = (heat, targets, spec, mcfg)
-        ok = valid[targets[valid] >= 0]
-        rated = ok if rated is None else np.intersect1d(rated, ok)
-    return run_quality(root, mp, methods, rated, cfg, masks, int(root["ids"].shape[0]), progress)
-
-
-def _faithfulness(root, mp, method, heat, targets, valid, cfg, g, n):
-    from convlens.engine.executor import Batch, Executor, Fn
-    from convlens.kernels import metrics
-
-    model, params = mp
-    fcfg = metrics.FaithfulnessConfig(steps=cfg.steps, replacement=cfg.replacement)
-    comp = {"faithfulness": Fn(lambda p, i, k: metrics.faithfulness(model, p, i["images"], i["maps"], i["targets"],
-                                                                    fcfg),
-                               (model.computation, fcfg, "faithfulness"), ("images", "maps", "targets"),
-                               "faithfulness")}
-    idx = valid[:cfg.sample]
-    res = {k: [] for k in ("deletion", "insertion", "deletion_auc", "insertion_auc", "drop", "increase")}
-    t0 = time.perf_counter()
-
-    def groups(ex):
-        for s in range(0, len(idx), ex.batch):
-            part = idx[s:s + ex.batch]
-            inputs = {"images": root["inputs"].get_orthogonal_selection((part,)).astype(np.float32),
-                      "maps": heat[part][:, None], "targets": targets[part][:, None].astype(np.int32)}
-            yield s, [Batch(inputs, part)]
-
-    with Executor(params, batch=min(cfg.batch, max(len(idx), 1))) as ex:
-        for _, results in ex.stream(comp, groups(ex)):
-            out = results[0]["faithfulness"]
-            for k in res:
-                res[k].append(np.asarray(out[k])[:, 0])
-    secs = time.perf_counter() - t0
-    res = {k: np.concatenate(v) for k, v in res.items()}
-    for k in ("deletion", "insertion", "deletion_auc", "insertion_auc", "drop", "increase"):
-        full = np.full((n, *res[k].shape[1:]), np.nan, np.float32)
-        full[idx] = res[k]
-        store.write(root, f"{g}/{k}", full)
-    return {"items": int(len(idx)), "deletion_auc": float(res["deletion_auc"].mean()),
-            "insertion_auc": float(res["insertion_auc"].mean()), "average_drop": float(res["drop"].mean()),
-            "increase_in_confidence": float(res["increase"].mean()), "steps": cfg.steps,
-            "replacement": cfg.replacement, "seconds_per_item": secs / max(1, len(idx))}
-
-
-def _sanity(root, mp, method, entry, targets, valid, cfg):
-    from convlens.api import resolve
-    from convlens.engine.executor import Batch, Executor, Explain
-    from convlens.kernels.registry import METHODS
-
-    if method not in METHODS:
-        return {"skipped": f"{method} is not a registered method"}
-    model, params = mp
-    idx = valid[:cfg.sanity_items]
-    x = root["inputs"].get_orthogonal_selection((idx,)).astype(np.float32)
-    spec = METHODS[method]
-    names = {f.name for f in dataclasses.fields(spec.config)}
-    opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in entry.get("config", {}).items()
-            if k in names and not isinstance(v, dict)}
-    comp = {method: Explain(model, method, resolve(model, method, opts), None)}
-    batch = Batch({"images": x, "targets": targets[idx][:, None].astype(np.int32)}, np.arange(len(idx)))
-    heat_name = spec.heatmap
-
-    with Executor(params, batch=len(idx), tune=False) as ex:
-        def explain(p):
-            return ex.run(comp, batch, params=p)[method][heat_name][:, 0]
-        counts, last, rho = sanity_check(model, params, explain)
-    final = float(np.mean(rho[-1]))
-    out = {"items": int(len(idx)), "layers_randomised": counts, "down_to": last,
-           "rank_correlation": [float(r) for r in rho.mean(axis=1)], "flagged": final >= cfg.sanity_threshold}
-    out["why"] = (f"with every layer randomised, {method}'s maps keep a rank correlation of {final:.2f} with the "
-                  f"trained model's (threshold {cfg.sanity_threshold}): they do not depend on what the model learned"
-                  if out["flagged"] else f"maps change as layers are randomised (rank correlation {final:.2f} "
-                                         "with all layers random)")
-    return out

@@ -20,7 +20,7 @@ environment, as ``jax.distributed.initialize()`` does.
 
 from __future__ import annotations
 
-from convlens.engine.runner import Process, Run, RunOptions, Summary
+from convlens.engine.runner import Process, Run, RunRequest, Summary
 from convlens.errors import ConvlensError
 
 _BARRIER_TIMEOUT_MS = 24 * 3600 * 1000
@@ -62,11 +62,9 @@ def _agree(name: str, ok: bool) -> bool:
     return bool(flag)
 
 
-def run(model, params, source, methods, out, process: Process, *, resume=False, overwrite=False,
-        storage_options=None, command="run", verify_full=False, note=None, **options) -> Summary:
-    """`runner.run` for one process of a (possibly) multi-process run."""
-    r = Run(model, params, source, methods, out, opts=RunOptions(**options), resume=resume, overwrite=overwrite,
-            process=process, storage_options=storage_options, command=command, verify_full=verify_full, note=note)
+def run(model, params, source, request: RunRequest, process: Process, note=None) -> Summary:
+    """`runner.Run` for one process of a (possibly) multi-process run."""
+    r = Run(model, params, source, request, process=process, note=note)
     if process.count == 1:
         return r.execute()
     specs = r.output_specs()

@@ -775,6 +775,14 @@ class Executor:
         results = [r for _, rs in self.stream((Group(b, comps, [b]) for b in batches), params) for r in rs]
         return merge(results)
 
+    def tuning(self, comp: Computation, inputs: Mapping[str, np.ndarray]) -> Tuning:
+        """How ``comp``'s XLA options at this executor's batch size are chosen on this
+        machine (measured now if unknown and the executor tunes), on the first batch of
+        ``inputs``."""
+        batch = self.split(inputs)[0]
+        keys = self.keys(pad_rows(np.asarray(batch.indices), self.batch))
+        return self.function(comp).tuning(self.params, self._device_inputs(comp, batch, self.batch), keys)
+
     def call(self, comp: Computation, params=None) -> dict[str, np.ndarray]:
         """A computation of the params alone (no batch inputs; its outputs ``whole``, e.g.
         a layer's kernels drawn as images), compiled, run and fetched like any other."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from convlens.engine import store
+from convlens.engine import schema, store
 
 
 def info_text(path, storage_options=None, failures: int = 10) -> str:
@@ -22,11 +22,11 @@ def info_text(path, storage_options=None, failures: int = 10) -> str:
         lines.append(f"training   {', '.join(tr.get('methods', []))} recorded after epochs {tr.get('epochs', [])}"
                      + (f"; {secs[0]:.2f} s the first time, then {np.mean(secs[1:] or secs):.2f} s each" if secs
                         else ""))
-    arrays = store.describe(root)
+    arrays = schema.describe(root)
     if "status" in arrays:
         status = np.asarray(root["status"][:])
         n = len(status)
-        done, failed = int((status == store.DONE).sum()), int((status == store.FAILED).sum())
+        done, failed = int((status == schema.DONE).sum()), int((status == schema.FAILED).sum())
         pending = n - done - failed
         state = "complete" if pending == 0 else f"INCOMPLETE: {pending} pending (continue with --resume)"
         lines.append(f"progress   {done} done, {failed} failed, {pending} pending of {n} ({state})")
@@ -39,7 +39,7 @@ def info_text(path, storage_options=None, failures: int = 10) -> str:
             lines.append("cost       " + ", ".join(f"{m} {s * 1000:.1f} ms/item" for m, s in per.items()))
         if failed:
             ids, errors = root["ids"][:], root["errors"][:]
-            bad = np.flatnonzero(status == store.FAILED)
+            bad = np.flatnonzero(status == schema.FAILED)
             lines.append(f"failures   ({failed})")
             for i in bad[:failures]:
                 lines.append(f"  {ids[i]}: {errors[i]}")

@@ -10,7 +10,7 @@ compiles each method once, pads, shards and makes the per-item keys, and dispatc
 chunk ``k+1`` before chunk ``k``'s results come to the host. A writer thread stores them,
 the ``status`` chunk last (see `store` for why that makes resuming safe).
 
-A run owns its store while it writes (`store.StoreLock`); ``--resume`` checks that the
+A run owns its store while it writes (`convlens.engine.lock.StoreLock`); ``--resume`` checks that the
 data are the same as when the store was started and verifies every chunk it would trust
 (`convlens.engine.verify`), recomputing what is missing or damaged; every run ends with
 the same check. Ctrl-C or an error ends the run with every thread and file closed and the
@@ -34,9 +34,10 @@ import numpy as np
 
 from convlens.config import Config, option
 from convlens.engine import sources as src_mod
-from convlens.engine import store
+from convlens.engine import schema, store
 from convlens.engine import targets as tg
 from convlens.engine.executor import Executor, Explain, Fn, Group, merge, round_batch, split
+from convlens.engine.lock import StoreLock
 from convlens.engine.progress import progress_bar
 from convlens.engine.sources import ItemError, Source, safe_id
 from convlens.errors import ConvlensError
@@ -198,38 +199,65 @@ class _Writer(threading.Thread):
 
 # ---------------------------------------------------------------- the run
 
+WRITE_MODES = ("new", "overwrite", "resume")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRequest:
+    """What a run is asked to do (everything but the model and the data).
+
+    Attributes:
+      methods: ``{method: options}``.
+      out: store path or fsspec URL (``None``: in memory).
+      opts: `RunOptions`.
+      mode: what to do with an existing store: ``new`` (refuse it), ``overwrite`` or ``resume``.
+      verify_full: on resume, decode every chunk (not only check its files).
+      storage_options: fsspec options for URL stores.
+      command: the command line, recorded in the store.
+    """
+
+    methods: dict
+    out: Any = None
+    opts: RunOptions = RunOptions()
+    mode: str = "new"
+    verify_full: bool = False
+    storage_options: dict | None = None
+    command: str = "run"
+
+    def __post_init__(self):
+        if self.mode not in WRITE_MODES:
+            raise ConvlensError(f"mode {self.mode!r}: one of {', '.join(WRITE_MODES)}")
+
+    @classmethod
+    def of(cls, methods, out, *, resume: bool = False, overwrite: bool = False, **kw) -> RunRequest:
+        """A request from the command line's flags (``--resume``, ``--overwrite``)."""
+        if resume and overwrite:
+            raise ConvlensError("give either --resume or --overwrite, not both")
+        return cls(methods, out, mode="resume" if resume else ("overwrite" if overwrite else "new"), **kw)
+
+
 class Run:
     """A prepared run; `execute` does the work of one process.
 
     Args:
       model, params: from `convlens.load_model`.
       source: a `Source`.
-      methods: ``{method: options}``.
-      out: store path or URL (``None``: in memory).
-      opts: `RunOptions`.
-      resume, overwrite: what to do with an existing store.
+      request: a `RunRequest` (methods, output, options).
       process: this process's share (`Process`).
-      storage_options: fsspec options for URL stores.
-      command: the command line, recorded in the store.
-      verify_full: on resume, decode every chunk (not only check its structure).
       note: where messages for the user go (e.g. what resuming repaired).
     """
 
-    def __init__(self, model: Model, params, source: Source, methods: dict[str, dict], out, *,
-                 opts: RunOptions = RunOptions(), resume: bool = False, overwrite: bool = False,
-                 process: Process = Process(), storage_options=None, command: str = "run",
-                 verify_full: bool = False, note: Callable[[str], None] | None = None):
-        if resume and overwrite:
-            raise ConvlensError("give either --resume or --overwrite, not both")
+    def __init__(self, model: Model, params, source: Source, request: RunRequest, *, process: Process = Process(),
+                 note: Callable[[str], None] | None = None):
+        out, opts, methods = request.out, request.opts, request.methods
         if out is None:  # results wanted in memory only (e.g. `convlens explain` without --out)
             import zarr
             out = zarr.storage.MemoryStore()
         self.model, self.params, self.source = model, params, source
         source.configure(size=model.input_size, max_pixels=opts.max_pixels)
         self.out = out if not isinstance(out, (str, bytes)) and not hasattr(out, "__fspath__") else str(out)
-        self.opts, self.process, self.storage_options = opts, process, storage_options
-        self.resume, self.overwrite, self.command = resume, overwrite, command
-        self.verify_full = verify_full
+        self.request, self.opts, self.process, self.storage_options = request, opts, process, request.storage_options
+        self.command, self.verify_full = request.command, request.verify_full
         self.note = note or (lambda msg: None)
         self.configs = resolve_methods(model, methods)
         self.n = len(source)
@@ -242,7 +270,7 @@ class Run:
         if self.targets.mode == tg.PER_ITEM:
             raise ConvlensError("a run takes top1/topk:N, class indices for every item, or label")
         self.executor_batch = round_batch(opts.batch_size)
-        want = opts.chunk or max(store.SAMPLE_CHUNK, self.executor_batch)
+        want = opts.chunk or max(schema.SAMPLE_CHUNK, self.executor_batch)
         self.chunk = -(-want // self.executor_batch) * self.executor_batch
         self.n_chunks = -(-self.n // self.chunk)
         self.size = model.input_size
@@ -251,7 +279,7 @@ class Run:
         self.comps = {m: Explain(model, m, cfg, self.targets.top_k) for m, cfg in self.configs.items()}
         for comp in self.comps.values():
             comp.check(self.batch)  # refuse at once what cannot fit, before the store is touched
-        self.lock: store.StoreLock | None = None
+        self.lock: StoreLock | None = None
         self._data_fp = None
 
     @property
@@ -294,33 +322,26 @@ class Run:
                                 "dtypes": {k: str(v[1]) for k, v in outs.items()}}
                             for m, outs in specs.items()}}
 
-    def create_store(self, specs):
-        root = store.create(self.out, overwrite=self.overwrite, attrs=self.attrs(specs),
-                            storage_options=self.storage_options, lock=self.lock)
+    def create_store(self, root, specs) -> None:
+        """A new store's arrays: the run layout of the schema, then each method's outputs."""
         n, c = self.n, self.chunk
-        store.write(root, "ids", np.asarray(self.source.ids, dtype=object).astype(str), chunk=c)
-        store.create_array(root, "labels", (n,), np.int32, chunk=c)
+        values = {"ids": np.asarray(self.source.ids, dtype=object).astype(str)}
         digests, _ = self.data_fingerprint()
         if digests is not None:
-            store.write(root, "source/digest", digests.astype(np.uint64), chunk=c)
-        for name, (values, _dims) in self.source.store_arrays().items():
-            store.write(root, name, values, chunk=c)
-        store.create_array(root, "status", (n,), np.uint8, chunk=c)
-        store.create_array(root, "errors", (n,), str, chunk=c)
-        store.create_array(root, "predictions/topk_index", (n, self.k), np.int32, chunk=c)
-        store.create_array(root, "predictions/topk_prob", (n, self.k), np.float32, chunk=c)
-        if self.opts.keep_inputs:
-            store.create_array(root, "inputs", (n, *self.size, 3), np.uint8, chunk=c)
-        if self.source.has_masks:
-            store.create_array(root, "masks", (n, *self.size), bool, chunk=c)
+            values["source/digest"] = digests.astype(np.uint64)
+        include = (["inputs"] if self.opts.keep_inputs else []) + (["masks"] if self.source.has_masks else [])
+        store.create_layout(root, "run", {"sample": n, "rank": self.k, "y": self.size[0], "x": self.size[1], "rgb": 3,
+                                          "process": self.process.count, "method": len(specs)},
+                            chunk=c, values=values, include=include)
+        extra = self.source.store_arrays()  # video positions
+        for layout in {store.layout_of(name) for name in extra}:
+            store.create_layout(root, layout, {"sample": n}, chunk=c,
+                                values={k: v for k, (v, _) in extra.items() if store.layout_of(k) == layout})
         for m, outs in specs.items():
             for name, (shape, dtype, dims) in outs.items():
                 store.create_array(root, f"{m}/{name}", (n, *shape), dtype, dims, c)
-        store.create_array(root, "timing/method_seconds", (self.process.count, len(specs)), np.float64, chunk=1,
-                           fill=0.0)
         root["timing"].attrs["methods"] = list(specs)
         self.write_pipeline(root)
-        return root
 
     def write_pipeline(self, root, k: int = 4):
         """A visual log of the input pipeline: the first readable items as read (shrunk to
@@ -380,27 +401,18 @@ class Run:
                                 f"size, time or content: {few}), so --resume would mix two data sets; use "
                                 "--overwrite to start again, or restore the original files")
 
-    def open_existing(self):
-        root = store.open_store(self.out, "r+", self.storage_options)
-        fp = root.attrs.get("fingerprint")
-        if fp != self.fp:
-            raise ConvlensError(
-                f"{self.out} was written by a different run (model, weights, data, methods, options or "
-                "chunking differ), so --resume cannot continue it; use --overwrite or another --out")
+    def check_existing(self, w) -> None:
+        """What a resumed store must also match beyond its fingerprint (the process count,
+        the data's contents), and its damaged arrays written once at the start."""
+        root = w.root
         if "timing" not in root or tuple(root["timing/method_seconds"].shape) != (self.process.count,
                                                                                   len(self.configs)):
             have = root["timing/method_seconds"].shape[0] if "timing" in root else "?"
             raise ConvlensError(f"{self.out} was started with {have} processes; resume it with the same "
                                 "--num-processes")
         self.check_same_data(root)
-        store.clean_partials(self.out)
-        from convlens.engine.verify import repair
-        report = repair(root, full=self.verify_full)
-        if report.problems:
-            self.note(f"resume: {report.summary()}; recomputing those chunks")
-        self.repaired = [(g, c) for g, cs in report.broken.items() for c in sorted(cs)]
-        self.rewrite_static(root, {name for name, _, _ in report.problems})
-        return root
+        self.repaired = [(g, c) for g, cs in w.damaged.items() for c in sorted(cs)]
+        self.rewrite_static(root, {name for name, _, _ in w.report.problems})
 
     def rewrite_static(self, root, damaged: set[str]) -> None:
         """Arrays written once when the store was made (ids, the data's record, video
@@ -420,7 +432,7 @@ class Run:
     def pending_chunks(self, root) -> list[int]:
         status = np.asarray(root["status"][:])
         mine = range(self.process.index, self.n_chunks, self.process.count)
-        return [c for c in mine if (status[c * self.chunk:(c + 1) * self.chunk] == store.PENDING).any()]
+        return [c for c in mine if (status[c * self.chunk:(c + 1) * self.chunk] == schema.PENDING).any()]
 
     # ------------------------------------------------------------ per item
 
@@ -446,10 +458,8 @@ class Run:
 
     def acquire(self) -> None:
         """Takes the store's lock (a run owns its store while it writes)."""
-        if self.lock is None and not isinstance(self.out, str):
-            return
-        if self.lock is None:
-            self.lock = store.StoreLock(self.out, self.storage_options, self.command, note=self.note).acquire()
+        if self.lock is None and isinstance(self.out, str):
+            self.lock = StoreLock(self.out, self.storage_options, self.command, note=self.note).acquire()
 
     def release(self) -> None:
         if self.lock is not None:
@@ -488,11 +498,16 @@ class Run:
                 self.release()
 
     def prepare_store(self, specs=None):
+        """Creates the store, or on resume checks and repairs it (`store.open_for_write`),
+        under the lock this run holds."""
         specs = specs or self.output_specs()
-        if self.resume and store.exists(self.out, self.storage_options) and not store.only_lock(self.out):
-            self.open_existing()
+        w = store.open_for_write(self.out, self.request.mode, fingerprint=self.fp, attrs=self.attrs(specs),
+                                 storage_options=self.storage_options, command=self.command, note=self.note,
+                                 lock=self.lock, verify_full=self.verify_full)
+        if w.resumed:
+            self.check_existing(w)
         else:
-            self.create_store(specs)
+            self.create_store(w.root, specs)
 
     def _chunks(self, todo, pool, lookahead: int = 2):
         """``(ci, (loaded, images, labels, ok), batches)`` per chunk, decoded ahead in ``pool``."""
@@ -584,7 +599,7 @@ class Run:
                 probs = class_probabilities(outs["logits"], self.model.output_activation)
                 merged[m] = tg.mask_positives(outs, self.comps[m].spec.dims, probs, self.targets)
         errors = np.asarray([safe_id(err) for _, _, _, err in loaded], dtype=object).astype(str)
-        status = np.where(ok, store.DONE, store.FAILED).astype(np.uint8)
+        status = np.where(ok, schema.DONE, schema.FAILED).astype(np.uint8)
         first = next(iter(merged.values()))
         order, top_p = topk(class_probabilities(first["logits"], self.model.output_activation), self.k)
         top_p = top_p.astype(np.float32)
@@ -626,11 +641,11 @@ class Run:
         root = store.open_store(self.out, "r+", self.storage_options)
         status = np.asarray(root["status"][:])
         secs = np.asarray(root["timing/method_seconds"][:]).sum(axis=0)
-        done, failed = int((status == store.DONE).sum()), int((status == store.FAILED).sum())
+        done, failed = int((status == schema.DONE).sum()), int((status == schema.FAILED).sum())
         items = max(done + failed, 1)
         from convlens.engine.verify import verify
         report = verify(root)
-        run = {"items": self.n, "done": done, "failed": failed, "pending": int((status == store.PENDING).sum()),
+        run = {"items": self.n, "done": done, "failed": failed, "pending": int((status == schema.PENDING).sum()),
                "processes": self.process.count,
                "method_seconds_per_item": {m: float(s) / items for m, s in zip(self.configs, secs)},
                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -661,7 +676,7 @@ def run(model: Model, params, source: Source | str | Sequence[str], methods: dic
       **options: `RunOptions` fields (``target``, ``batch_size``, ``seed`` ...).
 
     Returns:
-      A `Summary`; the store holds the results (schema in `convlens.engine.store`).
+      A `Summary`; the store holds the results (schema in `convlens.engine.schema`).
     """
     from convlens.config import build
     opts = build(RunOptions, options)
@@ -669,6 +684,64 @@ def run(model: Model, params, source: Source | str | Sequence[str], methods: dic
         source = src_mod.open_source(source, data_dir=data_dir, max_pixels=opts.max_pixels)
     if not isinstance(methods, dict):
         methods = {m: {} for m in methods}
-    r = Run(model, params, source, methods, out, opts=opts, resume=resume, overwrite=overwrite,
-            storage_options=storage_options, command=command)
-    return r.execute()
+    request = RunRequest.of(methods, out, resume=resume, overwrite=overwrite, opts=opts,
+                            storage_options=storage_options, command=command)
+    return Run(model, params, source, request).execute()
+
+
+def summary_text(s: Summary, out) -> str:
+    """What a run did, for the command line."""
+    rate = f"{s.items_per_second:.2f} images/s" if s.computed_items else "nothing left to do"
+    resumed = f", {s.skipped_chunks} chunks already done" if s.skipped_chunks else ""
+    repaired = f", {len(s.repaired)} damaged chunk(s) recomputed" if s.repaired else ""
+    lines = [f"wrote {s.store}: {s.done} done, {s.failed} failed of {s.items} items in {s.seconds:.1f} s "
+             f"({rate}{resumed}{repaired})"]
+    lines += [f"  failed: {item}: {why}" for item, why in s.failures[:10]]
+    if len(s.failures) > 10:
+        lines.append(f"  ... and {len(s.failures) - 10} more (see `convlens info {out}`)")
+    return "\n".join(lines)
+
+
+def summary_error(s: Summary, out) -> str | None:
+    """Why a run did not finish well (a final check that failed, every item failed), or None."""
+    if s.problems:
+        return (f"{out} failed its final check ({'; '.join(s.problems[:3])}); run `convlens verify {out}` for the "
+                "full report and --resume to repair it")
+    if s.done == 0 and s.failed:
+        first = f"; first: {s.failures[0][0]}: {s.failures[0][1]}" if s.failures else f": see `convlens info {out}`"
+        return f"every item failed ({s.failed} of {s.items}){first}"
+    return None
+
+
+def items_text(root, methods, class_names) -> str:
+    """One line per item: its top-3 predictions, then the targets each method explained."""
+    from convlens.models.labels import decode_stored
+    status = np.asarray(root["status"][:])
+    errors = root["errors"][:]
+    lines = []
+    for i, item in enumerate(root["ids"][:]):
+        if status[i] != schema.DONE:
+            lines.append(f"{item}: failed ({errors[i]})")
+            continue
+        top = decode_stored(root["predictions/topk_index"][i], root["predictions/topk_prob"][i], class_names)
+        lines.append(f"{item}: " + ", ".join(f"{name} {p:.3f}" for _, name, p in top[:3]))
+        for meth in methods:
+            layer = root.attrs["methods"][meth]["config"].get("layer")
+            lines.append(f"  {meth}" + (f" @ {layer}" if layer else "") + f": targets {root[f'{meth}/targets'][i].tolist()}")
+    return "\n".join(lines)
+
+
+def explain_files(model: Model, params, source: Source, request: RunRequest, note=None) -> tuple[str, str | None]:
+    """A run over a few files (``convlens explain``): each item's lines (`items_text`) and
+    why it did not finish well (or None)."""
+    r = Run(model, params, source, request, note=note)
+    s = r.execute()
+    text = items_text(store.open_store(r.out), list(request.methods), model.class_names)
+    if request.out:
+        text += f"\nwrote {request.out} ({s.done} images, methods: {', '.join(request.methods)})"
+    if s.problems:
+        return text, f"{request.out} failed its final check: {'; '.join(s.problems[:3])}"
+    if s.failed:
+        return text, (f"{s.failed} of {s.items} images could not be explained (first: {s.failures[0][0]}: "
+                      f"{s.failures[0][1]})")
+    return text, None

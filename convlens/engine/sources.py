@@ -458,3 +458,11 @@ def load_images(specs: list[str], size: tuple[int, int], resize: str = "squash")
     """``(pixels [N, H, W, 3] uint8, ids)`` for the files the specs name (all must be good)."""
     paths = expand(specs)
     return np.stack([load_image(p, size, resize) for p in paths]), [str(p) for p in paths]
+
+
+def files_source(specs) -> Source:
+    """A few files, folders or globs (``convlens explain``): a `FileSource`, or the frames
+    of video files."""
+    from convlens.engine import video
+    files = expand(list(specs))
+    return open_source(files) if any(video.is_video(f) for f in files) else FileSource(files)

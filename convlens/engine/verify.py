@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convlens.engine import store
+from convlens.engine import schema, store
 from convlens.errors import ConvlensError
 
 ZSTD_MAGIC = 0xFD2FB528
@@ -197,7 +197,7 @@ def _metadata_exists(root, arr) -> bool:
 def verify(root, full: bool = False) -> Report:
     """Checks a store's completed chunks (see the module docstring)."""
     rep = Report(full=full)
-    arrays = store.describe(root)
+    arrays = schema.describe(root)
     groups = _item_groups(root)
     status = {}
     for g, s in groups.items():
@@ -227,7 +227,7 @@ def verify(root, full: bool = False) -> Report:
         size = arr.chunks[0]
         n_chunks = -(-len(st) // size)
         for c in range(n_chunks):
-            if (st[c * size:(c + 1) * size] == store.PENDING).any():
+            if (st[c * size:(c + 1) * size] == schema.PENDING).any():
                 continue  # not promised yet
             rep.chunks += 1
             why = _check_chunk(root, arr, c, full, st)
@@ -242,9 +242,9 @@ def verify(root, full: bool = False) -> Report:
     if any(what == "array missing" for _, _, what in rep.problems) and "" in groups:
         st = status.get("")
         if st is not None:  # every completed chunk lost that array's values
-            size = int(dict(root.attrs).get("chunk") or store.SAMPLE_CHUNK)
+            size = int(dict(root.attrs).get("chunk") or schema.SAMPLE_CHUNK)
             rep.broken[""].update(c for c in range(-(-len(st) // size))
-                                  if not (st[c * size:(c + 1) * size] == store.PENDING).any())
+                                  if not (st[c * size:(c + 1) * size] == schema.PENDING).any())
     return rep
 
 
@@ -264,7 +264,7 @@ def _check_chunk(root, arr, c: int, full: bool, st: np.ndarray | None) -> str | 
             return f"does not decode ({type(e).__name__})"
         if values.dtype.kind == "f" and not arr.path.startswith(("audit/", "timing/")):
             if st is not None and arr.path.split("/")[0] in (dict(root.attrs).get("methods") or {}):
-                done = st[lo:hi] == store.DONE
+                done = st[lo:hi] == schema.DONE
                 if done.any() and not np.isfinite(values[done].reshape(int(done.sum()), -1)).all():
                     return "non-finite values for completed items"
     return None
@@ -287,12 +287,12 @@ def repair(root, full: bool = False) -> Report:
         for c in sorted(chunks):
             lo, hi = c * size, min(arr.shape[0], (c + 1) * size)
             try:
-                arr[lo:hi] = store.PENDING
+                arr[lo:hi] = schema.PENDING
             except Exception:  # noqa: BLE001 - a damaged status chunk: delete and rewrite it
                 for key in _chunk_keys(arr, c):
                     from zarr.core.sync import sync
                     sync(root.store.delete(f"{arr.path}/{key}"))
-                arr[lo:hi] = store.PENDING
+                arr[lo:hi] = schema.PENDING
     return rep
 
 
@@ -301,7 +301,7 @@ def _recreate_missing(root, rep: Report) -> None:
     their declared dims, per-item shapes and dtypes."""
     methods = dict(root.attrs).get("methods") or {}
     n = root["ids"].shape[0] if "ids" in root else None
-    chunk = int(dict(root.attrs).get("chunk") or store.SAMPLE_CHUNK)
+    chunk = int(dict(root.attrs).get("chunk") or schema.SAMPLE_CHUNK)
     for name, c, what in rep.problems:
         if c is not None or what != "array missing" or n is None:
             continue

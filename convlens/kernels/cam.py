@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from convlens.config import Config
 from convlens.errors import ConvlensError
 from convlens.kernels import common
-from convlens.kernels.spec import (INPUT_ATTR, INPUT_MAP, LAYER_FIXED, LAYER_MAP, LAYER_SPATIAL, MethodSpec, Output,
+from convlens.kernels.spec import (INPUT_ATTR, INPUT_MAP, Advice, LAYER_FIXED, LAYER_MAP, LAYER_SPATIAL, MethodSpec, Output,
                                    SharedPass)
 from convlens.models.network import Model
 
@@ -164,12 +164,22 @@ CAM_OUTPUTS = (Output("cam", LAYER_MAP, "map at the explained layer's resolution
                Output("heatmap", INPUT_MAP, "the map resized (bilinear) to the input"))
 
 
+# What to run when a CAM's maps come out empty: position-averaged gradients cancel (behind a
+# Flatten head above all), where element-wise weights do not; a CAM keeps only evidence for
+# the class (ReLU), where a signed method shows the rest.
+AVERAGED = Advice(("hirescam", "layercam"), "weighs channels by gradients averaged over positions, which can "
+                  "cancel; HiRes-CAM (exact on Flatten heads) and Layer-CAM weigh each position by its own gradient")
+RELU = Advice(("gradient_x_input", "occlusion"), "keeps only evidence for the class (ReLU), and there is none at "
+              "its layer: try a layer nearer the input (--layer), or a signed method")
+
+
 def cam_spec(name: str, weights_fn, doc: str, pools_gradient: bool = False) -> MethodSpec:
     """The declaration of a gradient CAM variant: one ``weights_fn`` and a line of doc;
     ``pools_gradient``: its channel weights average the gradient over positions."""
     return MethodSpec(name, "cam", CamConfig, gradient_cam(weights_fn, name), CAM_OUTPUTS, False, doc,
                       layer=LAYER_SPATIAL, pools_gradient=pools_gradient,
-                      shared=SharedPass("layer_gradients", _layer_pass, _finisher(weights_fn)))
+                      shared=SharedPass("layer_gradients", _layer_pass, _finisher(weights_fn)),
+                      when_empty=AVERAGED if pools_gradient else RELU)
 
 
 SPECS = (
@@ -180,10 +190,11 @@ SPECS = (
     cam_spec("xgradcam", _xgradcam_w, "XGrad-CAM: activation-normalised gradient weights", pools_gradient=True),
     MethodSpec("cam", "cam", CamConfig, cam, CAM_OUTPUTS, False,
                "CAM: final Dense weights over GlobalAveragePooling features (signed, no gradients)",
-               layer=LAYER_FIXED, fixed_layer=lambda model: cam_structure(model)[0]),
+               layer=LAYER_FIXED, fixed_layer=lambda model: cam_structure(model)[0], when_empty=RELU),
     MethodSpec("guided_gradcam", "cam", CamConfig, guided_gradcam,
                (Output("attribution", INPUT_ATTR, "guided backprop x Grad-CAM heatmap"),
                 Output("heatmap", INPUT_MAP, "max |attribution| over channels"),
                 Output("cam", LAYER_MAP, "the Grad-CAM map")), False,
-               "Guided Grad-CAM: guided backprop x Grad-CAM", layer=LAYER_SPATIAL, pools_gradient=True),
+               "Guided Grad-CAM: guided backprop x Grad-CAM", layer=LAYER_SPATIAL, pools_gradient=True,
+               when_empty=AVERAGED),
 )

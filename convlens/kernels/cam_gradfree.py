@@ -36,7 +36,7 @@ from convlens.config import Config, option
 from convlens.errors import ConvlensError
 from convlens.kernels import common
 from convlens.kernels.baselines import BASELINE_CHOICES, baseline_images, parse_baseline
-from convlens.kernels.cam import CAM_OUTPUTS, CamConfig, cam_from_weights, resolve_layer
+from convlens.kernels.cam import CAM_OUTPUTS, RELU, CamConfig, cam_from_weights, resolve_layer
 from convlens.kernels.spec import LAYER_SPATIAL, MethodSpec
 from convlens.models.network import Model
 
@@ -217,9 +217,11 @@ def eigen_cam(model: Model, params, images, targets, cfg: CamConfig, keys=None):
 SPECS = (
     MethodSpec("scorecam", "cam", ScoreCamConfig, score_cam, CAM_OUTPUTS, False,
                "Score-CAM: channel weights from the target's score on channel-masked images (no gradients)",
-               layer=LAYER_SPATIAL),
+               layer=LAYER_SPATIAL, when_empty=RELU),
     MethodSpec("ablationcam", "cam", AblationCamConfig, ablation_cam, CAM_OUTPUTS, False,
-               "Ablation-CAM: channel weights = relative logit drop with the channel set to 0", layer=LAYER_SPATIAL),
+               "Ablation-CAM: channel weights = relative logit drop with the channel set to 0", layer=LAYER_SPATIAL,
+               when_empty=RELU),
     MethodSpec("eigencam", "cam", CamConfig, eigen_cam, CAM_OUTPUTS, False,
-               "Eigen-CAM: first principal component of the activations (class-agnostic)", layer=LAYER_SPATIAL),
+               "Eigen-CAM: first principal component of the activations (class-agnostic)", layer=LAYER_SPATIAL,
+               when_empty=RELU),
 )

@@ -59,8 +59,9 @@ class OcclusionConfig(Config):
         Memory, not results.
       memory_mb: peak activation memory per forward pass the automatic chunk aims at.
       incremental: recompute only the patch's projective field at each layer (exact).
-      tau: with ``incremental``, cap the recomputed region at ``tau`` of each map's side
-        (approximate when < 1; Krypton's projective-field threshold).
+      tau: cap the incremental mode's recomputed region at ``tau`` of each map's side
+        (approximate when < 1, which turns the incremental mode on; Krypton's projective-field
+        threshold).
       drilldown: approximate when < 1 (Krypton's adaptive drill-down): a coarse sweep at
         twice the stride, spread bilinearly over the grid, then only this fraction of the
         remaining positions, those where the coarse drop is largest, evaluated.
@@ -94,8 +95,8 @@ class OcclusionConfig(Config):
             raise OptionError("occlusion window and stride must be n or (h, w)")
         object.__setattr__(self, "baseline", parse_baseline(self.baseline, "occlusion"))
         super().__post_init__()
-        if self.tau < 1.0 and not self.incremental:
-            raise OptionError("tau < 1 approximates the incremental mode: add incremental=true")
+        if self.tau < 1.0:  # an approximation of the incremental mode: it implies it, however it is asked for
+            object.__setattr__(self, "incremental", True)
 
 
 def check_fits(model: Model, cfg: OcclusionConfig) -> None:

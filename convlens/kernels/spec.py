@@ -67,6 +67,15 @@ class SharedPass:
 
 
 @dataclasses.dataclass(frozen=True)
+class Advice:
+    """What to run instead when a method's maps come out empty or constant, and why (a
+    phrase completing "<method> ..."). The audit says it; it names no method itself."""
+
+    instead: tuple[str, ...]
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A method's declaration.
 
@@ -91,6 +100,7 @@ class MethodSpec:
         (Flatten) those averages cancel and the maps go empty, which audits flag.
       shared: a `SharedPass` whose ``finish`` gives exactly ``explain``'s outputs, so the
         executor can compute several such methods from one pass.
+      when_empty: an `Advice` for maps that come out empty (audits say it).
     """
 
     name: str
@@ -106,6 +116,7 @@ class MethodSpec:
     check: Callable[[Any, Any], None] | None = None
     pools_gradient: bool = False
     shared: SharedPass | None = None
+    when_empty: Advice | None = None
 
     def __post_init__(self):
         if self.layer not in LAYER_NEEDS:
@@ -130,8 +141,11 @@ class MethodSpec:
     def store_entry(self) -> dict:
         """What a store records about the method's outputs (the renderer reads it back
         without importing the registry)."""
-        return {"outputs": {o.name: list(o.dims) for o in self.all_outputs}, "heatmap": self.heatmap,
-                "family": self.family, "pools_gradient": self.pools_gradient}
+        out = {"outputs": {o.name: list(o.dims) for o in self.all_outputs}, "heatmap": self.heatmap,
+               "family": self.family, "pools_gradient": self.pools_gradient}
+        if self.when_empty is not None:
+            out["when_empty"] = {"instead": list(self.when_empty.instead), "why": self.when_empty.why}
+        return out
 
     def resolve(self, model, options: dict | None = None):
         """The method's config from keyword options (command-line strings coerced, every

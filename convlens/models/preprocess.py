@@ -25,10 +25,14 @@ MODES = ("caffe", "tf", "torch", "rescale", "none")
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """A preprocessing mode; calling it maps pixels ``[B, H, W, 3]`` (0..255) to model input."""
+    """A preprocessing mode; calling it maps pixels ``[B, H, W, 3]`` (0..255) to model input.
+
+    ``shift`` is subtracted from the pixels before anything else: a model that sees
+    ``x + shift`` as it saw ``x`` (the compensated model of the input-invariance test)."""
 
     mode: str = "none"
     scale: float = 1.0 / 255.0
+    shift: float = 0.0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -36,6 +40,8 @@ class Preprocess:
 
     def __call__(self, images):
         x = jnp.asarray(images, jnp.float32)
+        if self.shift:
+            x = x - self.shift
         if self.mode == "caffe":
             return x[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR, jnp.float32)
         if self.mode == "tf":
@@ -48,6 +54,9 @@ class Preprocess:
 
     def invert(self, x):
         """Model input back to pixels (0..255 float), for showing optimised inputs."""
+        return self._invert(x) + self.shift
+
+    def _invert(self, x):
         x = jnp.asarray(x, jnp.float32)
         if self.mode == "caffe":
             return (x + jnp.asarray(CAFFE_MEAN_BGR, jnp.float32))[..., ::-1]
@@ -60,4 +69,5 @@ class Preprocess:
         return x
 
     def describe(self) -> str:
-        return f"rescale(x{self.scale:g})" if self.mode == "rescale" else self.mode
+        name = f"rescale(x{self.scale:g})" if self.mode == "rescale" else self.mode
+        return name + (f" of pixels minus {self.shift:g}" if self.shift else "")

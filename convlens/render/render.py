@@ -13,7 +13,7 @@ What is drawn depends on what the store holds:
   overlay per method and target, the top-3 predictions in the title) and
   ``overlays/<method>_contact.png``;
 * an audit -> ``audit/<method>_class_means.png``, ``audit/<method>_suspicious.png``,
-  ``audit/curves.png`` (mean deletion / insertion curves);
+  ``audit/quality_intervals.png`` and ``audit/quality_curves.png`` (the quality metrics);
 * the input pipeline -> ``pipeline.png`` (items as read, as resized, as preprocessed);
 * a video run (`convlens.engine.video`) -> ``video/<file>_<method>.mp4`` (or ``.webm``,
   ``.gif``, or a folder of PNG frames): every explained frame with its first target's map, the
@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from convlens.config import Config, option
-from convlens.engine import store
-from convlens.errors import ConvlensError, OptionError
+from convlens.engine import schema, store
+from convlens.engine.ownership import claim_folder
+from convlens.errors import OptionError
 from convlens.models.labels import name_of
 from convlens.render import images as im
 
@@ -63,6 +64,43 @@ class LookOptions(Config):
         import matplotlib
         if self.cmap not in matplotlib.colormaps:
             raise OptionError(f"unknown colour map {self.cmap!r}: try jet, viridis, inferno, turbo")
+
+
+VIDEO_CHOICES = ("mp4", "webm", "gif", "png", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderOptions(LookOptions):
+    """How `convlens render` draws a store.
+
+    Attributes:
+      cmap: colour map (jet, viridis, turbo, inferno ...).
+      style: blend (on the image) or camshow (on a darkened grey copy, above a threshold).
+      alpha: overlay opacity, 0..1.
+      limit: items drawn as overlays.
+      per_row: feature-map tiles per row.
+      video: video runs: the overlays as an mp4, webm or gif video, png frames, or none.
+    """
+
+    per_row: int = option(16, min=1, max=256)
+    video: str = option("mp4", choices=VIDEO_CHOICES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOptions(LookOptions):
+    """How `convlens report` lays out a store.
+
+    Attributes:
+      cmap: colour map (jet, viridis, turbo, inferno ...).
+      style: blend (on the image) or camshow (on a darkened grey copy, above a threshold).
+      alpha: overlay opacity, 0..1.
+      limit: items drawn as overlays.
+      per_page: items per gallery page.
+    """
+
+    per_page: int = option(48, min=1, max=100000)
+
+    _owner = "report"
 
 
 def class_names_of(root) -> tuple[str, ...] | None:
@@ -129,7 +167,7 @@ def item_panel(root, i: int, methods, names, cmap="jet", alpha=0.5, style="blend
 
 def _done_items(root) -> np.ndarray:
     if "status" in root:
-        return np.flatnonzero(np.asarray(root["status"][:]) == store.DONE)
+        return np.flatnonzero(np.asarray(root["status"][:]) == schema.DONE)
     return np.arange(root["ids"].shape[0])
 
 
@@ -216,7 +254,7 @@ def render_atlas(root, out: Path, per_row: int = 8) -> list[Path]:
         g = root[f"atlas/{layer}"]
         pats = np.asarray(g["patterns"][:])
         idx = np.asarray(g["filters"][:])
-        done = np.asarray(g["status"][:]) == store.DONE
+        done = np.asarray(g["status"][:]) == schema.DONE
         tiles = [p if ok else np.full_like(p, 230) for p, ok in zip(pats, done)]
         labels = [str(int(k)) if ok else f"{int(k)} (todo)" for k, ok in zip(idx, done)]
         page = per_row * per_row
@@ -239,8 +277,6 @@ def render_audit(root, out: Path, cmap: str, alpha: float, style: str) -> list[P
         return []
     files = []
     cls_names = root.attrs.get("class_names")
-    names = class_names_of(root)
-    curves = {}
     for m, e in a["methods"].items():
         g = f"audit/{m}"
         means = np.asarray(root[f"{g}/class_mean"][:])
@@ -261,13 +297,6 @@ def render_audit(root, out: Path, cmap: str, alpha: float, style: str) -> list[P
             labels = [f"{Path(s['id']).name} ({s['suspicion']:.2f})" for s in sus]
             files.append(im.save_png(im.titled(im.grid(tiles, min(4, len(tiles)), labels),
                                                f"{m}: most suspicious items"), out / "audit" / f"{m}_suspicious.png"))
-        if f"{g}/deletion" in root:
-            d, i = np.asarray(root[f"{g}/deletion"][:]), np.asarray(root[f"{g}/insertion"][:])
-            ok = ~np.isnan(d).any(axis=1)
-            if ok.any():
-                curves[m] = (d[ok].mean(0), i[ok].mean(0))
-    if curves:
-        files.append(_curves_png(curves, out / "audit" / "curves.png"))
     q = a.get("quality")
     if q and q.get("scores"):
         files.append(_intervals_png(q, out / "audit" / "quality_intervals.png"))
@@ -277,7 +306,6 @@ def render_audit(root, out: Path, cmap: str, alpha: float, style: str) -> list[P
         qc = {m: v for m, v in qc.items() if v}
         if qc:
             files.append(_quality_curves_png(qc, q, out / "audit" / "quality_curves.png"))
-    del names
     return files
 
 
@@ -333,24 +361,6 @@ def _quality_curves_png(curves: dict, q: dict, path: Path) -> Path:
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    return _save(plt, fig, path)
-
-
-def _curves_png(curves: dict, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
-    for m, (d, ins) in curves.items():
-        x = np.linspace(0, 1, len(d))
-        axes[0].plot(x, d, label=f"{m} (AUC {np.trapezoid(d, x):.3f})")
-        axes[1].plot(x, ins, label=f"{m} (AUC {np.trapezoid(ins, x):.3f})")
-    for ax, t in zip(axes, ("deletion (lower is better)", "insertion (higher is better)")):
-        ax.set_title(t, fontsize=10)
-        ax.set_xlabel("fraction of pixels")
-        ax.set_ylabel("target probability")
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return _save(plt, fig, path)
 
@@ -436,29 +446,14 @@ def render_training(root, out: Path, cmap: str, alpha: float, style: str, limit:
 RENDER_MARKER = ".convlens-render"
 
 
-def claim_folder(out: Path, marker: str, what: str) -> None:
-    """Makes ``out`` a folder this command may write into: new, empty, or marked as made by
-    the same command before (``marker``); anything else is refused (it is the user's)."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ConvlensError(f"{what} {out} is not a folder; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
-        raise ConvlensError(f"{what} {out} is a folder convlens did not make ({sum(1 for _ in out.iterdir())} "
-                            "entries): convlens writes only into new, empty or its own folders; choose another path")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / marker).write_text("written by convlens; it may replace the files in this folder\n")
-
-
-def render_store(path, out_dir, *, cmap: str = "jet", alpha: float = 0.5, style: str = "blend", limit: int = 64,
-                 per_row: int = 16, video: str = "mp4") -> dict[str, list[Path]]:
+def render_store(path, out_dir, opts: RenderOptions | None = None, **kw) -> dict[str, list[Path]]:
     """Draws everything the store at ``path`` holds into ``out_dir`` (a new or empty folder,
-    or one an earlier render made); returns the files by group. ``video``: how a video
-    run's overlays are written back (mp4, webm, gif, png or none)."""
-    from convlens.render.video import VIDEO_FORMATS, render_videos
-    if video not in (*VIDEO_FORMATS, "none"):
-        raise OptionError(f"unknown video format {video!r}: {', '.join(VIDEO_FORMATS)} or none")
-    if per_row < 1:
-        raise OptionError(f"per_row must be at least 1, got {per_row}")
-    LookOptions(cmap=cmap, style=style, alpha=alpha, limit=limit)  # checks them
+    or one an earlier render made); returns the files by group. ``opts``: `RenderOptions`
+    (or its fields as keywords)."""
+    from convlens.config import build
+    from convlens.render.video import render_videos
+    o = opts if opts is not None else build(RenderOptions, kw)
+    cmap, alpha, style, limit, per_row = o.cmap, o.alpha, o.style, o.limit, o.per_row
     from convlens.engine.verify import require_sound
     root = store.open_store(path)
     require_sound(store.open_store(path, consolidated=False), path)
@@ -471,5 +466,5 @@ def render_store(path, out_dir, *, cmap: str = "jet", alpha: float = 0.5, style:
               "audit": render_audit(root, out, cmap, alpha, style),
               "pipeline": render_pipeline(root, out),
               "training": render_training(root, out, cmap, alpha, style, limit),
-              "video": render_videos(root, out, fmt=video, cmap=cmap, alpha=alpha, style=style)}
+              "video": render_videos(root, out, fmt=o.video, cmap=cmap, alpha=alpha, style=style)}
     return {k: v for k, v in groups.items() if v}

@@ -14,7 +14,6 @@ def table(findings: dict) -> str:
     lines = []
     for method, e in findings.items():
         s = e["summary"]
-        f = e.get("faithfulness") or {}
         maps = s.get("maps", s["items"])
         head = f"{method}: {s['items']} items" + (f" ({maps} maps: one per explained label)" if maps != s["items"]
                                                   else "") + \
@@ -26,14 +25,10 @@ def table(findings: dict) -> str:
         if "pointing_game" in s:
             head += f", pointing game {s['pointing_game']:.2f}, object share {s['mean_object_share']:.2f}"
         lines.append(head)
-        if "deletion_auc" in f:
-            lines.append(f"  faithfulness ({f['items']} items): deletion AUC {f['deletion_auc']:.3f}, insertion AUC "
-                         f"{f['insertion_auc']:.3f}, average drop {f['average_drop']:.1%}, increase "
-                         f"{f['increase_in_confidence']:.1%}")
-        san = e.get("sanity") or {}
-        if "rank_correlation" in san:
-            lines.append("  sanity: rank correlation as layers are randomised top-down: "
-                         + ", ".join(f"{c}: {r:.2f}" for c, r in zip(san["layers_randomised"], san["rank_correlation"])))
+        q = e.get("quality") or {}
+        if q:
+            lines.append("  quality: " + ", ".join(f"{m} {v['mean']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+                                                   for m, v in q.items() if np.isfinite(v["mean"])))
         flags = e["flags"]
         if not flags:
             lines.append("  no flags")
@@ -45,35 +40,22 @@ def table(findings: dict) -> str:
 
 
 def compare_table(path) -> str:
-    """Methods of an audited store ranked by faithfulness (insertion AUC - deletion AUC),
-    with their cost from the run's own timing."""
+    """The methods of an audited store: their cost from the run's own timing, then every
+    quality metric with its interval, whether it is informative on this store, and the
+    one ranking over the informative metrics."""
     root = store.open_store(path)
     a = root.attrs.get("audit")
     if not a:
         raise ConvlensError(f"{path} has not been audited: run `convlens audit {path}` first")
     cost = (root.attrs.get("run") or {}).get("method_seconds_per_item", {})
-    rows = []
-    for m, e in a["methods"].items():
-        f = e.get("faithfulness") or {}
-        san = e.get("sanity") or {}
-        score = f.get("insertion_auc", np.nan) - f.get("deletion_auc", np.nan)
-        rows.append((score, m, f, san, cost.get(m)))
-    rows.sort(key=lambda r: -np.nan_to_num(r[0], nan=-np.inf))
-    head = f"{'rank':4s} {'method':22s} {'ins-del':>8s} {'deletion':>9s} {'insertion':>10s} {'avg drop':>9s} " \
-           f"{'increase':>9s} {'sanity rho':>10s} {'s/item':>8s}"
-    lines = [head, "-" * len(head)]
-    for i, (score, m, f, san, c) in enumerate(rows, 1):
-        rho = san.get("rank_correlation", [np.nan])[-1]
-        flag = " (fails sanity)" if san.get("flagged") else ""
-
-        def fmt(v, spec):
-            return format(v, spec) if v is not None and np.isfinite(v) else "-"
-        lines.append(f"{i:<4d} {m:22s} {fmt(score, '8.3f'):>8s} {fmt(f.get('deletion_auc'), '9.3f'):>9s} "
-                     f"{fmt(f.get('insertion_auc'), '10.3f'):>10s} {fmt(f.get('average_drop'), '9.1%'):>9s} "
-                     f"{fmt(f.get('increase_in_confidence'), '9.1%'):>9s} {fmt(rho, '10.2f'):>10s} "
-                     f"{fmt(c, '8.4f'):>8s}{flag}")
-    if a.get("quality") and a["quality"].get("scores"):
-        lines += ["", quality_table(a["quality"])]
+    lines = ["Cost (seconds per item, from the run): " + ", ".join(
+        f"{m} {cost[m]:.4f}" if m in cost else f"{m} -" for m in a["methods"])]
+    q = a.get("quality") or {}
+    if q.get("scores"):
+        lines += ["", quality_table(q)]
+    else:
+        why = q.get("skipped") or "the audit computed none (--quality none)"
+        lines += ["", f"No quality metrics to rank the methods by: {why}."]
     return "\n".join(lines)
 
 
@@ -81,8 +63,9 @@ def quality_table(q: dict) -> str:
     """The catalogue metrics: each source's mean and 95% bootstrap interval per metric,
     which metrics are informative on this store, and the ranking over those."""
     sources = list(q["scores"])
-    lines = [f"Quality metrics on {q['items']} items (mean [95% bootstrap interval]); controls: a random map and "
-             "a Sobel edge map of the input"]
+    controls = "controls: a random map and a Sobel edge map of the input" if q.get("controls", True) else \
+        "no controls (--no-controls): no metric can be judged informative"
+    lines = [f"Quality metrics on {q['items']} items (mean [95% bootstrap interval]); {controls}"]
     head = f"{'metric':26s} {'better':6s} " + " ".join(f"{s:>22s}" for s in sources) + "  verdict"
     lines += [head, "-" * len(head)]
     for m in q["metrics"]:

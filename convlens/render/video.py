@@ -84,7 +84,7 @@ class VideoWriter:
         self._mp4 = None
         self._last_pts = -1
         if self.kind == "png":
-            from convlens.render.render import claim_folder
+            from convlens.engine.ownership import claim_folder
             claim_folder(self.path, FRAMES_MARKER, "the frames folder")
         else:
             if self.path.is_symlink() or self.path.is_dir() or (self.path.exists() and not written_by_us(self.path)):
@@ -166,7 +166,7 @@ def render_videos(root, out: Path, *, fmt: str = "mp4", cmap: str = "jet", alpha
     """One video per file and heatmap method of a video run's store: each explained frame
     (stored input) with its first target's map, the top label and the time, at the
     frames' own times. Failed frames are left out."""
-    from convlens.engine import store
+    from convlens.engine import schema
     from convlens.render.render import class_names_of, heat_path, heatmap_methods
 
     v = root.attrs.get("video")
@@ -182,7 +182,7 @@ def render_videos(root, out: Path, *, fmt: str = "mp4", cmap: str = "jet", alpha
     prob = np.asarray(root["predictions/topk_prob"][:, 0])
     written = []
     for f, path in enumerate(v["files"]):
-        items = np.flatnonzero((files_of == f) & (status == store.DONE))
+        items = np.flatnonzero((files_of == f) & (status == schema.DONE))
         if not len(items):
             continue
         items = items[np.argsort(times[items], kind="stable")]

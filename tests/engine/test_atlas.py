@@ -10,6 +10,7 @@ import pytest
 import zarr
 
 import convlens
+from convlens.engine import schema
 from convlens.engine import store
 from convlens.engine.atlas import parse_filters, run_atlas
 from convlens.errors import ConvlensError
@@ -33,10 +34,10 @@ def test_atlas_store_holds_the_kernels_patterns(tiny, tmp_path):
                   progress=False)
     assert (s.layers, s.filters) == (2, 2 + 8)
     root = store.open_store(out)
-    assert store.validate(root) == []
+    assert schema.validate(root) == []
     g = root["atlas/block3_conv1"]
     assert g["patterns"].shape == (8, 16, 16, 3) and list(g["filters"][:]) == list(range(0, 16, 2))
-    assert (g["status"][:] == store.DONE).all()
+    assert (g["status"][:] == schema.DONE).all()
     assert root.attrs["atlas"]["recipe"] == "classic" and root.attrs["atlas"]["steps"] == 6
     # Layer index 4 of vgg_tiny's conv layers; the same images as the kernel called directly.
     units = jnp.asarray(g["filters"][:])
@@ -52,7 +53,7 @@ def test_atlas_resume_and_refusals(tiny, tmp_path):
     run_atlas(model, params, full, layers="block1_conv1,block2_conv1", cfg=CFG, batch=2, progress=False)
     run_atlas(model, params, part, layers="block1_conv1,block2_conv1", cfg=CFG, batch=2, progress=False)
     root = zarr.open_group(str(part), mode="r+")
-    root["atlas/block2_conv1/status"][2:6] = store.PENDING  # two chunks lost in a crash
+    root["atlas/block2_conv1/status"][2:6] = schema.PENDING  # two chunks lost in a crash
     root["atlas/block2_conv1/patterns"][2:6] = 0
     s = run_atlas(model, params, part, layers="block1_conv1,block2_conv1", cfg=CFG, batch=2, resume=True,
                   progress=False)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from convlens.engine import store
+from convlens.engine import schema
 from tests.engine.test_runner import arrays_of, assert_same_arrays
 
 
@@ -41,7 +41,7 @@ RUN = ["run", "smallcnn", "--random-init", "0", "-m", "gradcam,smoothgrad", "-o"
 
 def done_count(path):
     try:
-        return int((zarr.open_group(str(path), mode="r")["status"][:] != store.PENDING).sum())
+        return int((zarr.open_group(str(path), mode="r")["status"][:] != schema.PENDING).sum())
     except Exception:  # noqa: BLE001 - not created yet
         return 0
 

@@ -8,6 +8,7 @@ import zarr
 from PIL import Image
 
 import convlens
+from convlens.engine import schema
 from convlens.engine import runner, sources, store
 from convlens.errors import ConvlensError
 
@@ -26,7 +27,7 @@ def api_result(model, params, src, method, opts, resize="squash", target="top1",
 
 def arrays_of(path):
     root = zarr.open_group(str(path), mode="r")
-    return {k: root[k][...] for k in store.describe(root) if not k.startswith("timing/")}
+    return {k: root[k][...] for k in schema.describe(root) if not k.startswith("timing/")}
 
 
 def assert_same_arrays(a, b):
@@ -48,7 +49,7 @@ def test_folder_run_matches_api_and_opens_in_xarray(tiny, folder, tmp_path):
                    progress=False, keep_inputs=True)
     assert (s.done, s.failed, s.items) == (48, 0, 48)
     root = store.open_store(out)
-    assert store.validate(root) == []
+    assert schema.validate(root) == []
     src = sources.open_source(str(folder))
     for method, opts in METHODS.items():
         x, e = api_result(model, params, src, method, opts, target="top2")
@@ -65,7 +66,7 @@ def test_folder_run_matches_api_and_opens_in_xarray(tiny, folder, tmp_path):
     assert ds["heatmap"].dims == ("sample", "target", "y", "x") and ds["heatmap"].shape == (48, 2, 32, 32)
     np.testing.assert_allclose(ds["heatmap"].values, root["gradcam/heatmap"][:])
     top = xr.open_zarr(str(out), consolidated=True)
-    assert top["status"].dims == ("sample",) and int((top["status"] == store.DONE).sum()) == 48
+    assert top["status"].dims == ("sample",) and int((top["status"] == schema.DONE).sum()) == 48
     assert root["gradcam/heatmap"].chunks[0] == 10
 
 
@@ -109,10 +110,10 @@ def test_bad_files_fail_alone(tiny, folder, tmp_path):
     failed = {"zero.jpg": "empty file", "text.png": "not an image", "truncated.png": "cannot decode",
               "tiny.png": "too small"}
     for name, why in failed.items():
-        assert status[name] == store.FAILED and why in errors[name], (name, errors[name])
+        assert status[name] == schema.FAILED and why in errors[name], (name, errors[name])
     for name in ids:
         if name not in failed:
-            assert status[name] == store.DONE and errors[name] == "", name
+            assert status[name] == schema.DONE and errors[name] == "", name
     assert s.failed == 4 and s.done == len(ids) - 4
     i = ids.index("zero.jpg")
     assert np.isnan(root["gradcam/heatmap"][i]).all() and (root["predictions/topk_index"][i] == -1).all()
@@ -143,7 +144,7 @@ def test_resume_recomputes_only_unfinished_chunks(tiny, folder, tmp_path):
     root = zarr.open_group(str(part), mode="r+")
     # Simulate a crash: chunks 1 and 4 never finished (status pending, outputs garbage).
     for c in (1, 4):
-        root["status"][c * 8:(c + 1) * 8] = store.PENDING
+        root["status"][c * 8:(c + 1) * 8] = schema.PENDING
         root["gradcam/heatmap"][c * 8:(c + 1) * 8] = 123.0
     s = runner.run(model, params, str(folder), METHODS, part, batch_size=4, chunk=8, resume=True, progress=False)
     assert (s.computed_chunks, s.skipped_chunks) == (2, 4)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import convlens
+from convlens.engine import schema
 from convlens.engine import runner, sources, store
 from convlens.engine.video import VideoSource
 from convlens.errors import ConvlensError
@@ -118,7 +119,7 @@ def test_maps_follow_the_moving_object_through_the_engine(clip, tmp_path):
     s = runner.run(model, params, src, {"gradcam": {}, "cam": {}}, out, batch_size=4, chunk=8, progress=False)
     assert (s.done, s.failed) == (24, 0)
     root = store.open_store(out)
-    assert store.validate(root) == []
+    assert schema.validate(root) == []
     frames = np.asarray(root["video/frame"][:])
     np.testing.assert_array_equal(frames, np.arange(0, 48, 2))
     np.testing.assert_allclose(root["video/time"][:], frames / 12.0)

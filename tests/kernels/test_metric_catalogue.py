@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from convlens.kernels import common
-from convlens.kernels.metrics import axioms, catalogue, complexity, faithful, localise, randomise, robust
+from convlens.kernels.metrics import axioms, complexity, faithful, localise, randomise, robust
 from convlens.models.preprocess import Preprocess
 from tests.kernels.nets import functional, layer, with_random_biases
 
@@ -234,7 +234,8 @@ def test_robustness_identities(setup):
         return im[..., 0]
     a = x[..., 0]
     k = jax.random.PRNGKey(1)
-    lle = robust.local_lipschitz_estimate(explain, score, x, a, y, nr_samples=4, normalise=False, key=k)
+    lle = robust.local_lipschitz_estimate(explain, score, x, a, y, nr_samples=4, normalise=False,
+                                          keys=jax.random.split(k, len(x)))
     np.testing.assert_allclose(lle["score"], 1.0, rtol=1e-5)
     noises = jax.random.uniform(k, (3, *x.shape), minval=-0.1, maxval=0.1)
     sens = robust.sensitivity(explain, score, x, a, y, reduce="max", noises=noises)
@@ -289,7 +290,7 @@ def test_ssim_matches_scikit_image_and_random_logit_of_a_class_blind_map():
             pytest.approx(want1, abs=1e-5)
     x = jnp.asarray(rng.uniform(size=(3, 20, 24, 1)), jnp.float32)
     out = randomise.random_logit(lambda im, t: im[..., 0], x, x[..., 0], jnp.asarray([0, 1, 2]), num_classes=10,
-                                 key=jax.random.PRNGKey(0))
+                                 keys=jax.random.split(jax.random.PRNGKey(0), 3))
     np.testing.assert_allclose(out["score"], 1.0, atol=1e-6)
 
 
@@ -317,28 +318,16 @@ def test_completeness_holds_for_gradient_times_input_on_a_linear_model():
         [H * W, H * W]
 
 
-def test_every_catalogue_metric_runs_batched_and_names_expand(setup):
-    model, params, x, a, y, s = setup
-    p = probs_of(model, params)
-
-    def explain_with(ps, im, t):
-        q = lambda z: common.probabilities(model, common.forward_logits(model, ps, z))  # noqa: E731
-        return jax.grad(lambda z: jnp.sum(jnp.take_along_axis(q(z), t[:, None], 1)))(im)[..., 0]
-
-    def explain(im, t):
-        return explain_with(params, im, t)
-    seg = jnp.asarray(np.arange(H * W).reshape(H, W) // 64)[None].repeat(B, 0)
-    ctx = catalogue.Context(x=x, a=a, y=y, probs=p, logits=logits_of(model, params), explain=explain, masks=s,
-                            segments=seg, n_segments=4, key=jax.random.PRNGKey(0), num_classes=5,
-                            explain_with=explain_with, params=params, fresh=model.init(5), layers=("pred", "c2", "c1"))
-    for name in catalogue.METRICS:
-        out = catalogue.evaluate(name, ctx, {"steps": 8} if "steps" in catalogue.METRICS[name].defaults else {})
-        assert out["score"].shape == (B,), name
-    assert catalogue.expand("complexity,auc") == ["sparseness", "complexity", "effective_complexity", "auc"]
-    assert catalogue.stages(["a", "b", "c", "d", "e"], 4) == [("a",), ("b",), ("c", "d"), ("e",)]  # as the sanity check
-    assert catalogue.stages(["a", "b"], 4) == [("a",), ("b",)]
-    with pytest.raises(KeyError):
-        catalogue.expand("nope")
+def test_names_expand_and_stages_cascade():
+    from convlens.errors import OptionError
+    from convlens.kernels.metrics.registry import expand
+    assert expand("complexity,auc") == ["sparseness", "complexity", "effective_complexity", "auc"]
+    assert expand("basic") == ["deletion", "insertion", "average_drop", "increase_in_confidence", "mprt"]
+    assert expand("none") == [] and expand("") == []
+    assert randomise.cascade(["a", "b", "c", "d", "e"], 4) == [("a",), ("b",), ("c", "d"), ("e",)]
+    assert randomise.cascade(["a", "b"], 4) == [("a",), ("b",)]
+    with pytest.raises(OptionError, match="unknown metric 'nope'"):
+        expand("nope")
 
 
 @pytest.mark.slow
@@ -495,12 +484,12 @@ def test_model_randomisation_variants_against_a_layer_loop():
         want = [spearmanr(np.abs(np.asarray(a[b])).ravel(), np.abs(m[b]).ravel())[0] for b in range(3)]
         np.testing.assert_allclose(out["curve"][:, k], want, rtol=1e-4, atol=1e-5)
     smooth = randomise.model_parameter_randomisation(grad_map, params, fresh, layers, x, a, y, smooth_samples=2,
-                                                     smooth_noise=0.0)
+                                                     smooth_noise=0.0, keys=jax.random.split(jax.random.key(0), 3))
     np.testing.assert_allclose(smooth["curve"], out["curve"], rtol=1e-5, atol=1e-6)
     blind = lambda p, im, t: im.mean(-1)  # noqa: E731
     out = randomise.model_parameter_randomisation(blind, params, fresh, layers, x, x.mean(-1), y)
     np.testing.assert_allclose(out["score"], 1.0, atol=1e-6)
-    np.testing.assert_allclose(randomise.efficient_mprt(blind, params, fresh, x, x.mean(-1), y)["score"], 1.0,
+    np.testing.assert_allclose(randomise.efficient_mprt(blind, params, fresh, x, y)["score"], 1.0,
                                rtol=1e-6)
     counts = np.histogram(np.asarray(a[0]).ravel(), bins=100)[0] / a[0].size
     want = -np.sum(counts[counts > 0] * np.log(counts[counts > 0]))
@@ -593,13 +582,13 @@ def test_relative_stability_and_input_invariance_by_hand():
 
     def shifted(im):
         return score(im - shift)
-    assert np.asarray(axioms.input_invariance(grad_of(shifted), grad_of(score), x, y, shift=shift)["score"]
-                      ).tolist() == [1.0, 1.0]
+    assert np.asarray(axioms.input_invariance(lambda s, im, t: grad_of(shifted)(im, t), grad_of(score), x, y,
+                                              shift=shift)["score"]).tolist() == [1.0, 1.0]
 
     def gxi(f):
         return lambda im, t: grad_of(f)(im, t) * im[..., 0]
-    assert np.asarray(axioms.input_invariance(gxi(shifted), gxi(score), x, y, shift=shift)["score"]
-                      ).tolist() == [0.0, 0.0]
+    assert np.asarray(axioms.input_invariance(lambda s, im, t: gxi(shifted)(im, t), gxi(score), x, y,
+                                              shift=shift)["score"]).tolist() == [0.0, 0.0]
 
 
 @pytest.mark.slow
@@ -789,7 +778,7 @@ def test_parity_with_quantus_model_randomisation(setup):
     # Efficient MPRT: the entropy of a 100-bin histogram, every layer randomised; Quantus
     # reports the relative rise (ratio - 1).
     ref = np.asarray(theirs(quantus.EfficientMPRT(**q)), dtype=np.float64)
-    ours = randomise.efficient_mprt(explain_with, params, fresh, x, a, y, abs=False, normalise=False)["score"]
+    ours = randomise.efficient_mprt(explain_with, params, fresh, x, y, abs=False, normalise=False)["score"]
     np.testing.assert_allclose(np.asarray(ours) - 1, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -843,11 +832,11 @@ def test_parity_with_quantus_input_invariance(setup):
             ref = quantus.InputInvariance(input_shift=shift, disable_warnings=True)(
                 model=net, x_batch=xn.copy(), y_batch=yn, a_batch=None, device="cpu", explain_func=quantus.explain,
                 explain_func_kwargs={"method": method})
-        as_quantus = axioms.input_invariance(quantus_input(grad(moved, times_input)), grad(params, times_input), x, y,
-                                             shift=shift, atol=1e-4)["score"]
+        as_quantus = axioms.input_invariance(lambda s, im, t: quantus_input(grad(moved, times_input))(im, t),
+                                             grad(params, times_input), x, y, shift=shift, atol=1e-4)["score"]
         assert np.asarray(as_quantus).tolist() == [float(r) for r in ref], (method, as_quantus, ref)
-        ours = axioms.input_invariance(grad(moved, times_input), grad(params, times_input), x, y, shift=shift,
-                                       atol=1e-4)["score"]
+        ours = axioms.input_invariance(lambda s, im, t: grad(moved, times_input)(im, t), grad(params, times_input),
+                                       x, y, shift=shift, atol=1e-4)["score"]
         assert np.asarray(ours).tolist() == [want] * B, (method, ours)
         if method == "Gradient":
             assert not all(ref), ref  # on this net, Quantus's unshifted pixel shows

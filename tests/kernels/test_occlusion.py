@@ -181,8 +181,10 @@ def test_bad_options():
     model = gap_net()
     params = with_random_biases(model, 0)
     x = rand_images(1, (16, 16))
-    with pytest.raises(ConvlensError, match="tau < 1 approximates"):
-        convlens.explain(model, params, x, "occlusion", tau=0.5)
+    # tau < 1 approximates the incremental mode, and so turns it on wherever it is given
+    # (`convlens occlusion --tau` and `explain -o tau=` alike).
+    from convlens.kernels.occlusion import OcclusionConfig
+    assert OcclusionConfig(tau=0.5).incremental and not OcclusionConfig().incremental
     with pytest.raises(ConvlensError, match="baseline 'grey'"):
         convlens.explain(model, params, x, "occlusion", baseline="grey")
     with pytest.raises(ConvlensError, match="window=0 is out of range"):

@@ -6,7 +6,7 @@ import convlens
 from convlens.engine import executor, runner, store
 from convlens.engine.executor import Explain
 from convlens.engine.sources import ArraySource
-from convlens.kernels.metrics import spearman
+from convlens.kernels.metrics.base import spearman
 from tests.conftest import photo_batch
 from tests.kernels.nets import gap_net, with_random_biases
 

@@ -86,7 +86,8 @@ def test_zoo_models_explain_end_to_end(name, tmp_path, capsys):
     code, stdout, err = cli(["run", name, "--random-init", "0", "--input-size", "64x64", "--data", str(photos),
                              "-m", "gradcam,hirescam", "--out", str(out), "--no-progress"], capsys)
     assert code == 0 and "4 done" in stdout, err
-    code, stdout, err = cli(["audit", str(out), "--sample", "2", "--sanity-items", "2", "--steps", "4"], capsys)
+    code, stdout, err = cli(["audit", str(out), "--quality-items", "2", "--no-progress", "--quality-options",
+                             "deletion.steps=4,insertion.steps=4,mprt.stages=2"], capsys)
     assert code == 0 and "audited" not in err and "gradcam:" in stdout, err
     code, stdout, err = cli(["render", str(out), "--out", str(tmp_path / "pics")], capsys)
     assert code == 0 and "overlays" in stdout, err

@@ -32,10 +32,29 @@ def prepare(a, abs_: bool, normalise: bool):
     return a
 
 
-def baseline_value(x, kind: str | float, key=None):
+def need_keys(keys, what: str):
+    """``keys``, or a clear error where a draw has none (never a silent fixed key)."""
+    if keys is None:
+        raise ValueError(f"{what} draws random numbers: give keys [B], one PRNG key per item")
+    return keys
+
+
+def per_item(keys, draw):
+    """``draw(key) -> [...]`` for each item's key: ``[B, ...]``. An item's draws come from
+    its own key, so they do not depend on the batch it is in."""
+    return jax.vmap(draw)(keys)
+
+
+def sub_keys(keys, i):
+    """Each item's key folded with ``i`` (a step, a sample): ``[B]`` keys."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+
+
+def baseline_value(x, kind: str | float, keys=None):
     """Per-item fill value ``[B, 1, 1, 1]`` for removed pixels: ``black`` / ``white`` the
     image's smallest / largest value, ``mean`` its mean, ``uniform`` a draw between
-    them (Quantus draws U(0, 1), which assumes inputs in [0, 1]), or a number."""
+    them from each item's key (Quantus draws U(0, 1), which assumes inputs in [0, 1]),
+    or a number."""
     lo = jnp.min(x, axis=(1, 2, 3), keepdims=True)
     hi = jnp.max(x, axis=(1, 2, 3), keepdims=True)
     if kind == "black":
@@ -45,7 +64,8 @@ def baseline_value(x, kind: str | float, key=None):
     if kind == "mean":
         return jnp.mean(x, axis=(1, 2, 3), keepdims=True)
     if kind == "uniform":
-        return lo + (hi - lo) * jax.random.uniform(key, lo.shape)
+        u = per_item(need_keys(keys, "baseline='uniform'"), lambda k: jax.random.uniform(k, ()))
+        return lo + (hi - lo) * u[:, None, None, None]
     return jnp.full_like(lo, float(kind))
 
 
@@ -116,10 +136,30 @@ def pearson(a, b, axis=-1):
     return jnp.where(den > 0, jnp.sum(a * b, axis) / jnp.where(den > 0, den, 1.0), jnp.nan)
 
 
+def average_ranks(x):
+    """Ranks of a vector ``[n]`` (from 0) with ties given their average rank (as
+    Spearman's rho needs): ``#(x < v) + (#(x == v) - 1) / 2``, counted by binary search in
+    the sorted values (a sort of values alone is much faster than an argsort on CPU)."""
+    xs = sort_rows(x)
+    v = jnp.where(x == 0, 0.0, x).astype(jnp.float32)
+    below = jnp.searchsorted(xs, v, side="left")
+    upto = jnp.searchsorted(xs, v, side="right")
+    return below.astype(jnp.float32) + (upto - below - 1).astype(jnp.float32) / 2
+
+
 def spearman_rows(a, b):
-    """Spearman correlation (ties averaged) of ``a, b [B, n]`` row by row."""
-    from convlens.kernels.metrics import average_ranks
+    """Spearman correlation (ties averaged) of ``a, b [B, n]`` row by row (NaN where a row
+    is constant)."""
     return pearson(jax.vmap(average_ranks)(a), jax.vmap(average_ranks)(b))
+
+
+def spearman(a, b):
+    """Spearman rank correlation (ties averaged) of maps ``[..., H, W]`` per leading index;
+    0 where a map is constant."""
+    fa = a.reshape(-1, a.shape[-2] * a.shape[-1])
+    fb = b.reshape(-1, b.shape[-2] * b.shape[-1])
+    rho = spearman_rows(fa, fb)
+    return jnp.where(jnp.isnan(rho), 0.0, rho).reshape(a.shape[:-2])
 
 
 def trapezoid(curve, axis=-1):

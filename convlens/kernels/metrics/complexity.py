@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
+from convlens.config import Config, option
 from convlens.kernels.metrics.base import prepare, sort_rows
+from convlens.kernels.metrics.spec import HIGHER, LOWER, MetricSpec
 
 
 def sparseness(a, *, abs=True, normalise=True):
@@ -33,3 +37,44 @@ def effective_complexity(a, *, eps=1e-5, abs=True, normalise=True):
     above ``eps``."""
     a = prepare(a, abs, normalise)
     return {"score": jnp.sum(a.reshape(a.shape[0], -1) > eps, axis=1).astype(jnp.float32)}
+
+
+# ---------------------------------------------------------------- declarations
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig(Config):
+    """Options of sparseness and complexity.
+
+    Attributes:
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+    """
+
+    abs: bool = True
+    normalise: bool = True
+
+    _owner = "complexity"
+
+
+@dataclasses.dataclass(frozen=True)
+class EffectiveComplexityConfig(Config):
+    """Options of effective complexity.
+
+    Attributes:
+      eps: relevance above this counts.
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+    """
+
+    eps: float = option(1e-5, min=0)
+    abs: bool = True
+    normalise: bool = True
+
+    _owner = "effective_complexity"
+
+
+METRICS = (
+    MetricSpec("sparseness", "complexity", HIGHER, ("a",), PrepareConfig, sparseness),
+    MetricSpec("complexity", "complexity", LOWER, ("a",), PrepareConfig, complexity),
+    MetricSpec("effective_complexity", "complexity", LOWER, ("a",), EffectiveComplexityConfig, effective_complexity),
+)

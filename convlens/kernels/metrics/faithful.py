@@ -11,13 +11,18 @@ Step sizes count pixels (Quantus's ``features_in_step = C * k`` is our ``k``). A
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from convlens.kernels.metrics.base import (baseline_value, pearson, pixel_order, prepare, ranks_of, scan_steps,
-                                           spearman_rows, target_score, trapezoid)
+from convlens.config import Config, option
+from convlens.kernels.metrics.base import (BASELINES, baseline_value, need_keys, pearson, per_item, pixel_order,
+                                           prepare, ranks_of, scan_steps, spearman_rows, sub_keys, target_score,
+                                           trapezoid)
+from convlens.kernels.metrics.spec import HIGHER, LOWER, MetricSpec
 
 
 def _step(h: int, w: int, features_in_step: int, steps: int) -> int:
@@ -25,7 +30,7 @@ def _step(h: int, w: int, features_in_step: int, steps: int) -> int:
 
 
 def pixel_flipping(score, x, a, y, *, features_in_step=0, steps=64, baseline="black", abs=False, normalise=True,
-                   key=None):
+                   keys=None):
     """Pixel flipping (Bach et al. 2015): the most relevant pixels are replaced by the
     baseline, ``features_in_step`` more at each step, cumulatively; ``curve [B, S]`` is
     the target's score after each step (Quantus's output) and ``score`` its area with
@@ -35,7 +40,7 @@ def pixel_flipping(score, x, a, y, *, features_in_step=0, steps=64, baseline="bl
     k = _step(h, w, features_in_step, steps)
     n = math.ceil(h * w / k)
     ranks = ranks_of(pixel_order(a)).reshape(b, h, w)
-    base = baseline_value(x, baseline, key)
+    base = baseline_value(x, baseline, keys)
 
     def make(s):
         return jnp.where((ranks < (s + 1) * k)[..., None], base, x)
@@ -54,12 +59,12 @@ def _patches(h, w, p):
     return gy[:, None] * nx + gx[None, :], ((h + ph) // p) * nx
 
 
-def _patch_order(a, p, order, key):
+def _patch_order(a, p, order, keys):
     b, h, w = a.shape
     idx, n = _patches(h, w, p)
     sums = jax.vmap(lambda m: jax.ops.segment_sum(m.ravel(), idx.ravel(), num_segments=n))(a)
     if order == "random":
-        ordering = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, b))
+        ordering = per_item(need_keys(keys, "order='random'"), lambda k: jax.random.permutation(k, n))
     else:
         ordering = jnp.argsort(-sums if order == "morf" else sums, axis=1, stable=True)
     rank = ranks_of(ordering)  # [B, n]: when each patch goes
@@ -67,34 +72,34 @@ def _patch_order(a, p, order, key):
 
 
 def region_perturbation(score, x, a, y, *, patch_size=8, order="morf", regions_evaluation=100, baseline="black",
-                        abs=False, normalise=True, key=None):
+                        abs=False, normalise=True, keys=None):
     """Region perturbation (Samek et al. 2015): ``patch_size`` squares are replaced by the
     baseline in the order of their summed relevance (``morf``: most relevant first,
     ``lerf``, ``random``), cumulatively, ``regions_evaluation`` of them. ``curve`` is the
     drop ``f(x) - f(x_s)`` after each step, as Quantus; ``score`` its mean (higher is
     more faithful for ``morf``)."""
     a = prepare(a, abs, normalise)
-    rank, n = _patch_order(a, patch_size, order, key)
+    rank, n = _patch_order(a, patch_size, order, keys)
     steps = min(regions_evaluation, n)
-    base = baseline_value(x, baseline, key)
+    base = baseline_value(x, baseline, keys)
     f0 = target_score(score, x, y)
     curve = f0[:, None] - scan_steps(score, lambda s: jnp.where((rank <= s)[..., None], base, x), steps, y)
     return {"curve": curve, "score": curve.mean(axis=1)}
 
 
-def selectivity(score, x, a, y, *, patch_size=8, baseline="black", abs=False, normalise=True, key=None):
+def selectivity(score, x, a, y, *, patch_size=8, baseline="black", abs=False, normalise=True, keys=None):
     """Selectivity (Montavon et al. 2018): patches removed most relevant first, all of
     them; ``curve`` the target's score after each removal (as Quantus) and ``score`` its
     area with unit spacing over ``S - 1`` (lower is more faithful)."""
     a = prepare(a, abs, normalise)
-    rank, n = _patch_order(a, patch_size, "morf", key)
-    base = baseline_value(x, baseline, key)
+    rank, n = _patch_order(a, patch_size, "morf", keys)
+    base = baseline_value(x, baseline, keys)
     curve = scan_steps(score, lambda s: jnp.where((rank <= s)[..., None], base, x), n, y)
     return {"curve": curve, "score": trapezoid(curve) / max(n - 1, 1)}
 
 
 def faithfulness_estimate(score, x, a, y, *, features_in_step=0, steps=64, baseline="black", abs=False,
-                          normalise=True, key=None):
+                          normalise=True, keys=None):
     """Faithfulness estimate (Alvarez-Melis & Jaakkola 2018): each step's pixels alone
     (not cumulatively) are replaced; ``score`` is the Pearson correlation between their
     summed relevance and the target's drop (higher is more faithful)."""
@@ -104,22 +109,24 @@ def faithfulness_estimate(score, x, a, y, *, features_in_step=0, steps=64, basel
     n = math.ceil(h * w / k)
     ranks = ranks_of(pixel_order(a)).reshape(b, h, w)
     group = ranks // k  # [B, H, W]: the step that replaces the pixel
-    base = baseline_value(x, baseline, key)
+    base = baseline_value(x, baseline, keys)
     f0 = target_score(score, x, y)
     drops = f0[:, None] - scan_steps(score, lambda s: jnp.where((group == s)[..., None], base, x), n, y)
     sums = jax.vmap(lambda g, m: jax.ops.segment_sum(m.ravel(), g.ravel(), num_segments=n))(group, a)
     return {"score": pearson(sums, drops), "curve": drops}
 
 
-def random_subsets(key, b, pixels, runs, size):
-    """``[B, runs, size]`` pixel indices, each row drawn without replacement."""
-    keys = jax.random.split(key, b * runs)
-    draw = jax.vmap(lambda k: jax.random.choice(k, pixels, (size,), replace=False))(keys)
-    return draw.reshape(b, runs, size)
+def random_subsets(keys, pixels, runs, size):
+    """``[B, runs, size]`` pixel indices from each item's key, each row drawn without
+    replacement."""
+    def one(k):
+        return jax.vmap(lambda r: jax.random.choice(jax.random.fold_in(k, r), pixels, (size,), replace=False))(
+            jnp.arange(runs))
+    return per_item(keys, one)
 
 
 def faithfulness_correlation(score, x, a, y, *, nr_runs=100, subset_size=224, baseline="black", abs=False,
-                             normalise=True, key=None, subsets=None):
+                             normalise=True, keys=None, subsets=None):
     """Faithfulness correlation (Bhatt et al. 2020): ``nr_runs`` random sets of
     ``subset_size`` pixels are replaced; ``score`` is the Pearson correlation between
     each set's summed relevance and the target's drop (higher is more faithful).
@@ -127,9 +134,9 @@ def faithfulness_correlation(score, x, a, y, *, nr_runs=100, subset_size=224, ba
     a = prepare(a, abs, normalise)
     b, h, w = a.shape
     if subsets is None:
-        subsets = random_subsets(key, b, h * w, nr_runs, subset_size)
+        subsets = random_subsets(need_keys(keys, "faithfulness correlation"), h * w, nr_runs, subset_size)
     runs = subsets.shape[1]
-    base = baseline_value(x, baseline, key)
+    base = baseline_value(x, baseline, keys)
     f0 = target_score(score, x, y)
     flat = x.reshape(b, h * w, -1)
     bi = jnp.arange(b)[:, None]
@@ -143,7 +150,7 @@ def faithfulness_correlation(score, x, a, y, *, nr_runs=100, subset_size=224, ba
 
 
 def monotonicity(score, x, a, y, *, features_in_step=0, steps=64, baseline="black", abs=True, normalise=True,
-                 key=None):
+                 keys=None):
     """Monotonicity (Arya et al. 2019): starting from the baseline image, pixels are put
     back least relevant first; ``score`` is 1 where the target's score never falls
     (Quantus's boolean), ``curve`` the scores."""
@@ -152,13 +159,13 @@ def monotonicity(score, x, a, y, *, features_in_step=0, steps=64, baseline="blac
     k = _step(h, w, features_in_step, steps)
     n = math.ceil(h * w / k)
     ranks = ranks_of(pixel_order(a, descending=False)).reshape(b, h, w)
-    base = baseline_value(x, baseline, key)
+    base = baseline_value(x, baseline, keys)
     curve = scan_steps(score, lambda s: jnp.where((ranks < (s + 1) * k)[..., None], x, base), n, y)
     return {"curve": curve, "score": jnp.all(jnp.diff(curve, axis=1) >= 0, axis=1).astype(jnp.float32)}
 
 
 def monotonicity_correlation(score, x, a, y, *, features_in_step=0, steps=32, nr_samples=16, eps=1e-5,
-                             abs=True, normalise=True, key=None, fills=None):
+                             abs=True, normalise=True, keys=None, fills=None):
     """Monotonicity correlation (Nguyen & Martínez 2020): pixels in ascending order of
     relevance, ``features_in_step`` at a time, are set to uniform noise ``nr_samples``
     times; the step's variance of the score, ``mean((f(x_s) - f(x))^2) / f(x)^2``, is
@@ -176,7 +183,8 @@ def monotonicity_correlation(score, x, a, y, *, features_in_step=0, steps=32, nr
     inv = jnp.where(jnp.abs(f0) >= eps, 1.0 / jnp.where(jnp.abs(f0) >= eps, jnp.abs(f0), 1.0), 1.0) ** 2
     if fills is None:
         lo, hi = x.min(axis=(1, 2, 3)), x.max(axis=(1, 2, 3))
-        fills = lo + (hi - lo) * jax.random.uniform(key, (n, nr_samples, b))
+        u = per_item(need_keys(keys, "monotonicity correlation"), lambda k: jax.random.uniform(k, (n, nr_samples)))
+        fills = lo + (hi - lo) * jnp.moveaxis(u, 0, -1)
     r = fills.shape[1]
 
     def make(i):
@@ -189,7 +197,7 @@ def monotonicity_correlation(score, x, a, y, *, features_in_step=0, steps=32, nr
 
 
 def sensitivity_n(score, x, a, y, *, fractions=(0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8), nr_samples=32,
-                  baseline="black", abs=False, normalise=True, key=None):
+                  baseline="black", abs=False, normalise=True, keys=None):
     """Sensitivity-n (Ancona et al. 2018), as the paper defines it: for each ``n`` (a
     fraction of the pixels), ``nr_samples`` random sets of ``n`` pixels are removed and
     the Pearson correlation between their summed relevance and the target's drop is
@@ -198,17 +206,17 @@ def sensitivity_n(score, x, a, y, *, fractions=(0.01, 0.02, 0.05, 0.1, 0.2, 0.4,
     the items of a batch, which makes an item's score depend on its batch."""
     a = prepare(a, abs, normalise)
     b, h, w = a.shape
-    keys = jax.random.split(key, len(fractions))
+    keys = need_keys(keys, "sensitivity-n")
     out = []
-    for f, k in zip(fractions, keys):
+    for j, f in enumerate(fractions):
         size = max(1, int(round(f * h * w)))
         out.append(faithfulness_correlation(score, x, a, y, nr_runs=nr_samples, subset_size=size, baseline=baseline,
-                                            abs=False, normalise=False, key=k)["score"])
+                                            abs=False, normalise=False, keys=sub_keys(keys, j))["score"])
     curve = jnp.stack(out, axis=1)
     return {"curve": curve, "score": jnp.nanmean(curve, axis=1)}
 
 
-def irof(score, x, a, y, segments, *, n_segments, baseline="mean", abs=False, normalise=True, key=None):
+def irof(score, x, a, y, segments, n_segments, *, baseline="mean", abs=False, normalise=True, keys=None):
     """Iterative removal of features (Rieger & Hansen 2020): superpixels ``segments
     [B, H, W]`` (ints ``0 .. n-1``; SLIC, computed by the caller) are replaced by the
     image's mean in the order of their mean relevance, cumulatively; ``curve`` is
@@ -229,7 +237,7 @@ def irof(score, x, a, y, segments, *, n_segments, baseline="mean", abs=False, no
     order = jnp.argsort(-mean, axis=1, stable=True)
     rank = ranks_of(order)  # [B, nmax]: absent segments last
     pix = jnp.take_along_axis(rank, seg, axis=1).reshape(segments.shape)
-    base = jnp.mean(x, axis=(1, 2), keepdims=True) if baseline == "mean" else baseline_value(x, baseline, key)
+    base = jnp.mean(x, axis=(1, 2), keepdims=True) if baseline == "mean" else baseline_value(x, baseline, keys)
     f0 = target_score(score, x, y)
     curve = scan_steps(score, lambda s: jnp.where((pix <= s)[..., None], base, x), nmax, y) / f0[:, None]
     n = present.sum(axis=1)
@@ -239,7 +247,7 @@ def irof(score, x, a, y, segments, *, n_segments, baseline="mean", abs=False, no
 
 
 def infidelity(score, x, a, y, *, patch_sizes=(4,), n_perturb_samples=10, noise=0.0, abs=False, normalise=False,
-               key=None):
+               keys=None):
     """Infidelity (Yeh et al. 2019): ``E[(sum(a * I) - (f(x) - f(x - I)))^2]`` over
     perturbations ``I``. As Quantus: each ``p x p`` patch of a grid in turn is set to
     the image's minimum (so ``I = x - x_s``) and the squared errors averaged over patches,
@@ -251,12 +259,15 @@ def infidelity(score, x, a, y, *, patch_sizes=(4,), n_perturb_samples=10, noise=
     a = prepare(a, abs, normalise)
     b, h, w = a.shape
     f0 = target_score(score, x, y)
-    keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), n_perturb_samples)
     errs = []
-    for ks in keys:
+    for r in range(n_perturb_samples):
         for p in patch_sizes:
             idx, n = _patches(h, w, p)
-            fill = baseline_value(x, "black") + noise * jax.random.normal(ks, x.shape)
+            fill = baseline_value(x, "black")
+            if noise:
+                draws = per_item(sub_keys(need_keys(keys, "infidelity with noise"), r),
+                                 lambda k: jax.random.normal(k, x.shape[1:]))
+                fill = fill + noise * draws
 
             def make(s, idx=idx, fill=fill):
                 return jnp.where((idx <= s)[None, ..., None], fill, x)
@@ -272,7 +283,7 @@ def infidelity(score, x, a, y, *, patch_sizes=(4,), n_perturb_samples=10, noise=
 
 
 def road(score, x, a, y, *, percentages=tuple(range(1, 100, 2)), noise=0.01, order="morf", abs=False,
-         normalise=True, key=None, tol=1e-5, max_iter=2000):
+         normalise=True, keys=None, tol=1e-5, max_iter=2000):
     """ROAD, remove and debias (Rong et al. 2022): the top (``morf``) or bottom (``lerf``)
     ``p`` % of the pixels are removed and filled by noisy linear imputation (each removed
     pixel the weighted mean of its 8 neighbours, 1/6 for edges and 1/12 for corners,
@@ -287,30 +298,91 @@ def road(score, x, a, y, *, percentages=tuple(range(1, 100, 2)), noise=0.01, ord
     b, h, w = a.shape
     ranks = ranks_of(pixel_order(a, descending=(order == "morf"))).reshape(b, h, w)
     counts = jnp.asarray([int(h * w * p / 100) for p in percentages])
-    keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), len(percentages))
-
+    if noise:
+        keys = need_keys(keys, "ROAD with noise")
     spread = x.max(axis=(1, 2, 3), keepdims=True) - x.min(axis=(1, 2, 3), keepdims=True)
 
     def make(s):
         removed = ranks < counts[s]
         filled = impute(x, removed, tol=tol, max_iter=max_iter)
-        return jnp.where(removed[..., None], filled + noise * spread * jax.random.normal(keys[s], x.shape), x)
+        if noise:
+            filled = filled + noise * spread * per_item(sub_keys(keys, s), lambda k: jax.random.normal(k, x.shape[1:]))
+        return jnp.where(removed[..., None], filled, x)
     curve, cls = scan_steps(score, make, len(percentages), y, with_class=True)
     return {"curve": curve, "accuracy": (cls == y[:, None]).astype(jnp.float32), "score": curve.mean(axis=1)}
 
 
 def road_gain(score, x, a, y, *, percentages=tuple(range(1, 100, 2)), noise=0.01, abs=False, normalise=True,
-              key=None, tol=1e-5, max_iter=2000):
+              keys=None, tol=1e-5, max_iter=2000):
     """ROAD's two orders on the same item: ``curve`` is LeRF's score minus MoRF's per
     percentage and ``score`` its mean (the area between the curves, higher is more
     faithful). Both curves share the item's own level, so the difference drops it: the
     "symmetric relevance gain" of Blücher et al. (2024), which compares methods item by
     item where one order alone varies more across items than between methods."""
-    k1, k2 = jax.random.split(key if key is not None else jax.random.PRNGKey(0))
+    k1, k2 = (None, None) if keys is None else (sub_keys(keys, 1), sub_keys(keys, 2))
     opts = dict(percentages=percentages, noise=noise, abs=abs, normalise=normalise, tol=tol, max_iter=max_iter)
-    morf = road(score, x, a, y, order="morf", key=k1, **opts)
-    lerf = road(score, x, a, y, order="lerf", key=k2, **opts)
+    morf = road(score, x, a, y, order="morf", keys=k1, **opts)
+    lerf = road(score, x, a, y, order="lerf", keys=k2, **opts)
     return {"curve": lerf["curve"] - morf["curve"], "score": lerf["score"] - morf["score"]}
+
+
+def _replacement(x, replacement, blur_sigma):
+    if replacement == "blur":
+        from convlens.kernels.baselines import gaussian_blur
+        return gaussian_blur(x, blur_sigma)
+    return jnp.full_like(x, float(replacement))
+
+
+def _deletion_curve(score, x, a, y, steps, replacement, blur_sigma, insert):
+    b, h, w = a.shape
+    rep = _replacement(x, replacement, blur_sigma)
+    ranks = ranks_of(pixel_order(a)).reshape(b, h, w)
+    counts = jnp.asarray(np.round(np.linspace(0, h * w, steps + 1)).astype(np.int32))  # pixels moved per point
+    start, end = (rep, x) if insert else (x, rep)
+    curve = scan_steps(score, lambda s: jnp.where((ranks < counts[s])[..., None], end, start), steps + 1, y)
+    frac = counts.astype(jnp.float32) / (h * w)
+    return {"curve": curve, "score": jnp.trapezoid(curve, frac, axis=-1)}
+
+
+def deletion(score, x, a, y, *, steps=32, replacement="blur", blur_sigma=10.0):
+    """Deletion (Petsiuk et al. 2018, RISE): pixels are replaced, most salient first,
+    ``steps`` equal slices at a time, by the ``replacement`` (the image blurred with
+    ``blur_sigma``, or a pixel value); ``curve [B, steps + 1]`` is the target's score after
+    each slice (the first on the untouched image) and ``score`` its area over [0, 1]
+    (lower is more faithful)."""
+    return _deletion_curve(score, x, a, y, steps, replacement, blur_sigma, insert=False)
+
+
+def insertion(score, x, a, y, *, steps=32, replacement="blur", blur_sigma=10.0):
+    """Insertion (Petsiuk et al. 2018): from the replacement image, the pixels are put
+    back most salient first; ``curve`` and its area ``score`` as for deletion (higher is
+    more faithful)."""
+    return _deletion_curve(score, x, a, y, steps, replacement, blur_sigma, insert=True)
+
+
+def _keep_explained(score, x, a, y, replacement, blur_sigma):
+    m = jnp.maximum(a, 0.0)
+    top = jnp.max(m, axis=(-2, -1), keepdims=True)
+    m = jnp.where(top > 0, m / jnp.where(top > 0, top, 1.0), 0.0)[..., None]  # the map scaled to [0, 1]
+    kept = x * m + _replacement(x, replacement, blur_sigma) * (1.0 - m)
+    return target_score(score, x, y), target_score(score, kept, y)
+
+
+def average_drop(score, x, a, y, *, replacement="blur", blur_sigma=10.0):
+    """Average drop (Chattopadhay et al. 2018, Grad-CAM++): the image kept only where the
+    map says (``x * m + r * (1 - m)``, the map scaled to [0, 1], ``r`` the replacement);
+    ``score`` is ``max(0, p - p_kept) / p`` with ``p`` the target's score (lower is more
+    faithful); ``p`` and ``p_kept`` are returned too."""
+    p, pk = _keep_explained(score, x, a, y, replacement, blur_sigma)
+    return {"score": jnp.maximum(p - pk, 0.0) / jnp.maximum(p, 1e-12), "p": p, "p_kept": pk}
+
+
+def increase_in_confidence(score, x, a, y, *, replacement="blur", blur_sigma=10.0):
+    """Increase in confidence (Chattopadhay et al. 2018): 1 where the image kept only
+    where the map says (as for average drop) scores higher than the whole image
+    (higher is better; its mean over items is the paper's percentage)."""
+    p, pk = _keep_explained(score, x, a, y, replacement, blur_sigma)
+    return {"score": (pk > p).astype(jnp.float32)}
 
 
 def sufficiency(a, predicted, *, threshold=0.6, abs=True, normalise=True):
@@ -366,3 +438,353 @@ def impute(x, removed, tol=1e-6, max_iter=2000):
                                                                            1.0)
     v, _ = jax.scipy.sparse.linalg.cg(op, rhs, x0=m * known, tol=tol, maxiter=max_iter)
     return x * (1 - m) + m * v
+
+
+# ---------------------------------------------------------------- declarations
+
+SCORED = ("score", "x", "a", "y")
+_BASELINE = dict(choices=BASELINES)
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelFlippingConfig(Config):
+    """Options of pixel flipping.
+
+    Attributes:
+      features_in_step: pixels replaced per step (0: ``ceil(H*W / steps)``).
+      steps: steps of the curve when features_in_step is 0.
+      baseline: what replaced pixels show: black, white, mean (the image's extremes or
+        mean), uniform (a draw between them) or a pixel value.
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+      softmax: score probabilities (false: logits).
+    """
+
+    features_in_step: int = option(0, min=0)
+    steps: int = option(64, min=1, max=1 << 20)
+    baseline: str | float = option("black", **_BASELINE)
+    abs: bool = False
+    normalise: bool = True
+    softmax: bool = True
+
+    _owner = "pixel_flipping"
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionPerturbationConfig(Config):
+    """Options of region perturbation.
+
+    Attributes:
+      patch_size: side of the square regions in pixels.
+      order: morf (most relevant first), lerf (least relevant first) or random.
+      regions_evaluation: regions removed (at most all).
+      baseline: what removed regions show (black, white, mean, uniform or a pixel value).
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+      softmax: score probabilities (false: logits).
+    """
+
+    patch_size: int = option(8, min=1)
+    order: str = option("morf", choices=("morf", "lerf", "random"))
+    regions_evaluation: int = option(100, min=1)
+    baseline: str | float = option("black", **_BASELINE)
+    abs: bool = False
+    normalise: bool = True
+    softmax: bool = True
+
+    _owner = "region_perturbation"
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectivityConfig(Config):
+    """Options of selectivity.
+
+    Attributes:
+      patch_size: side of the square regions in pixels.
+      baseline: what removed regions show (black, white, mean, uniform or a pixel value).
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+      softmax: score probabilities (false: logits).
+    """
+
+    patch_size: int = option(8, min=1)
+    baseline: str | float = option("black", **_BASELINE)
+    abs: bool = False
+    normalise: bool = True
+    softmax: bool = True
+
+    _owner = "selectivity"
+
+
+@dataclasses.dataclass(frozen=True)
+class FaithfulnessEstimateConfig(Config):
+    """Options of the faithfulness estimate.
+
+    Attributes:
+      features_in_step: pixels replaced per step (0: ``ceil(H*W / steps)``).
+      steps: steps when features_in_step is 0.
+      baseline: what replaced pixels show (black, white, mean, uniform or a pixel value).
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+      softmax: score probabilities (false: logits).
+    """
+
+    features_in_step: int = option(0, min=0)
+    steps: int = option(64, min=2, max=1 << 20)
+    baseline: str | float = option("black", **_BASELINE)
+    abs: bool = False
+    normalise: bool = True
+    softmax: bool = False
+
+    _owner = "faithfulness_estimate"
+
+
+@dataclasses.dataclass(frozen=True)
+class FaithfulnessCorrelationConfig(Config):
+    """Options of the faithfulness correlation.
+
+    Attributes:
+      nr_runs: random pixel sets per item.
+      subset_size: pixels per set.
+      baseline: what replaced pixels show (black, white, mean, uniform or a pixel value).
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+      softmax: score probabilities (false: logits).
+    """
+
+    nr_runs: int = option(100, min=2)
+    subset_size: int = option(224, min=1)
+    baseline: str | float = option("black", **_BASELINE)
+    abs: bool = False
+    normalise: bool = True
+    softmax: bool = False
+
+    _owner = "faithfulness_correlation"
+
+
+@dataclasses.dataclass(frozen=True)
+class MonotonicityConfig(Config):
+    """Options of monotonicity.
+
+    Attributes:
+      features_in_step: pixels put back per step (0: ``ceil(H*W / steps)``).
+      steps: steps when features_in_step is 0.
+      baseline: the starting image's value (black, white, mean, uniform or a pixel value).
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+      softmax: score probabilities (false: logits).
+    """
+
+    features_in_step: int = option(0, min=0)
+    steps: int = option(64, min=1, max=1 << 20)
+    baseline: str | float = option("black", **_BASELINE)
+    abs: bool = True
+    normalise: bool = True
+    softmax: bool = True
+
+    _owner = "monotonicity"
+
+
+@dataclasses.dataclass(frozen=True)
+class MonotonicityCorrelationConfig(Config):
+    """Options of the monotonicity correlation.
+
+    Attributes:
+      features_in_step: pixels per step (0: ``ceil(H*W / steps)``).
+      steps: steps when features_in_step is 0.
+      nr_samples: noise draws per step.
+      eps: scores below this count as 0 (the variance is not divided by them).
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+      softmax: score probabilities (false: logits).
+    """
+
+    features_in_step: int = option(0, min=0)
+    steps: int = option(32, min=2, max=1 << 20)
+    nr_samples: int = option(16, min=1)
+    eps: float = option(1e-5, min=0)
+    abs: bool = True
+    normalise: bool = True
+    softmax: bool = True
+
+    _owner = "monotonicity_correlation"
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityNConfig(Config):
+    """Options of sensitivity-n.
+
+    Attributes:
+      fractions: shares of the pixels removed at once (one correlation each; values
+        separated by / on the command line).
+      nr_samples: random pixel sets per fraction.
+      baseline: what removed pixels show (black, white, mean, uniform or a pixel value).
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+      softmax: score probabilities (false: logits).
+    """
+
+    fractions: tuple = option((0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8), above=0, max=1)
+    nr_samples: int = option(32, min=2)
+    baseline: str | float = option("black", **_BASELINE)
+    abs: bool = False
+    normalise: bool = True
+    softmax: bool = True
+
+    _owner = "sensitivity_n"
+
+
+@dataclasses.dataclass(frozen=True)
+class IrofConfig(Config):
+    """Options of IROF.
+
+    Attributes:
+      baseline: what removed superpixels show: mean (the image's mean colour), black,
+        white, uniform or a pixel value.
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+      softmax: score probabilities (false: logits).
+    """
+
+    baseline: str | float = option("mean", **_BASELINE)
+    abs: bool = False
+    normalise: bool = True
+    softmax: bool = True
+
+    _owner = "irof"
+
+
+@dataclasses.dataclass(frozen=True)
+class RoadConfig(Config):
+    """Options of ROAD.
+
+    Attributes:
+      percentages: shares of the pixels removed (in %, one point of the curve each;
+        values separated by / on the command line).
+      noise: std of the noise added to imputed pixels, as a fraction of the image's range.
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+      tol: the imputation solver's relative residual.
+      max_iter: the imputation solver's iteration limit.
+      softmax: score probabilities (false: logits; a confident model's probability
+        saturates and hides the differences).
+    """
+
+    percentages: tuple = option(tuple(range(5, 100, 10)), min=0, max=100)
+    noise: float = option(0.01, min=0)
+    abs: bool = False
+    normalise: bool = True
+    tol: float = option(1e-5, above=0)
+    max_iter: int = option(2000, min=1)
+    softmax: bool = False
+
+    _owner = "road"
+
+
+@dataclasses.dataclass(frozen=True)
+class InfidelityConfig(Config):
+    """Options of infidelity.
+
+    Attributes:
+      patch_sizes: sides of the square patches (values separated by / on the command line).
+      n_perturb_samples: perturbation samples.
+      noise: std of Gaussian noise added to each sample's fill (0: Quantus's fixed fill).
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+      softmax: score probabilities (false: logits).
+    """
+
+    patch_sizes: tuple = option((4,), min=1)
+    n_perturb_samples: int = option(1, min=1)
+    noise: float = option(0.0, min=0)
+    abs: bool = False
+    normalise: bool = False
+    softmax: bool = False
+
+    _owner = "infidelity"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeletionConfig(Config):
+    """Options of the deletion and insertion curves.
+
+    Attributes:
+      steps: slices of the curve (steps + 1 points, the first on the untouched image).
+      replacement: what removed pixels show: blur (the image blurred) or a pixel value.
+      blur_sigma: sigma in pixels of the blurred replacement.
+      softmax: score probabilities (false: logits).
+    """
+
+    steps: int = option(32, min=1, max=4096)
+    replacement: float | str = option("blur", choices=("blur",))
+    blur_sigma: float = option(10.0, above=0)
+    softmax: bool = True
+
+    _owner = "deletion"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepExplainedConfig(Config):
+    """Options of average drop and increase in confidence.
+
+    Attributes:
+      replacement: what the unexplained region shows: blur (the image blurred) or a pixel value.
+      blur_sigma: sigma in pixels of the blurred replacement.
+      softmax: score probabilities (false: logits).
+    """
+
+    replacement: float | str = option("blur", choices=("blur",))
+    blur_sigma: float = option(10.0, above=0)
+    softmax: bool = True
+
+    _owner = "average_drop"
+
+
+@dataclasses.dataclass(frozen=True)
+class SufficiencyConfig(Config):
+    """Options of sufficiency.
+
+    Attributes:
+      threshold: maps nearer than this (a fraction of the set's largest distance) count as near.
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+    """
+
+    threshold: float = option(0.6, min=0, max=1)
+    abs: bool = True
+    normalise: bool = True
+
+    _owner = "sufficiency"
+
+
+METRICS = (
+    MetricSpec("pixel_flipping", "faithfulness", LOWER, SCORED, PixelFlippingConfig, pixel_flipping),
+    MetricSpec("region_perturbation", "faithfulness", HIGHER, SCORED, RegionPerturbationConfig, region_perturbation),
+    MetricSpec("selectivity", "faithfulness", LOWER, SCORED, SelectivityConfig, selectivity),
+    MetricSpec("faithfulness_estimate", "faithfulness", HIGHER, SCORED, FaithfulnessEstimateConfig,
+               faithfulness_estimate),
+    MetricSpec("faithfulness_correlation", "faithfulness", HIGHER, SCORED, FaithfulnessCorrelationConfig,
+               faithfulness_correlation),
+    MetricSpec("monotonicity", "faithfulness", HIGHER, SCORED, MonotonicityConfig, monotonicity),
+    MetricSpec("monotonicity_correlation", "faithfulness", HIGHER, SCORED, MonotonicityCorrelationConfig,
+               monotonicity_correlation),
+    MetricSpec("sensitivity_n", "faithfulness", HIGHER, SCORED, SensitivityNConfig, sensitivity_n),
+    MetricSpec("irof", "faithfulness", HIGHER, SCORED + ("segments", "n_segments"), IrofConfig, irof),
+    MetricSpec("road_morf", "faithfulness", LOWER, SCORED, RoadConfig, road, {"order": "morf"},
+               doc="ROAD, most relevant pixels removed first (Rong et al. 2022)"),
+    MetricSpec("road_lerf", "faithfulness", HIGHER, SCORED, RoadConfig, road, {"order": "lerf"},
+               doc="ROAD, least relevant pixels removed first (Rong et al. 2022)"),
+    MetricSpec("road_gain", "faithfulness", HIGHER, SCORED, RoadConfig, road_gain,
+               doc="ROAD's gain, least- minus most-relevant-first (Blücher et al. 2024)"),
+    MetricSpec("infidelity", "faithfulness", LOWER, SCORED, InfidelityConfig, infidelity),
+    MetricSpec("deletion", "faithfulness", LOWER, SCORED, DeletionConfig, deletion,
+               doc="Deletion (Petsiuk et al. 2018)"),
+    MetricSpec("insertion", "faithfulness", HIGHER, SCORED, DeletionConfig, insertion),
+    MetricSpec("average_drop", "faithfulness", LOWER, SCORED, KeepExplainedConfig, average_drop,
+               doc="Average drop (Chattopadhay et al. 2018)"),
+    MetricSpec("increase_in_confidence", "faithfulness", HIGHER, SCORED, KeepExplainedConfig,
+               increase_in_confidence),
+    MetricSpec("sufficiency", "faithfulness", HIGHER, ("a", "predicted"), SufficiencyConfig, sufficiency,
+               per_item=False,
+               doc="Sufficiency over the set of rated items (Dasgupta et al. 2022)"),
+)

@@ -4,10 +4,14 @@ are Quantus 0.6's (``abs`` and ``normalise`` as its metrics set them)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from convlens.kernels.metrics.base import prepare
+from convlens.config import Config, option
+from convlens.kernels.metrics.base import average_ranks, prepare, sort_rows
+from convlens.kernels.metrics.spec import HIGHER, MetricSpec
 
 
 def _flat(a, s):
@@ -60,7 +64,6 @@ def relevance_rank_accuracy(a, s, *, abs=False, normalise=True):
     """Relevance rank accuracy (Arras et al. 2022): of the ``K`` most relevant pixels,
     ``K`` the object's size, the share on the object (ties at the K-th value taken in
     raster order, as a stable sort takes them)."""
-    from convlens.kernels.metrics.base import sort_rows
     a, s = _flat(prepare(a, abs, normalise), s)
     a = jnp.where(a == 0, 0.0, a)
     k = s.sum(axis=1)
@@ -84,7 +87,6 @@ def auc(a, s, *, abs=False, normalise=True):
     """Area under the ROC curve of the map as a detector of object pixels (Fawcett 2006):
     the Mann-Whitney statistic, ties counted half (as scikit-learn's ``roc_curve`` and
     ``auc``)."""
-    from convlens.kernels.metrics import average_ranks
     a, s = _flat(prepare(a, abs, normalise), s)
     r = jax.vmap(average_ranks)(a) + 1.0
     npos = s.sum(axis=1).astype(jnp.float32)
@@ -92,3 +94,55 @@ def auc(a, s, *, abs=False, normalise=True):
     u = jnp.sum(r * s, axis=1) - npos * (npos + 1) / 2
     v = u / jnp.maximum(npos * nneg, 1.0)
     return {"score": jnp.where((npos > 0) & (nneg > 0), v, jnp.nan)}
+
+
+# ---------------------------------------------------------------- declarations
+
+MASKED = ("a", "masks")
+_PREP = """
+      abs: take the map's absolute value first.
+      normalise: divide each map by its largest absolute value first.
+"""
+
+
+def _config(name: str, doc: str, abs_: bool = False, **fields):
+    """A localisation metric's config: ``fields`` (name: (default, option kwargs, doc))
+    then ``abs`` and ``normalise`` (their defaults as Quantus sets them)."""
+    ns = {"__annotations__": {}, "_owner": name}
+    lines = []
+    for f, (default, kw, text) in fields.items():
+        ns["__annotations__"][f] = type(default).__name__
+        ns[f] = option(default, **kw)
+        lines.append(f"      {f}: {text}")
+    ns["__annotations__"].update({"abs": "bool", "normalise": "bool"})
+    ns["abs"], ns["normalise"] = abs_, True
+    ns["__doc__"] = f"Options of {doc}.\n\n    Attributes:\n" + "\n".join(lines) + (
+        "\n" if lines else "") + _PREP.strip("\n").replace("      ", "      ", 1) + "\n    "
+    return dataclasses.dataclass(frozen=True)(type(f"{name.title().replace('_', '')}Config", (Config,), ns))
+
+
+PointingGameConfig = _config("pointing_game", "the pointing game",
+                             weighted=(False, {}, "score a hit 1 - the object's area share"))
+AttributionLocalisationConfig = _config(
+    "attribution_localisation", "attribution localisation", abs_=True,
+    weighted=(False, {}, "multiply by the object's area share"),
+    positive_attributions=(False, {}, "count positive relevance only"))
+TopKIntersectionConfig = _config("top_k_intersection", "the top-k intersection",
+                                 k=(1000, {"min": 1}, "how many of the most relevant pixels"),
+                                 concept_influence=(False, {}, "divide by the object's area share"))
+RelevanceRankAccuracyConfig = _config("relevance_rank_accuracy", "relevance rank accuracy")
+RelevanceMassAccuracyConfig = _config("relevance_mass_accuracy", "relevance mass accuracy")
+AucConfig = _config("auc", "the ROC AUC of the map against the mask")
+
+METRICS = (
+    MetricSpec("pointing_game", "localisation", HIGHER, MASKED, PointingGameConfig, pointing_game),
+    MetricSpec("attribution_localisation", "localisation", HIGHER, MASKED, AttributionLocalisationConfig,
+               attribution_localisation),
+    MetricSpec("top_k_intersection", "localisation", HIGHER, MASKED, TopKIntersectionConfig, top_k_intersection),
+    MetricSpec("relevance_rank_accuracy", "localisation", HIGHER, MASKED, RelevanceRankAccuracyConfig,
+               relevance_rank_accuracy),
+    MetricSpec("relevance_mass_accuracy", "localisation", HIGHER, MASKED, RelevanceMassAccuracyConfig,
+               relevance_mass_accuracy),
+    MetricSpec("auc", "localisation", HIGHER, MASKED, AucConfig, auc,
+               doc="ROC AUC of the map against the object mask (Fawcett 2006)"),
+)

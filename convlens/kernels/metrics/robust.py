@@ -13,17 +13,26 @@ NaN samples are left out of the mean / max."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from convlens.kernels.metrics.base import prepare
+from convlens.config import Config, option
+from convlens.kernels.metrics.base import need_keys, per_item, prepare
+from convlens.kernels.metrics.spec import LOWER, MetricSpec
 
 
-def _draws(kind, key, n, x, amplitude):
+def _draws(kind, keys, n, x, lo, hi=None):
+    """``[n, B, H, W, C]`` noise from each item's key, in units of its value range:
+    uniform in ``[lo, hi]`` or Gaussian with std ``lo``."""
     rng = (x.max(axis=(1, 2, 3), keepdims=True) - x.min(axis=(1, 2, 3), keepdims=True))[None]
+    keys = need_keys(keys, "a robustness metric")
     if kind == "uniform":
-        return jax.random.uniform(key, (n, *x.shape), minval=-amplitude, maxval=amplitude) * rng
-    return jax.random.normal(key, (n, *x.shape)) * amplitude * rng
+        d = per_item(keys, lambda k: jax.random.uniform(k, (n, *x.shape[1:]), minval=lo, maxval=hi))
+    else:
+        d = per_item(keys, lambda k: jax.random.normal(k, (n, *x.shape[1:]))) * lo
+    return jnp.moveaxis(d, 0, 1) * rng
 
 
 def _over_samples(explain, score, x, y, noises, per_sample, nan_on_change, outputs=False):
@@ -50,14 +59,14 @@ def _norm(v):
 
 
 def sensitivity(explain, score, x, a, y, *, reduce="mean", nr_samples=200, lower_bound=0.2, abs=False,
-                normalise=False, return_nan_when_prediction_changes=False, key=None, noises=None):
+                normalise=False, return_nan_when_prediction_changes=False, keys=None, noises=None):
     """Avg- (``reduce="mean"``) and max-sensitivity (Yeh et al. 2019):
     ``||a(x) - a(x + d)||_F / ||a(x)||_F`` for uniform noise ``d`` in
     ``[-lower_bound, lower_bound]``, averaged or maximised over samples (lower is more
     robust). Quantus divides by the map's norm, not the paper's ``r``; so do we."""
     a = prepare(a, abs, normalise)
     if noises is None:
-        noises = _draws("uniform", key, nr_samples, x, lower_bound)
+        noises = _draws("uniform", keys, nr_samples, x, -lower_bound, lower_bound)
     den = _norm(a)
     r = _over_samples(explain, score, x, y, noises,
                       lambda xs, a_s, o_s, o: _norm(a - prepare(a_s, abs, normalise)) / den,
@@ -66,13 +75,13 @@ def sensitivity(explain, score, x, a, y, *, reduce="mean", nr_samples=200, lower
 
 
 def local_lipschitz_estimate(explain, score, x, a, y, *, nr_samples=200, perturb_std=0.1, abs=False,
-                             normalise=True, return_nan_when_prediction_changes=False, key=None, noises=None):
+                             normalise=True, return_nan_when_prediction_changes=False, keys=None, noises=None):
     """Local Lipschitz estimate (Alvarez-Melis & Jaakkola 2018): the largest
     ``||a(x) - a(x')||_2 / ||x - x'||_2`` over Gaussian neighbours ``x'`` (std
     ``perturb_std``); lower is more robust."""
     a = prepare(a, abs, normalise)
     if noises is None:
-        noises = _draws("normal", key, nr_samples, x, perturb_std)
+        noises = _draws("normal", keys, nr_samples, x, perturb_std)
     r = _over_samples(explain, score, x, y, noises,
                       lambda xs, a_s, o_s, o: _norm(a - prepare(a_s, abs, normalise)) / _norm(x - xs),
                       return_nan_when_prediction_changes)
@@ -84,7 +93,7 @@ def _relative(v, ref, eps):
 
 
 def relative_stability(explain, score, x, a, y, *, of="input", nr_samples=200, lower_bound=0.02, upper_bound=0.2,
-                       eps_min=1e-6, abs=False, normalise=False, return_nan_when_prediction_changes=True, key=None,
+                       eps_min=1e-6, abs=False, normalise=False, return_nan_when_prediction_changes=True, keys=None,
                        noises=None):
     """Relative input (``of="input"``) and output (``of="output"``) stability (Agarwal et
     al. 2022): the largest ``||(a - a') / a|| / max(||(x - x') / x||, eps)`` (input) or
@@ -94,8 +103,7 @@ def relative_stability(explain, score, x, a, y, *, of="input", nr_samples=200, l
     Lower is more stable."""
     a = prepare(a, abs, normalise)
     if noises is None:
-        rng = (x.max(axis=(1, 2, 3), keepdims=True) - x.min(axis=(1, 2, 3), keepdims=True))[None]
-        noises = jax.random.uniform(key, (nr_samples, *x.shape), minval=lower_bound, maxval=upper_bound) * rng
+        noises = _draws("uniform", keys, nr_samples, x, lower_bound, upper_bound)
 
     def per(xs, a_s, o_s, o):
         num = _norm(_relative(a - prepare(a_s, abs, normalise), a, eps_min))
@@ -107,7 +115,7 @@ def relative_stability(explain, score, x, a, y, *, of="input", nr_samples=200, l
 
 
 def continuity(explain, score, x, a, y, *, nr_steps=28, abs=True, normalise=True,
-               return_nan_when_prediction_changes=False, key=None):
+               return_nan_when_prediction_changes=False):
     """Continuity (Montavon et al. 2018, "explanation continuity"): the largest
     ``||a(x) - a(x')||_1 / ||x - x'||_2`` over translates ``x'`` of the image. As in
     Quantus 0.6, the image is shifted along its width by ``t = -W + k * dx`` pixels,
@@ -137,3 +145,120 @@ def continuity(explain, score, x, a, y, *, nr_steps=28, abs=True, normalise=True
     # Unrolled, as in _over_samples; shifts beyond the width give an all-black image.
     r = jnp.stack([one(min(-w + k * dx, w)) for k in range(1, nr_steps + 1)])  # [S, B]
     return {"score": jnp.nanmax(r, axis=0)}
+
+
+# ---------------------------------------------------------------- declarations
+
+RERUN = ("explain", "score", "x", "a", "y")
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityConfig(Config):
+    """Options of avg- and max-sensitivity.
+
+    Attributes:
+      nr_samples: noisy copies of each image.
+      lower_bound: the uniform noise's half-width, as a fraction of the image's value range.
+      abs: take the maps' absolute values first.
+      normalise: divide each map by its largest absolute value first.
+      return_nan_when_prediction_changes: leave out copies whose predicted class changes.
+      softmax: score probabilities (false: logits; used to see the prediction change).
+    """
+
+    nr_samples: int = option(8, min=1, max=4096)
+    lower_bound: float = option(0.2, above=0)
+    abs: bool = False
+    normalise: bool = False
+    return_nan_when_prediction_changes: bool = False
+    softmax: bool = False
+
+    _owner = "sensitivity"
+
+
+@dataclasses.dataclass(frozen=True)
+class LipschitzConfig(Config):
+    """Options of the local Lipschitz estimate.
+
+    Attributes:
+      nr_samples: noisy copies of each image.
+      perturb_std: the Gaussian noise's std, as a fraction of the image's value range.
+      abs: take the maps' absolute values first.
+      normalise: divide each map by its largest absolute value first.
+      return_nan_when_prediction_changes: leave out copies whose predicted class changes.
+      softmax: score probabilities (false: logits).
+    """
+
+    nr_samples: int = option(8, min=1, max=4096)
+    perturb_std: float = option(0.1, above=0)
+    abs: bool = False
+    normalise: bool = True
+    return_nan_when_prediction_changes: bool = False
+    softmax: bool = True
+
+    _owner = "local_lipschitz_estimate"
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeStabilityConfig(Config):
+    """Options of the relative input and output stabilities.
+
+    Attributes:
+      nr_samples: noisy copies of each image.
+      lower_bound: the smallest noise, as a fraction of the image's value range.
+      upper_bound: the largest noise, as a fraction of the image's value range.
+      eps_min: the floor of every denominator.
+      abs: take the maps' absolute values first.
+      normalise: divide each map by its largest absolute value first.
+      return_nan_when_prediction_changes: leave out copies whose predicted class changes
+        (Agarwal et al.: the maximum over perturbations that keep the prediction).
+      softmax: score probabilities (false: logits; the output stability's outputs).
+    """
+
+    nr_samples: int = option(8, min=1, max=4096)
+    lower_bound: float = option(0.02, min=0)
+    upper_bound: float = option(0.2, above=0)
+    eps_min: float = option(1e-6, above=0)
+    abs: bool = False
+    normalise: bool = False
+    return_nan_when_prediction_changes: bool = True
+    softmax: bool = False
+
+    _owner = "relative_stability"
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinuityConfig(Config):
+    """Options of continuity.
+
+    Attributes:
+      nr_steps: translations along the width.
+      abs: take the maps' absolute values first.
+      normalise: divide each map by its largest absolute value first.
+      return_nan_when_prediction_changes: leave out translates whose predicted class changes.
+      softmax: score probabilities (false: logits).
+    """
+
+    nr_steps: int = option(8, min=1, max=4096)
+    abs: bool = True
+    normalise: bool = True
+    return_nan_when_prediction_changes: bool = False
+    softmax: bool = False
+
+    _owner = "continuity"
+
+
+METRICS = (
+    MetricSpec("avg_sensitivity", "robustness", LOWER, RERUN, SensitivityConfig, sensitivity, {"reduce": "mean"},
+               doc="Average sensitivity (Yeh et al. 2019)"),
+    MetricSpec("max_sensitivity", "robustness", LOWER, RERUN, SensitivityConfig, sensitivity, {"reduce": "max"},
+               doc="Maximum sensitivity (Yeh et al. 2019)"),
+    MetricSpec("local_lipschitz_estimate", "robustness", LOWER, RERUN, LipschitzConfig, local_lipschitz_estimate),
+    MetricSpec("relative_input_stability", "robustness", LOWER, RERUN, RelativeStabilityConfig, relative_stability,
+               {"of": "input"},
+               doc="Relative input stability (Agarwal et al. 2022)"),
+    MetricSpec("relative_output_stability", "robustness", LOWER, RERUN, RelativeStabilityConfig, relative_stability,
+               {"of": "output"},
+               doc="Relative output stability (Agarwal et al. 2022)"),
+    MetricSpec("continuity", "robustness", LOWER, RERUN, ContinuityConfig, continuity,
+               doc="Continuity (Montavon et al. 2018)"),
+)
