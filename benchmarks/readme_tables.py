@@ -1,18 +1,17 @@
-"""Writes the README's speed tables from the JSON results of the benchmark scripts, between
-``<!-- NAME-table -->`` and ``<!-- /NAME-table -->`` markers, so the README shows exactly
-what the last full runs measured.
+"""The speed tables, written from the JSON results of the benchmark scripts, so the docs
+(``docs/benchmarks.md``, by ``tools/make_docs.py``) show exactly what the last full runs
+measured; and the README's summary table.
 
-    python benchmarks/readme_tables.py
+    python benchmarks/readme_tables.py      # the same as python tools/make_docs.py
 """
 
 from __future__ import annotations
 
 import json
-import re
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-README = HERE.parent / "README.md"
 
 
 def load(name):
@@ -25,16 +24,8 @@ def machine_line(res) -> str:
     return f"*{m.get('cpu', 'CPU')} ({m.get('simd', '')}), {m.get('cpu_count')} cores*"
 
 
-def schema() -> str:
-    import sys
-    sys.path.insert(0, str(HERE.parent))
-    from convlens.engine.store import schema_table
-    return schema_table()
-
-
 def models() -> str:
     """Every built-in: input size, preprocessing, default CAM layer and method, ImageNet weights."""
-    import sys
     sys.path.insert(0, str(HERE.parent))
     from convlens.kernels.common import default_layer, default_method
     from convlens.models.registry import MODELS, build_model
@@ -277,21 +268,9 @@ def precision() -> str | None:
 
 
 def main():
-    text = README.read_text()
-    for name, fn in (("schema", schema), ("models", models), ("forward", forward), ("explain", explain), ("occlusion", occlusion), ("ascent", ascent),
-                     ("engine", engine), ("metrics", metrics_cost), ("callback", callback), ("shared", shared),
-                     ("quality", quality),
-                     ("perturbation", perturbation), ("video", video), ("precision", precision)):
-        table = fn()
-        if table is None:
-            continue
-        pat = re.compile(f"<!-- {name}-table -->.*?<!-- /{name}-table -->", re.S)
-        if not pat.search(text):
-            print(f"README has no {name}-table markers; skipped")
-            continue
-        text = pat.sub(lambda m: f"<!-- {name}-table -->\n{table}\n<!-- /{name}-table -->", text)
-        print(f"updated the {name} table")
-    README.write_text(text)
+    sys.path.insert(0, str(HERE.parent / "tools"))
+    import make_docs
+    make_docs.main()
 
 
 if __name__ == "__main__":

@@ -442,6 +442,8 @@ def cli():
 
 
 def main(argv=None):
+    from convlens.config import use_compile_cache
+    use_compile_cache()  # a command is a process of its own: compiled programs carry over on disk
     debug = bool(os.environ.get("CONVLENS_DEBUG"))
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="convlens")

@@ -254,7 +254,7 @@ def live(model, params, stream: str, *, method: str | None = None, options: dict
     from convlens.engine.sources import fit
     from convlens.engine.video import open_stream
     from convlens.kernels.common import choose_method
-    from convlens.kernels.registry import METHODS, heatmap_methods, resolve
+    from convlens.kernels.registry import METHODS, resolve
     from convlens.models.labels import class_probabilities, name_of
     from convlens.render.render import LookOptions
     from convlens.render.video import VideoWriter, annotate
@@ -264,7 +264,8 @@ def live(model, params, stream: str, *, method: str | None = None, options: dict
     look = look or LookOptions()
     method = method or choose_method(model, (options or {}).get("layer")).method
     if method not in METHODS or METHODS[method].heatmap is None:
-        raise ConvlensError(f"live runs a method with a heatmap; {method!r} is not one ({', '.join(heatmap_methods())})")
+        with_maps = ", ".join(sorted(m for m, spec in METHODS.items() if spec.heatmap))
+        raise ConvlensError(f"live runs a method with a heatmap; {method!r} is not one ({with_maps})")
     writable(opts, on_frame)
     cfg = resolve(model, method, dict(options or {}))
     targets = tg.parse(opts.target, 1, tg.n_classes(model), labelled=False)

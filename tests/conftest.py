@@ -11,6 +11,17 @@ if "CONVLENS_CACHE" not in os.environ:
 # Tests check numbers, not speed: XLA's own settings throughout (measuring the candidates
 # would compile every kernel three times); tests/test_architecture.py tests the tuning itself.
 os.environ.setdefault("CONVLENS_XLA", "default")
+# The suite is bound by compiling, not by running the programs. Compile with LLVM's
+# optimisations off (the same IEEE operations, a fraction of the compile time) and keep
+# every compiled program in a cache shared with the subprocesses the CLI tests start, so
+# a program compiled once in the session is loaded, not compiled, the next time.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="convlens-test-xla-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -39,16 +50,12 @@ def photos224():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """After each test module, drop the compiled programs it left behind. Each XLA:CPU
-    executable maps hundreds of memory regions; a whole suite in one process otherwise
-    crosses Linux's cap (vm.max_map_count, 65530) in the Keras zoo test and the next
-    compile segfaults (CI did, twice). The executor guards its own compiles
-    (`executor._guard_regions`); the tests' own jits and Keras's are released here."""
+def _release_keras_sessions():
+    """After each test module, Keras's session goes. Compiled programs stay (a later module
+    reuses them): each XLA:CPU executable maps hundreds of memory regions, and the
+    executor drops them all before a compile that would cross Linux's cap
+    (`executor._guard_regions`; the cap once crashed CI in the Keras zoo test)."""
     yield
     import sys
     if "keras" in sys.modules:
         sys.modules["keras"].backend.clear_session()
-    if "jax" in sys.modules:
-        from convlens.engine import executor
-        executor.clear_cache()

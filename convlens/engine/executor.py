@@ -283,8 +283,8 @@ def xla_mode() -> str:
 def tuning_cache() -> Path:
     """Where tuned choices are remembered: ``$CONVLENS_CACHE/xla-options.json``
     (default ``~/.cache/convlens``)."""
-    root = os.environ.get("CONVLENS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "convlens")
-    return Path(root) / "xla-options.json"
+    from convlens.config import cache_root
+    return cache_root() / "xla-options.json"
 
 
 @functools.lru_cache(maxsize=1)

@@ -175,10 +175,6 @@ def check_spatial_layer(model: Model, layer: str, method: str) -> str:
     return node.name
 
 
-def is_conv(model: Model, layer: str) -> bool:
-    return model.graph.node(layer).kind == "conv"
-
-
 # ---------------------------------------------------------------- many forward passes per image
 # Perturbation methods (occlusion, LIME, RISE, Score-CAM, Ablation-CAM) evaluate many
 # modified copies of each image. Copies are built on the device a step at a time, ``per``

@@ -124,11 +124,6 @@ def axis_masks(length: int, window: int, stride: int) -> np.ndarray:
     return (idx[None, :] >= starts[:, None]) & (idx[None, :] < starts[:, None] + window)
 
 
-def grid_shape(size: tuple[int, int], cfg: OcclusionConfig) -> tuple[int, int]:
-    return (len(axis_windows(size[0], cfg.window[0], cfg.stride[0])),
-            len(axis_windows(size[1], cfg.window[1], cfg.stride[1])))
-
-
 # ---------------------------------------------------------------- the kernel
 
 def brute_force_logits(model: Model, params, images, base, cfg: OcclusionConfig, rows: np.ndarray,

@@ -47,11 +47,6 @@ def resolve(model, method: str, options: dict | None = None):
     return METHODS[method].resolve(model, options or {})
 
 
-def heatmap_methods() -> list[str]:
-    """Methods with a map at input resolution (what live, render and audit draw)."""
-    return sorted(m for m, s in METHODS.items() if s.heatmap)
-
-
 def parse_method_options(methods, pairs=(), layer: str | None = None) -> dict[str, dict]:
     """``-o KEY=VALUE`` (every method with that option) and ``-o METHOD.KEY=VALUE``, plus
     ``--layer`` for every method that takes a layer of its choosing:

@@ -128,9 +128,15 @@ class InputInvarianceConfig(Config):
 
 
 METRICS = (
-    MetricSpec("completeness", "axiomatic", HIGHER, ("score", "x", "a", "y"), CompletenessConfig, completeness),
+    MetricSpec("completeness", "axiomatic", HIGHER, ("score", "x", "a", "y"), CompletenessConfig, completeness,
+               departure="Quantus compares floats with == and normalises the map first (which breaks the sum); "
+                         "convlens takes a relative tolerance and no normalisation"),
     MetricSpec("non_sensitivity", "axiomatic", LOWER, ("score", "x", "a", "y"), NonSensitivityConfig,
-               non_sensitivity),
+               non_sensitivity,
+               departure="Quantus's per-step verdicts only line up with features_in_step=1; for larger steps each "
+                         "pixel gets its step's verdict, as the paper"),
     MetricSpec("input_invariance", "axiomatic", HIGHER, ("explain_shifted", "explain", "x", "y"),
-               InputInvarianceConfig, input_invariance),
+               InputInvarianceConfig, input_invariance,
+               departure="Quantus 0.6 shifts every pixel but the first (its perturb_batch drops each item's first "
+                         "index); convlens shifts them all"),
 )

@@ -758,25 +758,45 @@ class SufficiencyConfig(Config):
 
 
 METRICS = (
-    MetricSpec("pixel_flipping", "faithfulness", LOWER, SCORED, PixelFlippingConfig, pixel_flipping),
+    MetricSpec("pixel_flipping", "faithfulness", LOWER, SCORED, PixelFlippingConfig, pixel_flipping,
+               departure="steps count pixels, and the default takes 64 of them where Quantus's (one pixel per step) "
+                         "would run 50,176 forward passes per 224x224 image"),
     MetricSpec("region_perturbation", "faithfulness", HIGHER, SCORED, RegionPerturbationConfig, region_perturbation),
     MetricSpec("selectivity", "faithfulness", LOWER, SCORED, SelectivityConfig, selectivity),
     MetricSpec("faithfulness_estimate", "faithfulness", HIGHER, SCORED, FaithfulnessEstimateConfig,
-               faithfulness_estimate),
+               faithfulness_estimate,
+               departure="64 steps by default instead of one pixel per step (as pixel flipping)"),
     MetricSpec("faithfulness_correlation", "faithfulness", HIGHER, SCORED, FaithfulnessCorrelationConfig,
-               faithfulness_correlation),
-    MetricSpec("monotonicity", "faithfulness", HIGHER, SCORED, MonotonicityConfig, monotonicity),
+               faithfulness_correlation,
+               departure="random subsets are of whole pixels (all their channels), not of single colour values"),
+    MetricSpec("monotonicity", "faithfulness", HIGHER, SCORED, MonotonicityConfig, monotonicity,
+               departure="Quantus puts the baseline back instead of the pixels, so every map passes; convlens puts the"
+                         " pixels back, as the paper does"),
     MetricSpec("monotonicity_correlation", "faithfulness", HIGHER, SCORED, MonotonicityCorrelationConfig,
-               monotonicity_correlation),
-    MetricSpec("sensitivity_n", "faithfulness", HIGHER, SCORED, SensitivityNConfig, sensitivity_n),
-    MetricSpec("irof", "faithfulness", HIGHER, SCORED + ("segments", "n_segments"), IrofConfig, irof),
+               monotonicity_correlation,
+               departure="32 steps and 16 samples instead of one pixel per step and 100 samples (5 million passes per "
+                         "image); the noise is drawn between the image's min and max, where Quantus draws U(0, 1)"),
+    MetricSpec("sensitivity_n", "faithfulness", HIGHER, SCORED, SensitivityNConfig, sensitivity_n,
+               departure="Quantus removes the top-n pixels cumulatively and correlates across the items of a batch (an"
+                         " item's score depends on its batch); convlens follows the paper: random sets of n pixels per"
+                         " item"),
+    MetricSpec("irof", "faithfulness", HIGHER, SCORED + ("segments", "n_segments"), IrofConfig, irof,
+               departure="Quantus fills with the mean of the whole batch's images (an item's score depends on the "
+                         "others); convlens with the item's own mean, as the paper; Quantus 0.6's IROF crashes on RGB "
+                         "input, so parity is checked on one channel"),
     MetricSpec("road_morf", "faithfulness", LOWER, SCORED, RoadConfig, road, {"order": "morf"},
-               doc="ROAD, most relevant pixels removed first (Rong et al. 2022)"),
+               doc="ROAD, most relevant pixels removed first (Rong et al. 2022)",
+               departure="scores the target's logit (a confident model's probability stays at 0.999 whatever is "
+                         "removed); noise is a fraction of the image's value range; Quantus 0.6's ROAD crashes on RGB "
+                         "input, so parity is checked on one channel"),
     MetricSpec("road_lerf", "faithfulness", HIGHER, SCORED, RoadConfig, road, {"order": "lerf"},
-               doc="ROAD, least relevant pixels removed first (Rong et al. 2022)"),
+               doc="ROAD, least relevant pixels removed first (Rong et al. 2022)",
+               departure="as road_morf"),
     MetricSpec("road_gain", "faithfulness", HIGHER, SCORED, RoadConfig, road_gain,
                doc="ROAD's gain, least- minus most-relevant-first (Blücher et al. 2024)"),
-    MetricSpec("infidelity", "faithfulness", LOWER, SCORED, InfidelityConfig, infidelity),
+    MetricSpec("infidelity", "faithfulness", LOWER, SCORED, InfidelityConfig, infidelity,
+               departure="Quantus's patches accumulate and its samples are identical with a fixed baseline; kept for "
+                         "parity, and noise > 0 makes the samples differ (the paper's random perturbations)"),
     MetricSpec("deletion", "faithfulness", LOWER, SCORED, DeletionConfig, deletion,
                doc="Deletion (Petsiuk et al. 2018)"),
     MetricSpec("insertion", "faithfulness", HIGHER, SCORED, DeletionConfig, insertion),
@@ -786,5 +806,7 @@ METRICS = (
                increase_in_confidence),
     MetricSpec("sufficiency", "faithfulness", HIGHER, ("a", "predicted"), SufficiencyConfig, sufficiency,
                per_item=False,
-               doc="Sufficiency over the set of rated items (Dasgupta et al. 2022)"),
+               doc="Sufficiency over the set of rated items (Dasgupta et al. 2022)",
+               departure="pixels constant over the set are left out of the distance (scipy makes every distance NaN "
+                         "there, so Quantus finds no neighbour at all)"),
 )

@@ -236,9 +236,12 @@ METRICS = (
     MetricSpec("random_logit", "randomisation", LOWER, ("explain", "x", "a", "y", "num_classes"), RandomLogitConfig,
                random_logit),
     MetricSpec("mprt", "randomisation", LOWER, WEIGHTS, MprtConfig, mprt,
-               doc="Model-parameter randomisation, cascading (Adebayo et al. 2018)"),
+               doc="Model-parameter randomisation, cascading (Adebayo et al. 2018)",
+               departure="with independent=true, Quantus's return_average_correlation averages in the original-versus-"
+                         "original score too; convlens averages over the randomised layers"),
     MetricSpec("smooth_mprt", "randomisation", LOWER, WEIGHTS, SmoothMprtConfig, mprt,
                doc="Smooth MPRT (Hedström et al. 2024)"),
     MetricSpec("efficient_mprt", "randomisation", HIGHER, ("explain_with", "params", "fresh", "x", "y"),
-               EfficientMprtConfig, efficient_mprt),
+               EfficientMprtConfig, efficient_mprt,
+               departure="the ratio H(random) / H(trained); Quantus reports the relative rise, the ratio minus 1"),
 )

@@ -249,16 +249,26 @@ class ContinuityConfig(Config):
 
 METRICS = (
     MetricSpec("avg_sensitivity", "robustness", LOWER, RERUN, SensitivityConfig, sensitivity, {"reduce": "mean"},
-               doc="Average sensitivity (Yeh et al. 2019)"),
+               doc="Average sensitivity (Yeh et al. 2019)",
+               departure="8 samples by default instead of 200; noise is a fraction of the image's value range "
+                         "(Quantus's assumes inputs in [0, 1])"),
     MetricSpec("max_sensitivity", "robustness", LOWER, RERUN, SensitivityConfig, sensitivity, {"reduce": "max"},
-               doc="Maximum sensitivity (Yeh et al. 2019)"),
-    MetricSpec("local_lipschitz_estimate", "robustness", LOWER, RERUN, LipschitzConfig, local_lipschitz_estimate),
+               doc="Maximum sensitivity (Yeh et al. 2019)",
+               departure="as avg_sensitivity"),
+    MetricSpec("local_lipschitz_estimate", "robustness", LOWER, RERUN, LipschitzConfig, local_lipschitz_estimate,
+               departure="as avg_sensitivity"),
     MetricSpec("relative_input_stability", "robustness", LOWER, RERUN, RelativeStabilityConfig, relative_stability,
                {"of": "input"},
-               doc="Relative input stability (Agarwal et al. 2022)"),
+               doc="Relative input stability (Agarwal et al. 2022)",
+               departure="the maximum over the perturbations that keep the prediction, as Agarwal et al. 2022; Quantus"
+                         " returns NaN for the whole item when any perturbation changes it; noise is a fraction of the"
+                         " image's value range"),
     MetricSpec("relative_output_stability", "robustness", LOWER, RERUN, RelativeStabilityConfig, relative_stability,
                {"of": "output"},
-               doc="Relative output stability (Agarwal et al. 2022)"),
+               doc="Relative output stability (Agarwal et al. 2022)",
+               departure="as relative_input_stability"),
     MetricSpec("continuity", "robustness", LOWER, RERUN, ContinuityConfig, continuity,
-               doc="Continuity (Montavon et al. 2018)"),
+               doc="Continuity (Montavon et al. 2018)",
+               departure="8 translations by default instead of 28; Quantus's patch_size option is unused by its own "
+                         "code and not taken"),
 )

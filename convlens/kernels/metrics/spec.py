@@ -88,6 +88,7 @@ class MetricSpec:
       per_item: False where an item's score depends on the other items (sufficiency:
         the set is the reference); such a metric runs once over all rated items.
       doc: a title (default: the function's docstring's, up to its first colon).
+      departure: where it departs from Quantus 0.6 (which follows the paper, and why), or "".
     """
 
     name: str
@@ -99,6 +100,7 @@ class MetricSpec:
     fixed: dict = dataclasses.field(default_factory=dict)
     per_item: bool = True
     doc: str = ""
+    departure: str = ""
 
     def __post_init__(self):
         if self.family not in FAMILIES:
