@@ -279,7 +279,7 @@ def test_ctrl_c_ends_cleanly_and_leaves_the_store_resumable(home):
     # Many small chunks of a cheap method: the run lasts long enough to be interrupted
     # without a long compile.
     rng = np.random.default_rng(1)
-    np.save(home / "many.npy", rng.integers(0, 255, (600, 32, 32, 3), dtype=np.uint8))
+    np.save(home / "many.npy", rng.integers(0, 255, (300, 32, 32, 3), dtype=np.uint8))
     args = ["run", *TINY, "--data", "many.npy", "--out", "s.zarr", "--no-progress", "-m", "gradcam",
             "--batch-size", "1", "--chunk", "1"]
     p = subprocess.Popen([sys.executable, "-c", CLI_FROM_A_TERMINAL, *args], cwd=home, stdout=subprocess.PIPE,
@@ -301,7 +301,7 @@ def test_ctrl_c_ends_cleanly_and_leaves_the_store_resumable(home):
         assert bad not in err, err
     assert not (home / "s.zarr" / ownership.LOCK_NAME).exists()
     r = convlens(*args, "--resume", cwd=home)
-    assert r.code == 0 and "600 done" in r.out and "chunks already done" in r.out, r.err
+    assert r.code == 0 and "300 done" in r.out and "chunks already done" in r.out, r.err
 
 
 def test_a_file_with_a_non_utf8_name_does_not_stop_the_run(home, capsys, monkeypatch):
