@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import os
 import re
 from pathlib import Path
@@ -164,16 +165,16 @@ def coerce(owner: str, f: dataclasses.Field, text):
             return float(s)
         except ValueError:
             pass
-    if "tuple" in types and "str" not in types:  # "10/50/90" -> (10, 50, 90)
+    if "tuple" in types and "str" not in types:  # "10/50/90" -> (10, 50, 90); a size also as "8x6"
         out = []
-        for part in (v.strip() for v in s.split("/") if v.strip()):
+        for part in (v.strip() for v in re.split(r"[/x×]", s) if v.strip()):
             try:
                 out.append(int(part))
             except ValueError:
                 try:
                     out.append(float(part))
                 except ValueError:
-                    raise OptionError(f"{owner}: {f.name}={text!r} is not numbers separated by / (e.g. 10/50/90)") \
+                    raise OptionError(f"{owner}: {f.name}={text!r} is not numbers separated by / (e.g. 10/50/90, or 8x6 for a size)") \
                         from None
         return tuple(out)
     if "str" in types or "tuple" in types or "Pixels" in types:

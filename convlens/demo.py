@@ -24,7 +24,7 @@ from convlens.models.preprocess import Preprocess
 
 DEMO_MARKER = ".convlens-demo"
 # The quality metrics the demo ranks its methods with (a quick set: a minute on a CPU).
-DEMO_QUALITY = ("road_gain,deletion,insertion,faithfulness_estimate,pointing_game,relevance_rank_accuracy,auc,sparseness,"
+DEMO_QUALITY = ("road_gain,faithfulness_estimate,pointing_game,relevance_rank_accuracy,auc,sparseness,"
                 "random_logit,mprt")
 SIZE = 64
 STAMP = (slice(5, 12), slice(50, 57))  # rows, columns of the stamp: the top-right corner

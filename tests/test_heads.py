@@ -229,5 +229,5 @@ def test_multilabel_positive_targets_and_audit_per_label(tagging):
 
 def convlens_audit(out):
     from convlens.engine.audit import AuditConfig, audit
-    audit(out, AuditConfig(metrics=False, sanity=False), progress=None)
+    audit(out, AuditConfig(quality="none", controls=False), progress=None)
     return json.loads(json.dumps(store.open_store(out).attrs["audit"]["methods"]))

@@ -409,15 +409,22 @@ def sufficiency(a, predicted, *, threshold=0.6, abs=True, normalise=True):
     return {"score": jnp.where(count > 0, jnp.sum(near & same, axis=1) / jnp.maximum(count, 1), 0.0)}
 
 
-_NEIGHBOURS = jnp.asarray([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]], jnp.float32)
+_NEIGHBOURS = ((1 / 12, 1 / 6, 1 / 12), (1 / 6, 0.0, 1 / 6), (1 / 12, 1 / 6, 1 / 12))
 
 
 def _spread(v):
     """``sum_n w_n v[p + n]`` over the 8 neighbours inside the image: ``v [B, H, W, C]``."""
-    c = v.shape[-1]
-    k = jnp.tile(_NEIGHBOURS[:, :, None, None], (1, 1, 1, c))
-    return jax.lax.conv_general_dilated(v, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        feature_group_count=c, precision=jax.lax.Precision.HIGHEST)
+    # Eight shifted, weighted adds of the zero-padded input, not a grouped convolution:
+    # XLA:CPU lowers a depthwise convolution about 70x slower (0.37 vs 28 ms per call at
+    # [32, 64, 64, 3]), and the imputation's solver calls this hundreds of times.
+    h, w = v.shape[1:3]
+    p = jnp.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = jnp.zeros_like(v)
+    for i, row in enumerate(_NEIGHBOURS):
+        for j, wt in enumerate(row):
+            if wt:
+                out = out + jnp.float32(wt) * p[:, i:i + h, j:j + w]
+    return out
 
 
 def impute(x, removed, tol=1e-6, max_iter=2000):
