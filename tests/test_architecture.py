@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import convlens.api  # noqa: F401 - the tests call convlens.api.resolve
 from convlens.engine import executor
 from convlens.engine.executor import Batch, Executor, Explain, Fn
 from convlens.models.preprocess import Preprocess
-from tests.kernels.nets import gap_net, with_random_biases
+from tests.kernels.nets import depthwise_net, gap_net, with_random_biases
 
 PACKAGE = Path(convlens.__file__).parent
 
@@ -178,6 +179,16 @@ def test_executor_pads_keys_and_dispatches_ahead():
     np.testing.assert_allclose(one[0], whole[3], rtol=1e-5, atol=1e-6)
 
 
+def _logits_function(model, seed, label, n):
+    """A model's logits as an executor function, its params, ``n`` inputs and their keys."""
+    params = with_random_biases(model, seed)
+    comp = Fn(lambda p, i, k: {"y": model.apply(p, model.preprocess(i["x"]), logits=True)[0] * 1.0},
+              (label, model.computation), ("x",), label)
+    size = model.input_size
+    x = np.random.default_rng(seed).uniform(0, 255, (n, *size, 3)).astype(np.float32)
+    return model, params, executor.function(comp), x, executor.item_keys(0, np.arange(n))
+
+
 def test_xla_options_are_measured_once_remembered_and_change_no_number(monkeypatch, tmp_path):
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path))
     monkeypatch.setenv("CONVLENS_XLA", "auto")
@@ -187,13 +198,7 @@ def test_xla_options_are_measured_once_remembered_and_change_no_number(monkeypat
     order = iter(["default"] + ["default", "ynn-dot", "ynn-off"] * executor.TUNE_ROUNDS)
     monkeypatch.setattr(executor, "TUNE_BUDGET", 0.0)
     monkeypatch.setattr(executor, "_time_call", lambda compiled, args, reps=1: fake[next(order)])
-    model = gap_net()
-    params = with_random_biases(model, 3)
-    comp = Fn(lambda p, i, k: {"y": model.apply(p, model.preprocess(i["x"]), logits=True)[0] * 1.0},
-              ("tuning-test", model.computation), ("x",), "tuning-test")
-    x = np.random.default_rng(2).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
-    fn = executor.function(comp)
-    keys = executor.item_keys(0, np.arange(4))
+    model, params, fn, x, keys = _logits_function(gap_net(), 3, "tuning-test", 4)
     executor.clear_cache()
     t = fn.tuning(params, {"x": x}, keys)
     assert t.source == "measured" and t.choice == "ynn-dot", t
@@ -206,6 +211,69 @@ def test_xla_options_are_measured_once_remembered_and_change_no_number(monkeypat
     outs = [np.asarray(executor.compile_with(lowered, name)(params, {"x": x}, keys)["y"]) for name in executor.CPU_CANDIDATES]
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)
+    executor.clear_cache()
+
+
+def test_lowerings_are_measured_with_the_options_remembered_overridable_and_agree(monkeypatch, tmp_path):
+    """Grouped convolutions have two lowerings (`layers.LOWERINGS`): measured first with
+    XLA's default options, then the options with the faster lowering; remembered; fixed by
+    CONVLENS_LOWERING; identical numbers to float32 rounding."""
+    from convlens.models import layers
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CONVLENS_XLA", "auto")
+    monkeypatch.setattr(executor, "TUNE_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(executor, "TUNE_BUDGET", 0.0)
+    fake = {"default/shifted": 3.0, "default/native": 2.0, "ynn-dot/native": 2.5, "ynn-off/native": 1.0}
+    timed = []
+
+    def fake_time(compiled, args, reps=1):
+        name = next(n for n, f in jitted.items() if f is compiled)
+        timed.append(name)
+        return fake[name]
+    jitted = {}
+    real = executor.Function.jitted
+
+    def spy(self, name="default", lowering=None):
+        fn = real(self, name, lowering)
+        jitted[f"{name}/{lowering}"] = fn
+        return fn
+    monkeypatch.setattr(executor.Function, "jitted", spy)
+    monkeypatch.setattr(executor, "_time_call", fake_time)
+    model, params, fn, x, keys = _logits_function(depthwise_net(), 5, "lowering-test", 2)
+    executor.clear_cache()
+    t = fn.tuning(params, {"x": x}, keys)
+    assert (t.source, t.choice, t.lowering) == ("measured", "ynn-off", "native"), t
+    # Stage one races the lowerings at XLA's default options, stage two the options at the winner.
+    assert set(timed) == set(fake), timed
+    saved = json.loads((tmp_path / "xla-options.json").read_text())
+    assert [(v["choice"], v["lowering"]) for v in saved.values()] == [("ynn-off", "native")]
+    executor.clear_cache()
+    t = fn.tuning(params, {"x": x}, keys)
+    assert (t.source, t.choice, t.lowering) == ("remembered", "ynn-off", "native")
+    executor.clear_cache()
+    monkeypatch.setenv("CONVLENS_LOWERING", "shifted")
+    t = fn.tuning(params, {"x": x}, keys)
+    assert (t.source, t.choice, t.lowering) == ("remembered", "ynn-off", "shifted")
+    monkeypatch.setenv("CONVLENS_LOWERING", "im2col")
+    executor.clear_cache()
+    with pytest.raises(convlens.ConvlensError, match="CONVLENS_LOWERING='im2col': choose auto or shifted, native"):
+        fn.tuning(params, {"x": x}, keys)
+    monkeypatch.setenv("CONVLENS_LOWERING", "auto")
+    executor.clear_cache()
+    # The two lowerings trace different programs and compute the same numbers, also for gradients.
+    outs, grads = [], []
+    for name in layers.LOWERINGS:
+        with layers.lowering(name):
+            y, acts = model.apply(params, model.preprocess(jnp.asarray(x)), layers="all", logits=True)
+            g = jax.grad(lambda z: model.apply(params, z, logits=True)[0][:, 1].sum())(model.preprocess(jnp.asarray(x)))
+        outs.append((np.asarray(y), {k: np.asarray(v) for k, v in acts.items()}))
+        grads.append(np.asarray(g))
+    texts = {name: fn.jitted("default", name).lower(params, {"x": x}, keys).as_text() for name in layers.LOWERINGS}
+    assert texts["shifted"] != texts["native"] and "feature_group_count = 4" in texts["native"]
+    for k in outs[0][1]:
+        np.testing.assert_allclose(outs[1][1][k], outs[0][1][k], rtol=1e-5, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6)
     executor.clear_cache()
 
 

@@ -163,10 +163,10 @@ class Forward(Computation):
 class Fn(Computation):
     """Any pure function ``fn(params, inputs, keys)``, keyed by ``key`` (which must
     capture everything ``fn`` closes over, e.g. ``(model.computation, cfg)``). ``xla``
-    names the XLA options to compile it with (a candidate of `CPU_CANDIDATES`, e.g. the
-    one measured for the model's forward pass, for programs too long to measure)."""
+    is a `Tuning` to compile it with (its XLA options and lowering), e.g. the one measured
+    for the model's forward pass, for programs too long to measure themselves."""
 
-    def __init__(self, fn: Callable, key: tuple, inputs: tuple[str, ...], label: str = "", xla: str | None = None,
+    def __init__(self, fn: Callable, key: tuple, inputs: tuple[str, ...], label: str = "", xla: Tuning | None = None,
                  whole: bool = False):
         self.fn, self._key, self.inputs, self.label, self.xla, self.whole = fn, key, inputs, label, xla, whole
 
@@ -280,6 +280,17 @@ def xla_mode() -> str:
     return mode
 
 
+def lowering_mode() -> str:
+    """``CONVLENS_LOWERING``: ``auto`` (measured per computation with the XLA options, the
+    default) or a name in `convlens.models.layers.LOWERINGS` (how grouped and depthwise
+    convolutions are computed)."""
+    from convlens.models.layers import LOWERINGS
+    mode = os.environ.get("CONVLENS_LOWERING", "auto").strip().lower() or "auto"
+    if mode != "auto" and mode not in LOWERINGS:
+        raise ConvlensError(f"CONVLENS_LOWERING={mode!r}: choose auto or {', '.join(LOWERINGS)}")
+    return mode
+
+
 def tuning_cache() -> Path:
     """Where tuned choices are remembered: ``$CONVLENS_CACHE/xla-options.json``
     (default ``~/.cache/convlens``)."""
@@ -354,50 +365,78 @@ TUNE_BUDGET = 1.0  # seconds of timing per candidate for short computations (mor
 
 @dataclasses.dataclass
 class Tuning:
-    """How one executable's XLA options were chosen (for benchmarks and tests)."""
+    """How one executable's XLA options and lowering were chosen (for benchmarks and tests).
+    ``seconds`` is keyed ``"xla/lowering"`` (e.g. ``"ynn-off/shifted"``)."""
 
     choice: str
     seconds: dict[str, float]
-    source: str  # "measured", "remembered", "fixed" or "not worth measuring"
+    source: str  # "measured", "remembered", "fixed", "given" or "not worth measuring"
+    lowering: str = "shifted"
 
 
-def _choose(jits: Callable[[str], Any], args, label: str, tune: bool) -> tuple[Any, Tuning]:
-    """The jitted function with the XLA options to use here, ``jits(name)`` giving the
-    function compiled with candidate ``name``: a choice remembered for this program on
-    this machine, else (``tune``: the work will repeat) the fastest measured now, else
-    XLA's default."""
-    mode = xla_mode()
-    if jax.default_backend() != "cpu":
-        return jits("default"), Tuning("default", {}, "fixed")
-    if mode != "auto":
-        return jits(mode), Tuning(mode, {}, "fixed")
-    first = jits("default")
-    fingerprint = hashlib.sha256((_machine() + "\n" + first.lower(*args).as_text()).encode()).hexdigest()
-    known = _read_choices().get(fingerprint)
-    if known and known.get("choice") in CPU_CANDIDATES:
-        return jits(known["choice"]), Tuning(known["choice"], known.get("seconds", {}), "remembered")
-    if not tune:
-        return first, Tuning("default", {}, "not measured (one-off work)")
-    jax.block_until_ready(first(*args))  # the warm-up every computation needs anyway
-    t_default = _time_call(first, args)
-    seconds = {"default": t_default}
-    if not TUNE_MIN_SECONDS <= t_default <= TUNE_MAX_SECONDS:
-        _remember(fingerprint, {"choice": "default", "seconds": seconds, "label": label})
-        return first, Tuning("default", seconds, "not worth measuring")
-    compiled = {"default": first}
-    for name in CPU_CANDIDATES:
-        if name != "default":
-            compiled[name] = jits(name)
-            jax.block_until_ready(compiled[name](*args))  # compiles, and warms up
-    rounds = max(TUNE_ROUNDS, min(50, int(TUNE_BUDGET / max(t_default, 1e-6))))
+def _race(compiled: dict, args, seconds: dict, t_first: float) -> str:
+    """Times every candidate of ``compiled`` in turns (so drift hits them alike), updating
+    ``seconds`` with each one's best; returns the fastest, the first candidate unless
+    another beats it by `TUNE_MARGIN`."""
+    rounds = max(TUNE_ROUNDS, min(50, int(TUNE_BUDGET / max(t_first, 1e-6))))
     for _ in range(rounds):
         for name, c in compiled.items():
             seconds[name] = min(seconds.get(name, float("inf")), _time_call(c, args))
-    best = min(seconds, key=seconds.get)
-    if seconds[best] > (1 - TUNE_MARGIN) * seconds["default"]:
-        best = "default"  # within noise of XLA's default: keep it
-    _remember(fingerprint, {"choice": best, "seconds": seconds, "label": label})
-    return compiled[best], Tuning(best, seconds, "measured")
+    first = next(iter(compiled))
+    best = min(compiled, key=lambda n: seconds[n])
+    return best if seconds[best] <= (1 - TUNE_MARGIN) * seconds[first] else first
+
+
+def _choose(jits: Callable[[str, str], Any], args, label: str, tune: bool) -> tuple[Any, Tuning]:
+    """The jitted function with the XLA options and lowering to use here, ``jits(name,
+    lowering)`` giving the function traced with ``lowering`` and compiled with candidate
+    ``name``: a choice remembered for this program on this machine, else (``tune``: the
+    work will repeat) the fastest measured now, else XLA's default options and the
+    default lowering. Measured in two stages: the lowerings with XLA's default options
+    (skipped when the program has no grouped convolution, so both trace the same), then
+    the XLA options with the faster lowering."""
+    from convlens.models.layers import DEFAULT_LOWERING, LOWERINGS
+    mode, low_mode = xla_mode(), lowering_mode()
+    low = DEFAULT_LOWERING if low_mode == "auto" else low_mode
+    if jax.default_backend() != "cpu":
+        return jits("default", low), Tuning("default", {}, "fixed", low)
+    if mode != "auto" and low_mode != "auto":
+        return jits(mode, low), Tuning(mode, {}, "fixed", low)
+    first = jits("default", low)
+    text = first.lower(*args).as_text()
+    fingerprint = hashlib.sha256((_machine() + "\n" + text).encode()).hexdigest()
+    known = _read_choices().get(fingerprint)
+    if known and known.get("choice") in CPU_CANDIDATES and known.get("lowering", low) in LOWERINGS:
+        xla = known["choice"] if mode == "auto" else mode
+        lo = known.get("lowering", low) if low_mode == "auto" else low_mode
+        return jits(xla, lo), Tuning(xla, known.get("seconds", {}), "remembered", lo)
+    xla0 = "default" if mode == "auto" else mode
+    first = jits(xla0, low)
+    if not tune:
+        return first, Tuning(xla0, {}, "not measured (one-off work)", low)
+    jax.block_until_ready(first(*args))  # the warm-up every computation needs anyway
+    t_first = _time_call(first, args)
+    seconds = {f"{xla0}/{low}": t_first}
+    if not TUNE_MIN_SECONDS <= t_first <= TUNE_MAX_SECONDS:
+        _remember(fingerprint, {"choice": xla0, "lowering": low, "seconds": seconds, "label": label})
+        return first, Tuning(xla0, seconds, "not worth measuring", low)
+    compiled = {f"{xla0}/{low}": first}
+    if low_mode == "auto":  # stage 1: the lowerings, where they differ
+        for other in LOWERINGS:
+            if other != low and jits(xla0, other).lower(*args).as_text() != text:
+                compiled[f"{xla0}/{other}"] = c = jits(xla0, other)
+                jax.block_until_ready(c(*args))  # compiles, and warms up
+        if len(compiled) > 1:
+            low = _race(compiled, args, seconds, t_first).split("/")[1]
+    if mode == "auto":  # stage 2: the XLA options, with that lowering
+        compiled = {f"default/{low}": compiled.get(f"default/{low}") or jits("default", low)}
+        for name in CPU_CANDIDATES:
+            if name != "default":
+                compiled[f"{name}/{low}"] = c = jits(name, low)
+                jax.block_until_ready(c(*args))
+        xla0 = _race(compiled, args, seconds, t_first).split("/")[0]
+    _remember(fingerprint, {"choice": xla0, "lowering": low, "seconds": seconds, "label": label})
+    return jits(xla0, low), Tuning(xla0, seconds, "measured", low)
 
 
 def compile_with(lowered, name: str):
@@ -442,6 +481,19 @@ def _signature(args) -> tuple:
                          None if isinstance(x, np.ndarray) else getattr(x, "sharding", None)) for x in leaves))
 
 
+class _Traced:
+    """``comp`` traced with grouped convolutions in ``lowering`` (a trace-time choice, so
+    each lowering has its own jitted function)."""
+
+    def __init__(self, comp, lowering: str):
+        self.comp, self.lowering = comp, lowering
+
+    def __call__(self, *args):
+        from convlens.models.layers import lowering
+        with lowering(self.lowering):
+            return self.comp(*args)
+
+
 class Function:
     """A computation compiled on first use for each argument signature (see `function`).
     ``tune``: measure the XLA settings if this machine has no remembered choice (for work
@@ -450,13 +502,15 @@ class Function:
     def __init__(self, comp: Computation, tune: bool = True):
         self.comp, self.tune = comp, tune
 
-    def jitted(self, name: str = "default"):
-        """``comp`` jitted with candidate ``name``'s XLA options (one per computation value
-        and candidate; calls take JAX's fast dispatch path)."""
-        key = (self.comp, "jit", name)
+    def jitted(self, name: str = "default", lowering: str | None = None):
+        """``comp`` traced with grouped convolutions in ``lowering`` (None: the current
+        default) and jitted with candidate ``name``'s XLA options (one per computation value,
+        candidate and lowering; calls take JAX's fast dispatch path)."""
+        key = (self.comp, "jit", name, lowering)
         fn = _JITS.get(key)
         if fn is None:
-            fn = jax.jit(self.comp, compiler_options=CPU_CANDIDATES[name] or None)
+            fn = jax.jit(self.comp if lowering is None else _Traced(self.comp, lowering),
+                         compiler_options=CPU_CANDIDATES[name] or None)
             with _COMPILED_LOCK:
                 if len(_JITS) >= 3 * _CACHE_LIMIT:
                     _JITS.pop(next(iter(_JITS)))
@@ -471,9 +525,11 @@ class Function:
         hit = _COMPILED.get(key)
         if hit is None:
             _guard_regions()  # before the compile, which adds hundreds of regions
-            fixed = getattr(self.comp, "xla", None)
-            if fixed in CPU_CANDIDATES and xla_mode() == "auto" and jax.default_backend() == "cpu":
-                hit = (self.jitted(fixed), Tuning(fixed, {}, "given"))
+            fixed = getattr(self.comp, "xla", None)  # a Tuning measured for another program
+            if isinstance(fixed, Tuning) and jax.default_backend() == "cpu":
+                xla = fixed.choice if xla_mode() == "auto" else xla_mode()
+                lo = fixed.lowering if lowering_mode() == "auto" else lowering_mode()
+                hit = (self.jitted(xla, lo), Tuning(xla, {}, "given", lo))
             else:
                 hit = _choose(self.jitted, args, self.comp.label or type(self.comp).__name__, self.tune)
             with _COMPILED_LOCK:

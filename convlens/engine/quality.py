@@ -119,7 +119,7 @@ class Plan:
 
 
 def evaluate(model, params, plan: Plan, inputs: dict[str, np.ndarray], *, key=0, batch: int | None = None,
-             xla: str | None = None, replay: dict | None = None) -> dict[str, np.ndarray]:
+             xla=None, replay: dict | None = None) -> dict[str, np.ndarray]:
     """``plan``'s metrics over arrays of ``N`` items (``images``, ``targets``, ``maps``,
     ``masks``, ``segments`` as the plan needs), ``batch`` items per compiled call (per-item
     metrics) or all at once (metrics of the set, and ``replay``: arrays replacing the
@@ -166,13 +166,13 @@ def bootstrap(values: np.ndarray, reps: int = 2000, seed: int = 0, level: float 
     return float(v.mean()), float(lo), float(hi), int(len(v))
 
 
-def forward_options(model, params, images: np.ndarray, batch: int) -> str:
-    """The XLA options measured (or remembered) for the model's forward pass at this
-    batch size on this machine: the metric programs are mostly forward passes, too long
-    to measure themselves."""
+def forward_options(model, params, images: np.ndarray, batch: int):
+    """The XLA options and lowering (a `Tuning`) measured, or remembered, for the model's
+    forward pass at this batch size on this machine: the metric programs are mostly
+    forward passes, too long to measure themselves."""
     from convlens.engine.executor import Executor, Forward
     with Executor(params, batch=batch, tune=True) as ex:
-        return ex.tuning(Forward(model), {"images": np.asarray(images, np.float32)}).choice
+        return ex.tuning(Forward(model), {"images": np.asarray(images, np.float32)})
 
 
 def run_quality(root, mp, methods: dict, rated, cfg, masks, n: int, progress=None) -> dict:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import hashlib
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from convlens.errors import OptionError
+from convlens.models.layers import depthwise_conv
 
 # What a baseline option may name besides a pixel value (0..255); "image:" takes a path.
 BASELINE_CHOICES = ("mean", "blur", "image:")
@@ -56,10 +56,9 @@ def gaussian_blur(images, sigma: float):
     k = (k / k.sum()).astype(np.float32)
     c = images.shape[-1]
     x = jnp.pad(images, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
-    for shape in ((2 * r + 1, 1, 1, c), (1, 2 * r + 1, 1, c)):
+    for shape in ((2 * r + 1, 1, c, 1), (1, 2 * r + 1, c, 1)):
         kern = jnp.asarray(np.broadcast_to(k.reshape(shape[:2] + (1, 1)), shape))
-        x = jax.lax.conv_general_dilated(x, kern, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         feature_group_count=c)
+        x = depthwise_conv(x, kern, padding="VALID")
     return x
 
 

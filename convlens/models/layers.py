@@ -15,9 +15,12 @@ format be loaded by position or by name without per-format tables.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -193,11 +196,97 @@ def _padding(cfg, layer, cls):
     return p.upper()
 
 
+# How grouped convolutions (depthwise ones included) are computed. ``native``: XLA's
+# grouped convolution. ``shifted``: one strided slice of the padded input per kernel tap,
+# multiplied and summed (an einsum over a group's channels when groups have several).
+# The numbers agree to float32 rounding; the speed does not: XLA:CPU lowers a grouped
+# convolution to a loop that MobileNetV2's forward pass spends most of its time in
+# (benchmarks/layers.py). The executor measures both per program (`lowering`), remembers
+# the choice and lets ``CONVLENS_LOWERING`` override it; elsewhere `DEFAULT_LOWERING`.
+LOWERINGS = ("shifted", "native")
+DEFAULT_LOWERING = "shifted"
+_LOWERING = contextvars.ContextVar("convlens_lowering", default=None)
+
+
+def current_lowering() -> str:
+    """The lowering of grouped convolutions traced now: the `lowering` context's, else
+    ``CONVLENS_LOWERING`` (when not ``auto``), else `DEFAULT_LOWERING`."""
+    name = _LOWERING.get()
+    if name is None:
+        env = os.environ.get("CONVLENS_LOWERING", "auto").strip().lower() or "auto"
+        name = DEFAULT_LOWERING if env == "auto" else env
+    if name not in LOWERINGS:
+        raise InvalidLayerError(f"CONVLENS_LOWERING={name!r}: choose auto or {', '.join(LOWERINGS)}")
+    return name
+
+
+@contextlib.contextmanager
+def lowering(name: str):
+    """Traces grouped convolutions with lowering ``name`` (one of `LOWERINGS`) inside the
+    block. A trace-time choice: a function jitted outside keeps the lowering it was traced
+    with, so use it around the trace (the executor jits one function per lowering)."""
+    if name not in LOWERINGS:
+        raise InvalidLayerError(f"lowering {name!r}: choose one of {', '.join(LOWERINGS)}")
+    token = _LOWERING.set(name)
+    try:
+        yield
+    finally:
+        _LOWERING.reset(token)
+
+
 def _conv(x, k, strides, padding, dilation, groups=1):
+    if groups > 1 and current_lowering() == "shifted":
+        return grouped_conv_shifted(x, k, strides, padding, dilation, groups)
     return lax.conv_general_dilated(
         x, k, window_strides=strides, padding=padding, rhs_dilation=dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
         )
+
+
+def grouped_conv_shifted(x, k, strides, padding, dilation, groups):
+    """A grouped convolution ``x [B, H, W, Cin]``, ``k [kh, kw, Cin / groups, Cout]`` (the
+    layout `lax.conv_general_dilated` takes with ``feature_group_count=groups``) as one
+    strided slice of the padded input per tap: ``sum_ij slice(x, i, j) * k[i, j]``
+    (depthwise), or an einsum over each group's channels per tap. ``padding``: "SAME",
+    "VALID" or explicit ``((lo, hi), (lo, hi))``. Returns ``[B, OH, OW, Cout]``."""
+    kh, kw, cg, cout = k.shape
+    b, h, w, cin = x.shape
+    (sh, sw), (dh, dw) = tuple(strides), tuple(dilation)
+    pads = lax.padtype_to_pads((h, w), ((kh - 1) * dh + 1, (kw - 1) * dw + 1), (sh, sw), padding) \
+        if isinstance(padding, str) else tuple(padding)
+    if any(p for pair in pads for p in pair):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    hp, wp = x.shape[1:3]
+    oh, ow = (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
+    m = cout // groups  # output channels per group
+    # Accumulate in float32 whatever the input's type (bfloat16 under --precision fast), as
+    # the native convolution does, and return the input's type.
+    acc_t = jnp.promote_types(x.dtype, jnp.float32)
+    if cg == 1:  # depthwise: output channel c*m + j reads input channel c
+        if m > 1:
+            x = jnp.repeat(x, m, axis=-1)
+        k = k.reshape(kh, kw, cout)
+    else:
+        k = k.reshape(kh, kw, cg, groups, m)
+    acc = None
+    for i in range(kh):
+        for j in range(kw):
+            patch = lax.slice(x, (0, i * dh, j * dw, 0),
+                              (b, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, x.shape[-1]), (1, sh, sw, 1))
+            if cg == 1:
+                term = patch.astype(acc_t) * k[i, j].astype(acc_t)
+            else:
+                term = jnp.einsum("bhwgc,cgm->bhwgm", patch.reshape(b, oh, ow, groups, cg), k[i, j],
+                                  preferred_element_type=acc_t).reshape(b, oh, ow, cout)
+            acc = term if acc is None else acc + term
+    return acc.astype(x.dtype)
+
+
+def depthwise_conv(x, k, strides=(1, 1), padding="SAME", dilation=(1, 1)):
+    """Depthwise convolution of ``x [B, H, W, C]`` with ``k [kh, kw, C, m]`` (Keras's
+    DepthwiseConv2D layout) in the current `lowering`: ``[B, OH, OW, C * m]``."""
+    kh, kw, cin, m = k.shape
+    return _conv(x, k.reshape(kh, kw, 1, cin * m), strides, padding, dilation, cin)
 
 
 def _axis_list(axis, layer, cls) -> tuple[int, ...]:
@@ -313,8 +402,7 @@ def _vars_depthwise(cfg, shapes):
 
 
 def _depthwise(x, k, cfg):
-    kh, kw, cin, m = k.shape
-    return _conv(x, k.reshape(kh, kw, 1, cin * m), cfg["strides"], cfg["padding"], cfg["dilation"], cin)
+    return depthwise_conv(x, k, cfg["strides"], cfg["padding"], cfg["dilation"])
 
 
 def _apply_depthwise(cfg, v, xs, logits=False, relu=jax.nn.relu):

@@ -29,6 +29,21 @@ def gap_net(classes=6):
     ], (16, 16, 3))
 
 
+def depthwise_net(classes=4):
+    """conv -> depthwise (x2, stride 2) -> grouped conv -> separable -> GAP -> dense: every
+    kind of grouped convolution the lowerings compute."""
+    return functional("dwnet", [
+        layer("Conv2D", "c1", "img", filters=8, kernel_size=[3, 3], padding="same", activation="relu"),
+        layer("DepthwiseConv2D", "dw", "c1", kernel_size=[3, 3], strides=[2, 2], padding="same", depth_multiplier=2,
+              activation="relu"),
+        layer("Conv2D", "g", "dw", filters=8, kernel_size=[3, 3], padding="valid", groups=4, activation="relu"),
+        layer("SeparableConv2D", "sep", "g", filters=6, kernel_size=[5, 5], padding="same", dilation_rate=[2, 2],
+              activation="relu"),
+        layer("GlobalAveragePooling2D", "gap", "sep"),
+        layer("Dense", "pred", "gap", units=classes, activation="softmax"),
+    ], (17, 17, 3))
+
+
 def mlp(classes=5):
     """flatten -> dense relu -> dense: small enough for a hand-written backward pass."""
     return functional("mlp", [

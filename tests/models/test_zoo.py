@@ -4,6 +4,11 @@ saved as .keras and read back by convlens: the logits and every layer's output a
 ``max|diff| <= 1e-4 * max(1, max|keras|)``. The built-in of the same name (built from
 convlens's data, no Keras) takes the same weights and gives the same logits.
 
+convlens runs grouped and depthwise convolutions in its default lowering (shifted
+multiply-adds); Keras on JAX runs them as XLA's grouped convolution, the native
+lowering, so the comparison checks one against the other layer by layer and end to end.
+Each grouped layer is also run in both lowerings on the same input.
+
 Inputs are reduced to the smallest size each architecture allows (the weights do not
 depend on it), two real photos each."""
 
@@ -13,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from convlens.models import keras_io, zoo
+from convlens.models import keras_io, layers, zoo
 from convlens.models.registry import MODELS, build_model
 from tests.conftest import photo_batch
 from tests.keras_helpers import assert_close, keras_outputs, randomize
@@ -58,10 +63,20 @@ def test_keras_applications_zoo(name, tmp_path):
     kmodel.save(path)
     model, params = keras_io.load_model_file(path)
     names = list(ref)
-    y, acts = jax.jit(lambda p, v: model.apply(p, v, layers=names))(params, x)
+    grouped = [n for n in model.graph.nodes
+               if n.cls in ("DepthwiseConv2D", "SeparableConv2D") or n.config.get("groups", 1) > 1]
+    feeding = [i for n in grouped for i in n.inputs if i != model.graph.input]
+    y, acts = jax.jit(lambda p, v: model.apply(p, v, layers=list(dict.fromkeys(names + feeding))))(params, x)
     for layer in names:
         assert_close(acts[layer], ref[layer], f"{name}: {layer}")
     assert_close(y, ref[names[-1]], f"{name}: logits")
+    for node in grouped:
+        xs = [x if i == model.graph.input else acts[i] for i in node.inputs]
+        outs = {}
+        for lowering in layers.LOWERINGS:
+            with layers.lowering(lowering):
+                outs[lowering] = node.layer_type.apply(node.config, params[node.name], xs)
+        assert_close(outs["shifted"], outs["native"], f"{name}: {node.name} in both lowerings")
     # The built-in, from convlens's own data, with the same weights: the same logits.
     builtin = build_model(name, input_shape=(size, size, 3)) if not MODELS[name].fixed_size else None
     if builtin is not None:
