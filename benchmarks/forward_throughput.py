@@ -25,11 +25,12 @@ sys.path.insert(0, str(HERE))
 from common import machine, best_time as _time, explain_fn, forward_fn, load_arrays as _arrays, torch_model, weights_file  # noqa: E402
 MODELS = {"vgg16": ((224, 224), (1, 8, 32)), "smallcnn": ((150, 150), (1, 8, 64)),
           "resnet50": ((224, 224), (1, 8, 32)), "mobilenet_v2": ((224, 224), (1, 8, 32)),
-          "efficientnet_b0": ((224, 224), (1, 8, 32))}
+          "efficientnet_b0": ((224, 224), (1, 8, 32)), "inception_v3": ((299, 299), (1, 8, 32)),
+          "convnext_tiny": ((224, 224), (1, 8, 32))}
 # Keras applications for the Keras-on-JAX rows, and the layer whose ReLU/activation output
 # Captum's LayerGradCam takes (Keras's default Grad-CAM layer: the last spatial one).
 KERAS_APPS = {"vgg16": "VGG16", "resnet50": "ResNet50", "mobilenet_v2": "MobileNetV2",
-              "efficientnet_b0": "EfficientNetB0"}
+              "efficientnet_b0": "EfficientNetB0", "inception_v3": "InceptionV3", "convnext_tiny": "ConvNeXtTiny"}
 
 
 def _probe(size):
@@ -200,6 +201,8 @@ def main():
     ap.add_argument("--what", default="forward", choices=["forward", "gradcam"])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--only", default="forward,gradcam", help="forward, gradcam or both (comma-separated)")
+    ap.add_argument("--rows", default="tuned,default,ynn-dot,keras,torch",
+                    help="which rows to measure: tuned, default, ynn-dot (convlens's XLA settings), keras, torch")
     ap.add_argument("--merge", action="store_true", help="add to the results file's models instead of replacing it")
     ap.add_argument("--out", help="JSON results (default: results/forward_throughput[_quick].json)")
     a = ap.parse_args()
@@ -217,13 +220,16 @@ def main():
     tuned_cache = tempfile.mkdtemp(prefix="convlens-bench-cache-")  # measured afresh in this run
     results = {"machine": machine(), "models": {}}
     for what in a.only.split(","):
-        configs = [("convlens", "convlens (tuned per computation)", {"CONVLENS_XLA": "auto",
-                                                                     "CONVLENS_CACHE": tuned_cache}),
-                   ("convlens", "convlens (XLA's default settings)", {"CONVLENS_XLA": "default"}),
-                   ("convlens", "convlens (YNNPACK dots only, 0.1's flag)", {"CONVLENS_XLA": "ynn-dot"})]
-        if what == "forward":
+        rows_wanted = set(a.rows.split(","))
+        configs = [c for key, c in (
+            ("tuned", ("convlens", "convlens (tuned per computation)", {"CONVLENS_XLA": "auto",
+                                                                       "CONVLENS_CACHE": tuned_cache})),
+            ("default", ("convlens", "convlens (XLA's default settings)", {"CONVLENS_XLA": "default"})),
+            ("ynn-dot", ("convlens", "convlens (YNNPACK dots only, 0.1's flag)", {"CONVLENS_XLA": "ynn-dot"})))
+            if key in rows_wanted]
+        if what == "forward" and "keras" in rows_wanted:
             configs.append(("keras-jax", "Keras 3 on JAX (XLA default flags)", {}))
-        if have_torch:
+        if have_torch and "torch" in rows_wanted:
             configs.append(("torch", "PyTorch channels_last (oneDNN)" if what == "forward" else
                             "Captum LayerGradCam (PyTorch channels_last)", {}))
         for model_name in a.models.split(","):

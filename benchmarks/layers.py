@@ -59,8 +59,9 @@ def signatures(model_names, per_type: int | None):
         shapes = model.output_shapes(1)
         count: dict[str, int] = {}
         for node in model.graph.nodes:
-            if node.cls in SKIP or node.kind in ("identity", "container", "input"):
-                continue
+            if node.cls in SKIP or node.kind in ("identity", "container", "input") or \
+                    (node.cls == "Activation" and node.config.get("activation") == "linear"):
+                continue  # nothing to compute (PyTorch returns its input as it is)
             ins = tuple(tuple(shapes[i][1:]) for i in node.inputs)
             sig = (node.cls, node.cfg, ins)
             if sig in out:

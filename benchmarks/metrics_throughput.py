@@ -131,7 +131,8 @@ def main():
     def quantus_explain(model, inputs, targets, **kw):
         return quantus.explain(model, inputs, targets, method="Saliency", **kw)
 
-    res = {"machine": machine(), "model": "vgg16 224x224", "images": n, "steps": STEPS, "samples": SAMPLES, "xla": xla,
+    res = {"machine": machine(), "model": "vgg16 224x224", "images": n, "steps": STEPS, "samples": SAMPLES,
+           "xla": f"{xla.choice}/{xla.lowering}",
            "families": {}}
     only = set(filter(None, a.only.split(",")))
     for fam, items in families(3, hw).items():

@@ -61,6 +61,78 @@ def forward() -> str | None:
     return "\n".join(out).rstrip()
 
 
+def layers(worst: int | None = None) -> str | None:
+    """Per layer type (benchmarks/layers.py): the worst forward and backward ratio to
+    PyTorch over its shapes and batches, and where it is; ``worst``: only that many types,
+    the worst first (the README's summary)."""
+    res = load("layers")
+    if not res:
+        return None
+    by_type: dict[str, list] = {}
+    for r in res["rows"]:
+        by_type.setdefault(r["type"], []).append(r)
+    stats = []
+    for t, rows in by_type.items():
+        f = min(rows, key=lambda r: r["ratio_forward"])
+        b = min(rows, key=lambda r: r["ratio_backward"])
+        med_f = sorted(r["ratio_forward"] for r in rows)[len(rows) // 2]
+        med_b = sorted(r["ratio_backward"] for r in rows)[len(rows) // 2]
+        stats.append((min(f["ratio_forward"], b["ratio_backward"]), t, len(rows), f, b, med_f, med_b))
+    stats.sort(key=lambda s: s[0])
+    if worst:
+        stats = stats[:worst]
+    out = [machine_line(res), "",
+           "| layer type | shapes x batches | forward: median, worst (where) | backward: median, worst (where) |",
+           "|---|---|---|---|"]
+    for _, t, n, f, b, mf, mb in stats:
+        out.append(f"| {t} | {n} | {mf:.2f}x, {f['ratio_forward']:.2f}x ({f['model']} {f['shape']}, b{f['batch']}) | "
+                   f"{mb:.2f}x, {b['ratio_backward']:.2f}x ({b['model']} {b['shape']}, b{b['batch']}) |")
+    grouped = [r for r in res["rows"] if "shifted" in r]
+    if grouped and not worst:
+        gain_f = sorted(r["native"]["forward"] / r["shifted"]["forward"] for r in grouped)
+        gain_b = sorted(r["native"]["backward"] / r["shifted"]["backward"] for r in grouped)
+        out += ["", f"Grouped and depthwise convolutions, shifted multiply-adds against XLA's grouped "
+                    f"convolution ({len(grouped)} shapes x batches): forward {gain_f[0]:.2f}-{gain_f[-1]:.2f}x "
+                    f"(median {gain_f[len(gain_f) // 2]:.2f}x), backward {gain_b[0]:.2f}-{gain_b[-1]:.2f}x "
+                    f"(median {gain_b[len(gain_b) // 2]:.2f}x); the ratios above use the faster of the two."]
+    return "\n".join(out)
+
+
+def model_summary() -> str | None:
+    """The README's model table: convlens (tuned) against the PyTorch twin per model, the
+    range over batch sizes, forward and Grad-CAM."""
+    res = load("forward_throughput")
+    if not res:
+        return None
+    tuned = "convlens (tuned per computation)"
+    out = [machine_line(res), "", "| model | forward, x PyTorch | Grad-CAM, x Captum / the PyTorch twin |", "|---|---|---|"]
+    names = dict.fromkeys(k.split("/")[0] for k in res["models"])
+
+    def span(key):
+        r = res["models"].get(key)
+        if not r or tuned not in r["images_per_s"]:
+            return "-"
+        base, mine = r["images_per_s"][r["baseline"]], r["images_per_s"][tuned]
+        q = [mine[str(b)] / base[str(b)] for b in r["batches"]]
+        return f"{min(q):.2f}-{max(q):.2f}x (batch {', '.join(map(str, r['batches']))})"
+    for name in names:
+        out.append(f"| {name} | {span(name)} | {span(name + '/gradcam')} |")
+    return "\n".join(out)
+
+
+def incremental_curves() -> str | None:
+    res = load("incremental_curves")
+    if not res:
+        return None
+    out = [machine_line(res), "", f"| model, {res['images']} images | metric | full re-inference | incremental | speed-up |",
+           "|---|---|---|---|---|"]
+    for model, r in res["models"].items():
+        for metric, m in r["metrics"].items():
+            out.append(f"| {model} | {metric} | {m['full_s']:.2f} s | {m['incremental_s']:.2f} s | "
+                       f"{m['speedup']:.2f}x |")
+    return "\n".join(out)
+
+
 def explain() -> str | None:
     res = load("explain_throughput")
     if not res:

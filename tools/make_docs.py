@@ -101,7 +101,9 @@ def benchmark(name: str):
               "metrics": readme_tables.metrics_cost, "callback": readme_tables.callback,
               "shared": readme_tables.shared, "quality": readme_tables.quality,
               "perturbation": readme_tables.perturbation, "video": readme_tables.video,
-              "precision": readme_tables.precision}[name]
+              "precision": readme_tables.precision, "layers": readme_tables.layers,
+              "incremental": readme_tables.incremental_curves, "readme-models": readme_tables.model_summary,
+              "readme-layers": lambda: readme_tables.layers(worst=6)}[name]
         return fn() or "(not measured yet)"
     return table
 
@@ -117,7 +119,9 @@ BLOCKS = [
     ("audits.md", "flag-rules", flag_rules),
     *[("benchmarks.md", f"{n}-table", benchmark(n)) for n in (
         "forward", "explain", "occlusion", "perturbation", "video", "ascent", "engine", "callback", "metrics",
-        "shared", "quality", "precision")],
+        "shared", "quality", "precision", "layers", "incremental")],
+    ("../README.md", "readme-models", benchmark("readme-models")),
+    ("../README.md", "readme-layers", benchmark("readme-layers")),
 ]
 
 

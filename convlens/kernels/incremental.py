@@ -69,16 +69,37 @@ class Stage:
     fill: float = 0.0
 
 
-def chain(model: Model) -> list:
-    """The model's layers as a sequential chain, or a clear error."""
+def chain(model: Model, prefix: bool = False) -> list:
+    """The model's layers as a sequential chain, or a clear error. ``prefix``: instead of
+    an error, the longest sequential run of layers from the input after which the rest
+    of the network reads nothing but the run's last layer (ResNet50: its stem, up to
+    ``pool1_pool``), so the rest can be run from that layer (`Model.head`)."""
     nodes = model.graph.nodes
-    for prev, node in zip(nodes, nodes[1:]):
+    for k, (prev, node) in enumerate(zip(nodes, nodes[1:])):
         if node.inputs != (prev.name,):
+            if prefix:
+                return _cut(nodes, k)
             raise ConvlensError(
                 f"incremental occlusion needs a sequential chain of layers (VGG, the small convnet); in "
                 f"{model.name!r}, layer {node.name!r} ({node.cls}) takes {', '.join(node.inputs) or 'no input'} "
                 f"instead of {prev.name!r}: run occlusion without incremental")
     return list(nodes[1:])
+
+
+def _cut(nodes, end: int) -> list:
+    """``nodes[1 : k + 1]`` for the largest ``k <= end`` such that no node after ``k``
+    reads a node before it."""
+    pos = {n.name: i for i, n in enumerate(nodes)}
+    last_read = [0] * len(nodes)
+    for i, n in enumerate(nodes):
+        for name in n.inputs:
+            last_read[pos[name]] = max(last_read[pos[name]], i)
+    best, reach = 0, 0
+    for k in range(1, end + 1):
+        reach = max(reach, last_read[k - 1])  # the latest reader of any node before k
+        if reach <= k:
+            best = k
+    return list(nodes[1:best + 1])
 
 
 def _window_params(node, in_hw):
@@ -101,9 +122,10 @@ def _affected(a, r_in, k, s, lo, d_out):
     return o_lo, o_hi
 
 
-def plan(model: Model, size: tuple[int, int], window: tuple[int, int], starts_y, starts_x, tau: float = 1.0):
+def plan(model: Model, size: tuple[int, int], window: tuple[int, int], starts_y, starts_x, tau: float = 1.0,
+         prefix: bool = False):
     """The stages run incrementally for patches at ``starts`` (every (y, x) pair, row-major),
-    and the layer after which the full computation takes over.
+    and the layer after which the full computation takes over (``prefix``: see `chain`).
 
     Returns:
       ``(stages, input_region, input_offsets)``.
@@ -117,7 +139,7 @@ def plan(model: Model, size: tuple[int, int], window: tuple[int, int], starts_y,
     region = r0
     stages = []
     prev_hw = (h, w)
-    for node in chain(model):
+    for node in chain(model, prefix):
         out_shape = shapes[node.name]
         if len(out_shape) != 4:
             break
@@ -256,6 +278,81 @@ def incremental_logits(model: Model, params, images, base, cfg, rows: np.ndarray
         return model.head(params, full, last, logits=True).reshape(b, per_, -1)
 
     return common.map_steps(step, idx, per)
+
+
+def patch_grid(h: int, w: int, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``p x p`` patch grid the curve metrics remove (Quantus's placement: the image
+    padded by ``(pad // 2, pad - pad // 2)`` to a multiple of ``p``): ``(index [H, W]``,
+    row starts, column starts); patch ``gy * nx + gx`` starts at ``(starts_y[gy],
+    starts_x[gx])``, possibly before the image (it is cut at the border)."""
+    ph, pw = (-h) % p, (-w) % p
+    gy, gx = (np.arange(h) + ph // 2) // p, (np.arange(w) + pw // 2) // p
+    nx = (w + pw) // p
+    return gy[:, None] * nx + gx[None, :], np.arange((h + ph) // p) * p - ph // 2, np.arange(nx) * p - pw // 2
+
+
+def patch_curve(model: Model, params, images, fill, order, patch: int):
+    """Logits of the images after each step of cumulative patch removal: at step ``s``
+    patch ``order[:, s]`` of the `patch_grid` (with every patch of earlier steps) shows
+    ``fill``. ``images [B, H, W, C]`` pixels, ``fill [B, 1, 1, 1]`` or ``[B, H, W, C]``,
+    ``order [B, S]`` int -> ``[B, S, K]``.
+
+    Step ``s`` differs from step ``s - 1`` only inside one patch, so each step recomputes
+    only that patch's cone in each layer (`plan`, as incremental occlusion), on top of the
+    previous step's maps, which the loop carries: for each windowed layer its padded input,
+    and the map where the full computation takes over. Exact: equal to running the whole
+    model on each step's image, to float32 rounding."""
+    b, h, w, _ = images.shape
+    idx, sy, sx = patch_grid(h, w, patch)
+    stages, r0, off0 = plan(model, (h, w), (patch, patch), sy, sx, prefix=True)
+    # Which pixels of the input region each patch covers ([P, r0y, r0x]; the region is
+    # the patch moved inside the image, so it may hold pixels of its neighbours).
+    rmask = np.stack([idx[oy:oy + r0[0], ox:ox + r0[1]] == t for t, (oy, ox) in enumerate(off0)])
+    x = model.preprocess(images)
+    names = [st.name for st in stages]
+    _, acts = model.apply(params, x, layers=names)
+    state = {"x": x}
+    prev = x
+    for st in stages:
+        if st.kind == "window":
+            state[st.name] = jnp.pad(prev, ((0, 0), *st.pads, (0, 0)), constant_values=st.fill)
+        prev = acts[st.name]
+    last = names[-1] if names else None
+    if last is not None:
+        state["last"] = acts[last]
+    full_fill = jnp.broadcast_to(model.preprocess(fill), x.shape)  # the fill in the model's input space
+
+    def crop(a, at, size):
+        return jax.vmap(lambda img, q: lax.dynamic_slice(img, (q[0], q[1], 0), (*size, img.shape[-1])))(a, at)
+
+    def paste(a, v, at):
+        return jax.vmap(lambda img, u, q: lax.dynamic_update_slice(img, u, (q[0], q[1], 0)))(a, v, at)
+
+    off0_j, rmask_j = jnp.asarray(off0), jnp.asarray(rmask)
+    offs = {st.name: jnp.asarray(st.offsets) for st in stages}
+    cst = {st.name: jnp.asarray(st.canvas_starts + np.asarray(st.margin_lo)) for st in stages if st.kind == "window"}
+
+    def step(state, t):  # t [B]: the patch each item loses at this step
+        state = dict(state)
+        o = off0_j[t]
+        region = jnp.where(rmask_j[t][..., None], crop(full_fill, o, r0), crop(state["x"], o, r0))
+        state["x"] = paste(state["x"], region, o)
+        at = o
+        for st in stages:
+            if st.kind == "pointwise":
+                region = _pointwise_apply(model, params, st.name, region)
+            elif st.kind == "window":
+                lo = jnp.asarray([st.pads[0][0], st.pads[1][0]])
+                state[st.name] = paste(state[st.name], region, at + lo)
+                region = _valid_apply(model, params, st.name, crop(state[st.name], cst[st.name][t], st.window))
+            at = offs[st.name][t]
+        if last is None:
+            return state, model.apply(params, state["x"], logits=True)[0]
+        state["last"] = paste(state["last"], region, at)
+        return state, model.head(params, state["last"], last, logits=True)
+
+    _, logits = lax.scan(step, state, jnp.asarray(order).T)
+    return jnp.moveaxis(logits, 0, 1)
 
 
 def describe(model: Model, size, cfg, rows, cols) -> list[tuple[str, tuple[int, int], tuple[int, ...]]]:

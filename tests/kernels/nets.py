@@ -7,8 +7,9 @@ from convlens.models.preprocess import Preprocess
 
 def layer(cls, name, inbound, **cfg):
     cfg["name"] = name
+    ins = [] if inbound is None else [inbound] if isinstance(inbound, str) else list(inbound)
     return {"class_name": cls, "name": name, "config": cfg,
-            "inbound_nodes": [] if inbound is None else [[[inbound, 0, 0, {}]]]}
+            "inbound_nodes": [[[i, 0, 0, {}] for i in ins]] if ins else []}
 
 
 def functional(name, layers, size):

@@ -21,6 +21,24 @@ import jax.numpy as jnp
 BASELINES = ("black", "white", "mean", "uniform")
 
 
+class Scorer:
+    """A model's ``score``: ``images [N, H, W, C]`` (pixels) -> ``[N, K]`` logits, or
+    (``softmax``) the probabilities the model reports. Metrics call it like any scoring
+    function; those whose steps change one patch at a time also use the model inside
+    (`convlens.kernels.incremental.patch_curve`) and `finish` its logits."""
+
+    def __init__(self, model, params, softmax: bool):
+        self.model, self.params, self.softmax = model, params, softmax
+
+    def finish(self, logits):
+        from convlens.kernels.common import probabilities
+        return probabilities(self.model, logits) if self.softmax else logits
+
+    def __call__(self, images):
+        from convlens.kernels.common import forward_logits
+        return self.finish(forward_logits(self.model, self.params, images))
+
+
 def prepare(a, abs_: bool, normalise: bool):
     """Quantus's map preparation: ``|a|`` if ``abs_``, then divided by ``max |a|`` per
     map if ``normalise`` (a map of zeros is left alone). ``a [B, H, W]``."""

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from convlens.config import Config, option
-from convlens.kernels.metrics.base import (BASELINES, baseline_value, need_keys, pearson, per_item, pixel_order,
+from convlens.kernels.incremental import patch_curve, patch_grid
+from convlens.kernels.metrics.base import (BASELINES, Scorer, baseline_value, need_keys, pearson, per_item, pixel_order,
                                            prepare, ranks_of, scan_steps, spearman_rows, sub_keys, target_score,
                                            trapezoid)
 from convlens.kernels.metrics.spec import HIGHER, LOWER, MetricSpec
@@ -50,16 +51,14 @@ def pixel_flipping(score, x, a, y, *, features_in_step=0, steps=64, baseline="bl
 
 def _patches(h, w, p):
     """Patch index of each pixel ``[H, W]`` on a grid of ``p x p`` patches placed as
-    Quantus places them (the image padded by ``(pad // 2, pad - pad // 2)`` to a multiple
-    of ``p``), and the patch count."""
-    ph, pw = (-h) % p, (-w) % p
-    gy = (jnp.arange(h) + ph // 2) // p
-    gx = (jnp.arange(w) + pw // 2) // p
-    nx = (w + pw) // p
-    return gy[:, None] * nx + gx[None, :], ((h + ph) // p) * nx
+    Quantus places them (`incremental.patch_grid`), and the patch count."""
+    idx, sy, sx = patch_grid(h, w, p)
+    return jnp.asarray(idx), len(sy) * len(sx)
 
 
 def _patch_order(a, p, order, keys):
+    """``(rank [B, H, W]``: the step at which each pixel's patch goes, ``ordering [B, n]``:
+    the patch removed at each step, ``n)``."""
     b, h, w = a.shape
     idx, n = _patches(h, w, p)
     sums = jax.vmap(lambda m: jax.ops.segment_sum(m.ravel(), idx.ravel(), num_segments=n))(a)
@@ -68,33 +67,44 @@ def _patch_order(a, p, order, keys):
     else:
         ordering = jnp.argsort(-sums if order == "morf" else sums, axis=1, stable=True)
     rank = ranks_of(ordering)  # [B, n]: when each patch goes
-    return rank[:, idx], n  # [B, H, W]
+    return rank[:, idx], ordering, n
+
+
+def _patch_removal(score, x, y, rank, ordering, steps, base, p, incremental):
+    """The target's score after each of the first ``steps`` cumulative patch removals
+    ``[B, steps]``: incrementally (each step's patch cone only, `patch_curve`) where the
+    score is a model's and ``incremental``, else the whole model on each step's image."""
+    if incremental and isinstance(score, Scorer):
+        logits = patch_curve(score.model, score.params, x, base, ordering[:, :steps], p)
+        return jnp.take_along_axis(score.finish(logits), y[:, None, None], axis=2)[..., 0]
+    return scan_steps(score, lambda s: jnp.where((rank <= s)[..., None], base, x), steps, y)
 
 
 def region_perturbation(score, x, a, y, *, patch_size=8, order="morf", regions_evaluation=100, baseline="black",
-                        abs=False, normalise=True, keys=None):
+                        abs=False, normalise=True, incremental=True, keys=None):
     """Region perturbation (Samek et al. 2015): ``patch_size`` squares are replaced by the
     baseline in the order of their summed relevance (``morf``: most relevant first,
     ``lerf``, ``random``), cumulatively, ``regions_evaluation`` of them. ``curve`` is the
     drop ``f(x) - f(x_s)`` after each step, as Quantus; ``score`` its mean (higher is
     more faithful for ``morf``)."""
     a = prepare(a, abs, normalise)
-    rank, n = _patch_order(a, patch_size, order, keys)
+    rank, ordering, n = _patch_order(a, patch_size, order, keys)
     steps = min(regions_evaluation, n)
     base = baseline_value(x, baseline, keys)
     f0 = target_score(score, x, y)
-    curve = f0[:, None] - scan_steps(score, lambda s: jnp.where((rank <= s)[..., None], base, x), steps, y)
+    curve = f0[:, None] - _patch_removal(score, x, y, rank, ordering, steps, base, patch_size, incremental)
     return {"curve": curve, "score": curve.mean(axis=1)}
 
 
-def selectivity(score, x, a, y, *, patch_size=8, baseline="black", abs=False, normalise=True, keys=None):
+def selectivity(score, x, a, y, *, patch_size=8, baseline="black", abs=False, normalise=True, incremental=True,
+                keys=None):
     """Selectivity (Montavon et al. 2018): patches removed most relevant first, all of
     them; ``curve`` the target's score after each removal (as Quantus) and ``score`` its
     area with unit spacing over ``S - 1`` (lower is more faithful)."""
     a = prepare(a, abs, normalise)
-    rank, n = _patch_order(a, patch_size, "morf", keys)
+    rank, ordering, n = _patch_order(a, patch_size, "morf", keys)
     base = baseline_value(x, baseline, keys)
-    curve = scan_steps(score, lambda s: jnp.where((rank <= s)[..., None], base, x), n, y)
+    curve = _patch_removal(score, x, y, rank, ordering, n, base, patch_size, incremental)
     return {"curve": curve, "score": trapezoid(curve) / max(n - 1, 1)}
 
 
@@ -247,7 +257,7 @@ def irof(score, x, a, y, segments, n_segments, *, baseline="mean", abs=False, no
 
 
 def infidelity(score, x, a, y, *, patch_sizes=(4,), n_perturb_samples=10, noise=0.0, abs=False, normalise=False,
-               keys=None):
+               incremental=True, keys=None):
     """Infidelity (Yeh et al. 2019): ``E[(sum(a * I) - (f(x) - f(x - I)))^2]`` over
     perturbations ``I``. As Quantus: each ``p x p`` patch of a grid in turn is set to
     the image's minimum (so ``I = x - x_s``) and the squared errors averaged over patches,
@@ -268,11 +278,8 @@ def infidelity(score, x, a, y, *, patch_sizes=(4,), n_perturb_samples=10, noise=
                 draws = per_item(sub_keys(need_keys(keys, "infidelity with noise"), r),
                                  lambda k: jax.random.normal(k, x.shape[1:]))
                 fill = fill + noise * draws
-
-            def make(s, idx=idx, fill=fill):
-                return jnp.where((idx <= s)[None, ..., None], fill, x)
-
-            fs = scan_steps(score, make, n, y)  # [B, n]
+            grid_order = jnp.broadcast_to(jnp.arange(n), (b, n))  # patches go in grid order, cumulatively
+            fs = _patch_removal(score, x, y, idx[None], grid_order, n, fill, p, incremental)  # [B, n]
 
             def attr_sum(s, idx=idx, fill=fill):
                 xs = jnp.where((idx <= s)[None, ..., None], fill, x)
@@ -488,6 +495,8 @@ class RegionPerturbationConfig(Config):
       baseline: what removed regions show (black, white, mean, uniform or a pixel value).
       abs: take the map's absolute value first.
       normalise: divide each map by its largest absolute value first.
+      incremental: recompute only each step's patch cone on the previous step's maps (exact;
+        false: run the whole model on every step's image).
       softmax: score probabilities (false: logits).
     """
 
@@ -497,6 +506,7 @@ class RegionPerturbationConfig(Config):
     baseline: str | float = option("black", **_BASELINE)
     abs: bool = False
     normalise: bool = True
+    incremental: bool = True
     softmax: bool = True
 
     _owner = "region_perturbation"
@@ -511,6 +521,8 @@ class SelectivityConfig(Config):
       baseline: what removed regions show (black, white, mean, uniform or a pixel value).
       abs: take the map's absolute value first.
       normalise: divide each map by its largest absolute value first.
+      incremental: recompute only each step's patch cone on the previous step's maps (exact;
+        false: run the whole model on every step's image).
       softmax: score probabilities (false: logits).
     """
 
@@ -518,6 +530,7 @@ class SelectivityConfig(Config):
     baseline: str | float = option("black", **_BASELINE)
     abs: bool = False
     normalise: bool = True
+    incremental: bool = True
     softmax: bool = True
 
     _owner = "selectivity"
@@ -698,6 +711,8 @@ class InfidelityConfig(Config):
       noise: std of Gaussian noise added to each sample's fill (0: Quantus's fixed fill).
       abs: take the map's absolute value first.
       normalise: divide each map by its largest absolute value first.
+      incremental: recompute only each step's patch cone on the previous step's maps (exact;
+        false: run the whole model on every step's image).
       softmax: score probabilities (false: logits).
     """
 
@@ -706,6 +721,7 @@ class InfidelityConfig(Config):
     noise: float = option(0.0, min=0)
     abs: bool = False
     normalise: bool = False
+    incremental: bool = True
     softmax: bool = False
 
     _owner = "infidelity"

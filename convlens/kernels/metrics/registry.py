@@ -110,13 +110,12 @@ def batch_inputs(needs, *, model=None, params=None, method=None, method_cfg=None
     """What metrics with ``needs`` take on one batch (see `NEEDS`), built from the model,
     the method (a `MethodSpec` and its config; its maps re-run with the batch's keys) and
     the batch's arrays. Pure: traced into one program per batch."""
-    from convlens.kernels import common
+    from convlens.kernels.metrics.base import Scorer
     needs = set(needs)
     out = {"x": x, "y": y, "a": a, "masks": masks, "segments": segments, "n_segments": int(n_segments),
            "num_classes": int(num_classes), "params": params, "fresh": fresh, "layers": tuple(layers)}
     if {"score", "predicted"} & needs:
-        out["logits"] = lambda im: common.forward_logits(model, params, im)
-        out["probs"] = lambda im: common.probabilities(model, out["logits"](im))
+        out["logits"], out["probs"] = Scorer(model, params, False), Scorer(model, params, True)
         if "predicted" in needs:
             out["predicted"] = jnp.argmax(out["logits"](x), axis=-1)
     if {"explain", "explain_with", "explain_shifted"} & needs:
