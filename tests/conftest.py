@@ -18,7 +18,8 @@ os.environ.setdefault("CONVLENS_XLA", "default")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="convlens-test-xla-")
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    # Only programs worth keeping: Keras compiles thousands of tiny initialisers.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import numpy as np  # noqa: E402

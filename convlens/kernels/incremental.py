@@ -302,7 +302,7 @@ def patch_curve(model: Model, params, images, fill, order, patch: int):
     previous step's maps, which the loop carries: for each windowed layer its padded input,
     and the map where the full computation takes over. Exact: equal to running the whole
     model on each step's image, to float32 rounding."""
-    b, h, w, _ = images.shape
+    _, h, w, _ = images.shape
     idx, sy, sx = patch_grid(h, w, patch)
     stages, r0, off0 = plan(model, (h, w), (patch, patch), sy, sx, prefix=True)
     # Which pixels of the input region each patch covers ([P, r0y, r0x]; the region is

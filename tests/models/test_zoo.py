@@ -29,10 +29,15 @@ keras = pytest.importorskip("keras")
 MIN_SIZE = {"inception_v3": 75, "inception_resnet_v2": 75, "xception": 71, "nasnet_mobile": 32,
             "nasnet_large": 32}
 NAMES = [n for n in zoo.names()]
-# The big ones run, but last, so a failure in a small one shows first.
-BIG = ("convnext_xlarge", "convnext_large", "efficientnet_v2_l", "nasnet_large", "efficientnet_b7",
-       "resnet152_v2", "resnet152", "efficientnet_v2_m", "efficientnet_b6")
-NAMES = [n for n in NAMES if n not in BIG] + [n for n in BIG if n in NAMES]
+# The default run covers one architecture per keras.applications builder (every layer type
+# and block the zoo has); the other 26, the same builders at other widths and depths, are
+# marked `huge` and left out of the default run (pyproject's addopts), since together they
+# took most of the suite's time: `pytest -m huge tests/models/test_zoo.py` runs them.
+DEFAULT = ("convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_b0", "inception_resnet_v2",
+           "inception_v3", "mobilenet", "mobilenet_v2", "mobilenet_v3_small", "nasnet_mobile", "resnet50",
+           "resnet50_v2", "vgg16", "xception")
+NAMES = [n for n in NAMES if n in DEFAULT] + [pytest.param(n, marks=pytest.mark.huge) for n in NAMES
+                                             if n not in DEFAULT]
 
 
 @pytest.fixture(autouse=True)
