@@ -216,4 +216,6 @@ def use_compile_cache() -> None:
         return
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache_root() / "xla-programs")
+        # JAX bounds the cache only with filelock installed (a dependency): without it,
+        # every read of the cache warns and fails.
         os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(1 << 30))
