@@ -402,16 +402,15 @@ def _choose(jits: Callable[[str, str], Any], args, label: str, tune: bool) -> tu
         return jits("default", low), Tuning("default", {}, "fixed", low)
     if mode != "auto" and low_mode != "auto":
         return jits(mode, low), Tuning(mode, {}, "fixed", low)
-    first = jits("default", low)
-    text = first.lower(*args).as_text()
+    xla0 = "default" if mode == "auto" else mode
+    first = jits(xla0, low)
+    text = first.lower(*args).as_text()  # the program; the XLA options do not change it
     fingerprint = hashlib.sha256((_machine() + "\n" + text).encode()).hexdigest()
     known = _read_choices().get(fingerprint)
     if known and known.get("choice") in CPU_CANDIDATES and known.get("lowering", low) in LOWERINGS:
         xla = known["choice"] if mode == "auto" else mode
         lo = known.get("lowering", low) if low_mode == "auto" else low_mode
         return jits(xla, lo), Tuning(xla, known.get("seconds", {}), "remembered", lo)
-    xla0 = "default" if mode == "auto" else mode
-    first = jits(xla0, low)
     if not tune:
         return first, Tuning(xla0, {}, "not measured (one-off work)", low)
     jax.block_until_ready(first(*args))  # the warm-up every computation needs anyway
