@@ -8,7 +8,7 @@ Keras class, options and input shape — and each distinct signature is timed on
 one jitted layer (the layer's own `apply`, the code the models run) and as the layer of
 the PyTorch twin (`tests/torch_twin.py`: the same operation, the same weights). Layers
 with more than one lowering (`convlens.models.layers.LOWERINGS`: grouped and depthwise
-convolutions) are timed in each; a layer's convlens time is its best lowering (what the
+convolutions, and convolutions of few input channels) are timed in each; a layer's convlens time is its best lowering (what the
 executor's measurement picks), and the table also shows the native one.
 
 Ratios are PyTorch's time over convlens's (above 1: convlens is faster), measured in the
@@ -49,9 +49,10 @@ def _best(fn, reps):
     return best
 
 
-def signatures(model_names, per_type: int | None):
+def signatures(model_names, per_type: int | None, classes=None):
     """``{signature: (model, node, input shapes)}``: one entry per distinct (class, options,
-    input shapes) over the models, at most ``per_type`` per class and model."""
+    input shapes) over the models, at most ``per_type`` per class and model (of ``classes``
+    only, when given)."""
     from convlens.models.registry import build_model
     out = {}
     for name in model_names:
@@ -59,7 +60,7 @@ def signatures(model_names, per_type: int | None):
         shapes = model.output_shapes(1)
         count: dict[str, int] = {}
         for node in model.graph.nodes:
-            if node.cls in SKIP or node.kind in ("identity", "container", "input") or \
+            if node.cls in SKIP or (classes and node.cls not in classes) or node.kind in ("identity", "container", "input") or \
                     (node.cls == "Activation" and node.config.get("activation") == "linear"):
                 continue  # nothing to compute (PyTorch returns its input as it is)
             ins = tuple(tuple(shapes[i][1:]) for i in node.inputs)
@@ -148,6 +149,7 @@ def main():
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--per-type", type=int, default=None, help="at most this many shapes per layer class and model")
+    ap.add_argument("--classes", help="only these Keras layer classes, comma-separated (e.g. Conv2D)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", help="JSON results (default: results/layers[_quick].json)")
     a = ap.parse_args()
@@ -156,21 +158,27 @@ def main():
     a.out = a.out or str(HERE / "results" / ("layers_quick.json" if a.quick else "layers.json"))
     import torch
     torch.set_num_threads(2)
-    from convlens.models.layers import LOWERINGS
-    sigs = signatures(a.models.split(","), a.per_type)
+    from convlens.models.layers import IM2COL_MAX_CHANNELS
+    sigs = signatures(a.models.split(","), a.per_type, a.classes.split(",") if a.classes else None)
     print(f"{len(sigs)} distinct layers", flush=True)
     rows = []
     for (cls, _cfg, _ins), (mname, model, node, ins) in sigs.items():
-        grouped = cls in ("DepthwiseConv2D", "SeparableConv2D") or node.config.get("groups", 1) > 1
+        # The lowerings that trace this layer differently (`convlens.models.layers.LOWERINGS`).
+        if cls in ("DepthwiseConv2D", "SeparableConv2D") or node.config.get("groups", 1) > 1:
+            lowerings = ("shifted", "native")
+        elif cls == "Conv2D" and ins[0][-1] <= IM2COL_MAX_CHANNELS:
+            lowerings = ("im2col", "native")
+        else:
+            lowerings = ("native",)
         for b in map(int, a.batches.split(",")):
             row = {"model": mname, "layer": node.name, "type": cls, "shape": layer_label(node, ins), "batch": b}
             tf, tb, ref = time_torch(model, node, ins, b, a.reps)
             row["torch"] = {"forward": tf, "backward": tb}
-            for lo in (LOWERINGS if grouped else ("native",)):
+            for lo in lowerings:
                 f, bk, out = time_convlens(model, node, ins, b, a.reps, lo)
                 err = float(abs(out - ref).max() / max(abs(ref).max(), 1e-12))
                 row[lo] = {"forward": f, "backward": bk, "rel_err": err}
-            best = min((lo for lo in LOWERINGS if lo in row), key=lambda lo: row[lo]["forward"] + row[lo]["backward"])
+            best = min(lowerings, key=lambda lo: row[lo]["forward"] + row[lo]["backward"])
             row["best"] = best
             row["ratio_forward"] = tf / row[best]["forward"]
             row["ratio_backward"] = tb / row[best]["backward"]

@@ -215,7 +215,7 @@ def test_xla_options_are_measured_once_remembered_and_change_no_number(monkeypat
 
 
 def test_lowerings_are_measured_with_the_options_remembered_overridable_and_agree(monkeypatch, tmp_path):
-    """Grouped convolutions have two lowerings (`layers.LOWERINGS`): measured first with
+    """Convolutions have three lowerings (`layers.LOWERINGS`): measured first with
     XLA's default options, then the options with the faster lowering; remembered; fixed by
     CONVLENS_LOWERING; identical numbers to float32 rounding."""
     from convlens.models import layers
@@ -254,9 +254,9 @@ def test_lowerings_are_measured_with_the_options_remembered_overridable_and_agre
     monkeypatch.setenv("CONVLENS_LOWERING", "shifted")
     t = fn.tuning(params, {"x": x}, keys)
     assert (t.source, t.choice, t.lowering) == ("remembered", "ynn-off", "shifted")
-    monkeypatch.setenv("CONVLENS_LOWERING", "im2col")
+    monkeypatch.setenv("CONVLENS_LOWERING", "winograd")
     executor.clear_cache()
-    with pytest.raises(convlens.ConvlensError, match="CONVLENS_LOWERING='im2col': choose auto or shifted, native"):
+    with pytest.raises(convlens.ConvlensError, match="CONVLENS_LOWERING='winograd': choose auto or shifted, im2col, native"):
         fn.tuning(params, {"x": x}, keys)
     monkeypatch.setenv("CONVLENS_LOWERING", "auto")
     executor.clear_cache()
@@ -270,10 +270,19 @@ def test_lowerings_are_measured_with_the_options_remembered_overridable_and_agre
         grads.append(np.asarray(g))
     texts = {name: fn.jitted("default", name).lower(params, {"x": x}, keys).as_text() for name in layers.LOWERINGS}
     assert texts["shifted"] != texts["native"] and "feature_group_count = 4" in texts["native"]
-    for k in outs[0][1]:
-        np.testing.assert_allclose(outs[1][1][k], outs[0][1][k], rtol=1e-5, atol=1e-5, err_msg=k)
-    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    # im2col changes only the first convolution's gradient: a forward pass traces as shifted
+    # (so it was not raced above), a gradient does not.
+    assert texts["im2col"] == texts["shifted"]
+    def gradient_text(name):
+        with layers.lowering(name):
+            return jax.jit(jax.grad(lambda z: model.apply(params, z, logits=True)[0].sum())).lower(
+                model.preprocess(jnp.asarray(x))).as_text()
+    assert gradient_text("im2col") != gradient_text("shifted")
+    for i in range(1, len(outs)):
+        for k in outs[0][1]:
+            np.testing.assert_allclose(outs[i][1][k], outs[-1][1][k], rtol=1e-5, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(outs[i][0], outs[-1][0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(grads[i], grads[-1], rtol=1e-4, atol=1e-6)
     executor.clear_cache()
 
 

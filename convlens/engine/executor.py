@@ -282,8 +282,8 @@ def xla_mode() -> str:
 
 def lowering_mode() -> str:
     """``CONVLENS_LOWERING``: ``auto`` (measured per computation with the XLA options, the
-    default) or a name in `convlens.models.layers.LOWERINGS` (how grouped and depthwise
-    convolutions are computed)."""
+    default) or a name in `convlens.models.layers.LOWERINGS` (how convolutions are
+    computed)."""
     from convlens.models.layers import LOWERINGS
     mode = os.environ.get("CONVLENS_LOWERING", "auto").strip().lower() or "auto"
     if mode != "auto" and mode not in LOWERINGS:
@@ -393,8 +393,9 @@ def _choose(jits: Callable[[str, str], Any], args, label: str, tune: bool) -> tu
     ``name``: a choice remembered for this program on this machine, else (``tune``: the
     work will repeat) the fastest measured now, else XLA's default options and the
     default lowering. Measured in two stages: the lowerings with XLA's default options
-    (skipped when the program has no grouped convolution, so both trace the same), then
-    the XLA options with the faster lowering."""
+    (each distinct traced program once: without grouped convolutions ``shifted`` traces
+    what ``native`` does, and without a gradient ``im2col`` what ``shifted`` does), then
+    the XLA options with the fastest lowering."""
     from convlens.models.layers import DEFAULT_LOWERING, LOWERINGS
     mode, low_mode = xla_mode(), lowering_mode()
     low = DEFAULT_LOWERING if low_mode == "auto" else low_mode
@@ -421,10 +422,13 @@ def _choose(jits: Callable[[str, str], Any], args, label: str, tune: bool) -> tu
         return first, Tuning(xla0, seconds, "not worth measuring", low)
     compiled = {f"{xla0}/{low}": first}
     if low_mode == "auto":  # stage 1: the lowerings, where they differ
+        texts = {text}
         for other in LOWERINGS:
-            if other != low and jits(xla0, other).lower(*args).as_text() != text:
-                compiled[f"{xla0}/{other}"] = c = jits(xla0, other)
-                jax.block_until_ready(c(*args))  # compiles, and warms up
+            if other == low or (other_text := jits(xla0, other).lower(*args).as_text()) in texts:
+                continue
+            texts.add(other_text)
+            compiled[f"{xla0}/{other}"] = c = jits(xla0, other)
+            jax.block_until_ready(c(*args))  # compiles, and warms up
         if len(compiled) > 1:
             low = _race(compiled, args, seconds, t_first).split("/")[1]
     if mode == "auto":  # stage 2: the XLA options, with that lowering

@@ -196,14 +196,19 @@ def _padding(cfg, layer, cls):
     return p.upper()
 
 
-# How grouped convolutions (depthwise ones included) are computed. ``native``: XLA's
-# grouped convolution. ``shifted``: one strided slice of the padded input per kernel tap,
-# multiplied and summed (an einsum over a group's channels when groups have several).
-# The numbers agree to float32 rounding; the speed does not: XLA:CPU lowers a grouped
-# convolution to a loop that MobileNetV2's forward pass spends most of its time in
-# (benchmarks/layers.py). The executor measures both per program (`lowering`), remembers
-# the choice and lets ``CONVLENS_LOWERING`` override it; elsewhere `DEFAULT_LOWERING`.
-LOWERINGS = ("shifted", "native")
+# How convolutions are computed. ``native``: XLA's convolution throughout. ``shifted``:
+# grouped convolutions (depthwise ones included) as one strided slice of the padded input
+# per kernel tap, multiplied and summed (an einsum over a group's channels when groups have
+# several). ``im2col``: as ``shifted``, and the gradient of a convolution with at most
+# `IM2COL_MAX_CHANNELS` input channels (a network's first) taken through its im2col form,
+# the taps' slices concatenated and one matmul; its forward pass stays XLA's, which was
+# faster on every first-layer shape measured. The numbers agree to float32 rounding; the
+# speed does not: XLA:CPU lowers a grouped convolution to a loop that MobileNetV2's forward
+# pass spends most of its time in (benchmarks/layers.py). The executor measures the
+# lowerings per program (`lowering`), remembers the choice and lets ``CONVLENS_LOWERING``
+# override it; elsewhere `DEFAULT_LOWERING`.
+LOWERINGS = ("shifted", "im2col", "native")
+IM2COL_MAX_CHANNELS = 4
 DEFAULT_LOWERING = "shifted"
 _LOWERING = contextvars.ContextVar("convlens_lowering", default=None)
 
@@ -235,12 +240,67 @@ def lowering(name: str):
 
 
 def _conv(x, k, strides, padding, dilation, groups=1):
-    if groups > 1 and current_lowering() == "shifted":
+    low = current_lowering()
+    if groups > 1 and low != "native":
         return grouped_conv_shifted(x, k, strides, padding, dilation, groups)
+    if groups == 1 and low == "im2col" and x.shape[-1] <= IM2COL_MAX_CHANNELS:
+        pads = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+        return conv_im2col_grad(x, k, tuple(strides), pads, tuple(dilation))
+    return _native_conv(x, k, strides, padding, dilation, groups)
+
+
+def _native_conv(x, k, strides, padding, dilation, groups=1):
     return lax.conv_general_dilated(
         x, k, window_strides=strides, padding=padding, rhs_dilation=dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
         )
+
+
+def _taps(x, kh, kw, strides, padding, dilation):
+    """The padded ``x [B, H, W, C]``'s strided slice per kernel tap, row-major:
+    ``kh * kw`` arrays ``[B, OH, OW, C]``."""
+    b, h, w, c = x.shape
+    (sh, sw), (dh, dw) = strides, dilation
+    pads = lax.padtype_to_pads((h, w), ((kh - 1) * dh + 1, (kw - 1) * dw + 1), (sh, sw), padding) \
+        if isinstance(padding, str) else tuple(padding)
+    if any(p for pair in pads for p in pair):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    hp, wp = x.shape[1:3]
+    oh, ow = (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
+    return [lax.slice(x, (0, i * dh, j * dw, 0), (b, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
+                      (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+
+
+def conv_im2col(x, k, strides, padding, dilation):
+    """A convolution ``x [B, H, W, Cin]`` by ``k [kh, kw, Cin, Cout]`` as im2col: the
+    taps' slices concatenated to ``[B, OH, OW, kh * kw * Cin]`` and one matmul, accumulated
+    in float32. Returns ``[B, OH, OW, Cout]``."""
+    kh, kw, cin, cout = k.shape
+    cols = jnp.concatenate(_taps(x, kh, kw, strides, padding, dilation), axis=-1)
+    acc_t = jnp.promote_types(x.dtype, jnp.float32)
+    y = jnp.einsum("bhwk,ko->bhwo", cols, k.reshape(kh * kw * cin, cout), preferred_element_type=acc_t)
+    return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_im2col_grad(x, k, strides, padding, dilation):
+    """XLA's convolution forward, `conv_im2col`'s gradient backward (with respect to both
+    ``x`` and ``k``): for few input channels XLA:CPU's input gradient, a transposed
+    convolution with ``Cin`` outputs, ran up to 1.4x slower than a matmul and the slices'
+    scatter (benchmarks/layers.py)."""
+    return _native_conv(x, k, strides, padding, dilation)
+
+
+def _im2col_fwd(x, k, strides, padding, dilation):
+    return _native_conv(x, k, strides, padding, dilation), (x, k)
+
+
+def _im2col_bwd(strides, padding, dilation, res, g):
+    x, k = res
+    return jax.vjp(lambda x, k: conv_im2col(x, k, strides, padding, dilation), x, k)[1](g)
+
+
+conv_im2col_grad.defvjp(_im2col_fwd, _im2col_bwd)
 
 
 def grouped_conv_shifted(x, k, strides, padding, dilation, groups):
@@ -250,14 +310,6 @@ def grouped_conv_shifted(x, k, strides, padding, dilation, groups):
     (depthwise), or an einsum over each group's channels per tap. ``padding``: "SAME",
     "VALID" or explicit ``((lo, hi), (lo, hi))``. Returns ``[B, OH, OW, Cout]``."""
     kh, kw, cg, cout = k.shape
-    b, h, w, cin = x.shape
-    (sh, sw), (dh, dw) = tuple(strides), tuple(dilation)
-    pads = lax.padtype_to_pads((h, w), ((kh - 1) * dh + 1, (kw - 1) * dw + 1), (sh, sw), padding) \
-        if isinstance(padding, str) else tuple(padding)
-    if any(p for pair in pads for p in pair):
-        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    hp, wp = x.shape[1:3]
-    oh, ow = (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
     m = cout // groups  # output channels per group
     # Accumulate in float32 whatever the input's type (bfloat16 under --precision fast), as
     # the native convolution does, and return the input's type.
@@ -265,20 +317,18 @@ def grouped_conv_shifted(x, k, strides, padding, dilation, groups):
     if cg == 1:  # depthwise: output channel c*m + j reads input channel c
         if m > 1:
             x = jnp.repeat(x, m, axis=-1)
-        k = k.reshape(kh, kw, cout)
+        k = k.reshape(kh * kw, cout)
     else:
-        k = k.reshape(kh, kw, cg, groups, m)
+        k = k.reshape(kh * kw, cg, groups, m)
     acc = None
-    for i in range(kh):
-        for j in range(kw):
-            patch = lax.slice(x, (0, i * dh, j * dw, 0),
-                              (b, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, x.shape[-1]), (1, sh, sw, 1))
-            if cg == 1:
-                term = patch.astype(acc_t) * k[i, j].astype(acc_t)
-            else:
-                term = jnp.einsum("bhwgc,cgm->bhwgm", patch.reshape(b, oh, ow, groups, cg), k[i, j],
-                                  preferred_element_type=acc_t).reshape(b, oh, ow, cout)
-            acc = term if acc is None else acc + term
+    for t, patch in enumerate(_taps(x, kh, kw, tuple(strides), padding, tuple(dilation))):
+        b, oh, ow, _ = patch.shape
+        if cg == 1:
+            term = patch.astype(acc_t) * k[t].astype(acc_t)
+        else:
+            term = jnp.einsum("bhwgc,cgm->bhwgm", patch.reshape(b, oh, ow, groups, cg), k[t],
+                              preferred_element_type=acc_t).reshape(b, oh, ow, cout)
+        acc = term if acc is None else acc + term
     return acc.astype(x.dtype)
 
 

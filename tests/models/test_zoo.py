@@ -7,7 +7,8 @@ convlens's data, no Keras) takes the same weights and gives the same logits.
 convlens runs grouped and depthwise convolutions in its default lowering (shifted
 multiply-adds); Keras on JAX runs them as XLA's grouped convolution, the native
 lowering, so the comparison checks one against the other layer by layer and end to end.
-Each grouped layer is also run in both lowerings on the same input.
+Each grouped layer is also run in both lowerings on the same input, and the gradient of
+each convolution with few input channels in the ``im2col`` and native lowerings.
 
 Inputs are reduced to the smallest size each architecture allows (the weights do not
 depend on it), two real photos each."""
@@ -15,6 +16,7 @@ depend on it), two real photos each."""
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -82,6 +84,22 @@ def test_keras_applications_zoo(name, tmp_path):
             with layers.lowering(lowering):
                 outs[lowering] = node.layer_type.apply(node.config, params[node.name], xs)
         assert_close(outs["shifted"], outs["native"], f"{name}: {node.name} in both lowerings")
+    # im2col changes the gradient of convolutions of few input channels (the first one):
+    # the VJP, for the input and the kernel, in both lowerings.
+    few = [n for n in model.graph.nodes if n.cls == "Conv2D" and n.config.get("groups", 1) == 1
+           and (x if n.inputs[0] == model.graph.input else acts[n.inputs[0]]).shape[-1] <= layers.IM2COL_MAX_CHANNELS]
+    assert few, f"{name}: no convolution of few input channels found"
+    for node in few:
+        xin = x if node.inputs[0] == model.graph.input else acts[node.inputs[0]]
+        vjps = {}
+        for lowering in ("im2col", "native"):
+            def f(p, v, lowering=lowering, node=node):
+                with layers.lowering(lowering):
+                    return node.layer_type.apply(node.config, p, [v])
+            out, pull = jax.vjp(f, params[node.name], jnp.asarray(xin))
+            vjps[lowering] = pull(jnp.cos(jnp.arange(out.size, dtype=out.dtype).reshape(out.shape)))
+        for a, b in zip(jax.tree.leaves(vjps["im2col"]), jax.tree.leaves(vjps["native"])):
+            assert_close(a, b, f"{name}: {node.name}'s gradient in both lowerings")
     # The built-in, from convlens's own data, with the same weights: the same logits.
     builtin = build_model(name, input_shape=(size, size, 3)) if not MODELS[name].fixed_size else None
     if builtin is not None:
