@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from convlens.errors import ConvlensError
 from convlens.models.layers import LAYER_TYPES, RELU_RULES, SQUASHING, init_var, init_var_np
+from convlens.models.propagation import apply_with_rule
 
 Array = jax.Array
 Params = dict[str, dict[str, Array]]
@@ -151,18 +152,22 @@ class Network(nn.Module):
     @nn.compact
     def __call__(self, feed: Mapping[str, Array], outputs: tuple[str, ...],
                  perturb: Mapping[str, Array] | None = None, logits: bool = False,
-                 relu_rule: str = "standard") -> dict[str, Array]:
+                 relu_rule: str = "standard", rules: tuple = ()) -> dict[str, Array]:
         values: dict[str, Array] = dict(feed)
         relu = RELU_RULES[relu_rule]
         perturb = perturb or {}
+        rules = dict(rules)
         for node in self.graph.plan(tuple(outputs), frozenset(feed)):
             xs = [values[i] for i in node.inputs]
             if node.cls == "InputLayer":
                 continue
             specs, init = _init_layer(node, [x.shape for x in xs])
             v = self.param(node.name, init) if specs else {}
-            y = node.layer_type.apply(node.config, v, xs, logits=logits and node.name == self.graph.output,
-                                      relu=relu)
+            last = logits and node.name == self.graph.output
+            if node.name in rules:  # relevance propagation (convlens.models.propagation)
+                y = apply_with_rule(rules[node.name], node, v, xs, last, relu)
+            else:
+                y = node.layer_type.apply(node.config, v, xs, logits=last, relu=relu)
             if node.name in perturb:
                 y = y + perturb[node.name]
             values[node.name] = y
@@ -389,7 +394,7 @@ class Model:
             out[layer] = {v.name: jnp.asarray(init_var_np(v, rng)) for v in specs}
         return out
 
-    def _run(self, params, feed, outputs, perturb=None, logits=False, relu_rule="standard"):
+    def _run(self, params, feed, outputs, perturb=None, logits=False, relu_rule="standard", rules=()):
         """The network on ``feed`` at the model's precision: float32 at full precision
         (``highest``: no TF32 or bfloat16 passes on accelerators), or (``fast``) params
         and inputs in bfloat16 with float32 results."""
@@ -398,10 +403,10 @@ class Model:
             feed = {k: v.astype(jnp.bfloat16) for k, v in feed.items()}
             if perturb:
                 perturb = {k: v.astype(jnp.bfloat16) for k, v in perturb.items()}
-            out = self.module.apply({"params": params}, feed, outputs, perturb, logits, relu_rule)
+            out = self.module.apply({"params": params}, feed, outputs, perturb, logits, relu_rule, rules)
             return {k: v.astype(jnp.float32) for k, v in out.items()}
         with jax.default_matmul_precision("highest"):
-            return self.module.apply({"params": params}, feed, outputs, perturb, logits, relu_rule)
+            return self.module.apply({"params": params}, feed, outputs, perturb, logits, relu_rule, rules)
 
     def preprocess(self, images: Array) -> Array:
         """Pixels ``[B, H, W, C]`` in 0..255 (uint8 or float) to the model's input space."""
@@ -409,7 +414,7 @@ class Model:
 
     def apply(self, params: Params, x: Array, *, layers: Sequence[str] | str = (),
               perturb: Mapping[str, Array] | None = None, logits: bool = False,
-              relu_rule: str = "standard") -> tuple[Array, dict[str, Array]]:
+              relu_rule: str = "standard", rules: tuple = ()) -> tuple[Array, dict[str, Array]]:
         """Runs the model on preprocessed input.
 
         Args:
@@ -421,19 +426,23 @@ class Model:
             sigmoid or linear unit, the two-class view ``[-z, z]``: `class_scores`).
           relu_rule: how ReLUs backpropagate: ``standard``, ``guided`` or ``deconvnet``
             (forward values are the same for all three).
+          rules: relevance rules per layer, ``((layer, Rule), ...)``
+            (`convlens.models.propagation.rule_map`): the backward pass propagates
+            relevance instead of gradients (forward values unchanged).
 
         Returns:
           ``(outputs [B, K], {layer: activation})``.
         """
         layers = self.resolve_layers(layers)
         want = tuple(dict.fromkeys((self.graph.output, *layers)))
-        out = self._run(params, {self.graph.input: x}, want, perturb, logits, relu_rule)
+        out = self._run(params, {self.graph.input: x}, want, perturb, logits, relu_rule, rules)
         y = out[self.graph.output]
         if logits:
             y = self.class_scores(y)
         if logits and self.graph.output in layers:
             # The captured output layer keeps its Keras meaning (post-activation).
-            out[self.graph.output] = self._run(params, {self.graph.input: x}, (self.graph.output,))[self.graph.output]
+            out[self.graph.output] = self._run(params, {self.graph.input: x}, (self.graph.output,),
+                                               rules=rules)[self.graph.output]
         return y, {name: out[name] for name in layers}
 
     def features(self, params: Params, x: Array, layer: str) -> Array:

@@ -75,3 +75,45 @@ def binary_net(activation="sigmoid"):
         layer("GlobalAveragePooling2D", "gap", "c2"),
         layer("Dense", "pred", "gap", units=1, activation=activation),
     ], (16, 16, 3))
+
+
+def bn_residual_net(classes=5):
+    """conv -> maxpool -> conv+BN (no bias) -> relu -> [conv s2 + BN | 1x1 conv s2] -> Add
+    -> relu -> avgpool -> flatten -> dense relu -> dense: every layer an LRP composite
+    gives a rule (weighted, norm, pass, gradient) and both kinds of BatchNorm fold."""
+    return functional("bnresnet", [
+        layer("Conv2D", "c1", "img", filters=6, kernel_size=[3, 3], padding="same", activation="relu"),
+        layer("MaxPooling2D", "p1", "c1", pool_size=[2, 2], strides=[2, 2], padding="valid"),
+        layer("Conv2D", "c2", "p1", filters=8, kernel_size=[3, 3], padding="same", use_bias=False),
+        layer("BatchNormalization", "bn2", "c2", epsilon=1e-3),
+        layer("Activation", "r2", "bn2", activation="relu"),
+        layer("Conv2D", "c3", "r2", filters=8, kernel_size=[3, 3], strides=[2, 2], padding="same"),
+        layer("BatchNormalization", "bn3", "c3", epsilon=1e-3),
+        layer("Conv2D", "sc", "r2", filters=8, kernel_size=[1, 1], strides=[2, 2], padding="valid"),
+        layer("Add", "add", ["bn3", "sc"]),
+        layer("ReLU", "r3", "add"),
+        layer("AveragePooling2D", "ap", "r3", pool_size=[2, 2], strides=[1, 1], padding="valid"),
+        layer("Flatten", "fl", "ap"),
+        layer("Dense", "d1", "fl", units=10, activation="relu"),
+        layer("Dense", "pred", "d1", units=classes, activation="softmax"),
+    ], (16, 16, 3))
+
+
+def random_params(model, seed, scale=0.3):
+    """Every variable random (kernels ~ N(0, scale), biases and shifts ~ N(0, 0.2),
+    normalisation scales and variances around 1): no unit silent, no fold trivial."""
+    import jax.numpy as jnp
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, vs in model.init(seed).items():
+        out[name] = {}
+        for k, a in vs.items():
+            if k in ("gamma", "moving_variance"):
+                v = rng.uniform(0.5, 1.5, a.shape)
+            elif "kernel" in k:
+                v = rng.normal(0, scale, a.shape)
+            else:
+                v = rng.normal(0, 0.2, a.shape)
+            out[name][k] = jnp.asarray(v, jnp.float32)
+    return out

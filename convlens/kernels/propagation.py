@@ -1,0 +1,163 @@
+"""Relevance propagation: LRP composites (zennit's, by name).
+
+Each method is one forward pass and one backward pass whose layers propagate relevance
+by their rules (`convlens.models.propagation`), seeded with the target's class score:
+``R = one_hot(target) * score``. So relevance sums to the target's logit, layer by layer,
+up to the share the biases and stabilisers absorb.
+
+Attributions are relevance per pixel and channel (the model's preprocessing is an
+affine map per channel, possibly reordering channels: relevance moves through it
+unchanged, to the channel it came from); the heatmap is their channel sum.
+`relevance` also returns the relevance of any layer's output, per unit, for the
+microscope and the audit's concepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from convlens.config import Config, option
+from convlens.errors import OptionError
+from convlens.kernels import common
+from convlens.kernels.spec import INPUT_ATTR, INPUT_MAP, MethodSpec, Output
+from convlens.models import propagation as prop
+from convlens.models.network import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class LRPConfig(Config):
+    """Layer-wise relevance propagation (Bach et al. 2015) with one of zennit's composites.
+
+    Attributes:
+      epsilon: the epsilon rule's epsilon (dense layers).
+      stabilizer: added, with their sign, to every other rule's denominators.
+      gamma: the gamma rule's weight of positive parameters (epsilon_gamma_box).
+      canonize: fold each BatchNormalization into the convolution before it, as
+        zennit's canonizers do.
+      rules: rules over the composite's, as LAYER:RULE pairs separated by commas, where
+        LAYER is a layer name or a Keras class (e.g. block1_conv1:flat,Dense:epsilon);
+        rules: epsilon, zplus, alphabeta, gamma, flat, wsquare, zbox, norm, pass, gradient.
+    """
+
+    epsilon: float = option(1e-6, min=0)
+    stabilizer: float = option(1e-6, above=0)
+    gamma: float = option(0.25, min=0)
+    canonize: bool = True
+    rules: str = ""
+
+    _owner = "lrp"
+
+    def __post_init__(self):
+        self.overrides()  # a malformed pair is an error now, not at the first batch
+        super().__post_init__()
+
+    def overrides(self) -> dict[str, str]:
+        out = {}
+        for pair in (p.strip() for p in self.rules.split(",") if p.strip()):
+            layer, sep, rule = pair.partition(":")
+            if not sep or not layer.strip() or rule.strip() not in prop.RULES:
+                raise OptionError(f"lrp.rules: {pair!r} is not LAYER:RULE with a rule among "
+                                  f"{', '.join(prop.RULES)} (e.g. rules=block1_conv1:flat,Dense:epsilon)")
+            out[layer.strip()] = rule.strip()
+        return out
+
+
+def input_bounds(model: Model, params, layer: str):
+    """The value range of ``layer``'s input for pixels in 0..255, per channel:
+    ``(low [C], high [C])`` (what the ``zbox`` rule needs of the first layer)."""
+    node = model.graph.node(layer)
+    size = model.input_size
+    px = jnp.stack([jnp.zeros((*size, model.channels)), jnp.full((*size, model.channels), 255.0)])
+    x = model.preprocess(px)
+    src = node.inputs[0]
+    a = x if src == model.graph.input else model.intermediates(params, x, [src])[src]
+    a = a.reshape(-1, a.shape[-1])
+    return jnp.min(a, axis=0), jnp.max(a, axis=0)
+
+
+def rules_for(model: Model, params, composite: str, cfg: LRPConfig):
+    """``(rules, params)``: the composite's rule per layer and the params with the
+    normalisations folded (`convlens.models.propagation.rule_map`)."""
+    bounds = None
+    conv_rule, dense_rule, first_rule = prop.COMPOSITES[composite]
+    overrides = cfg.overrides()
+    if first_rule == "zbox" or "zbox" in overrides.values():
+        first = next((n.name for n in model.graph.nodes if n.kind == "conv"), None)
+        zbox_layers = [n for n, r in overrides.items() if r == "zbox"]
+        bounds = input_bounds(model, params, zbox_layers[0] if zbox_layers else first)
+    rules, folds = prop.rule_map(model, composite, epsilon=cfg.epsilon, stabilizer=cfg.stabilizer, gamma=cfg.gamma,
+                                 overrides=overrides, canonize=cfg.canonize, input_bounds=bounds)
+    if not folds:
+        return rules, params
+    params, biases = prop.fold_batchnorm(model.graph, params, folds)
+    return tuple((n, dataclasses.replace(r, bias=biases[n]) if n in biases else r) for n, r in rules), params
+
+
+def relevance(model: Model, params, images, targets, composite: str, cfg: LRPConfig | None = None,
+              layers=()):
+    """LRP with ``composite`` (a name in `convlens.models.propagation.COMPOSITES`).
+
+    Args:
+      images: pixels ``[B, H, W, C]``; targets: ``[B, T]`` or top-k as an int.
+      layers: layer names whose output relevance to return too.
+
+    Returns:
+      ``(logits [B, K], targets [B, T], relevance [B, T, H, W, C] per pixel,
+      {layer: relevance [B, T, ...] of its output})``.
+    """
+    cfg = cfg or LRPConfig()
+    rules, p = rules_for(model, params, composite, cfg)
+    layers = model.resolve_layers(layers) if layers else ()
+    x, pre_pull = jax.vjp(model.preprocess, images)
+    shapes = jax.eval_shape(lambda: model.intermediates(p, x, layers)) if layers else {}
+    zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+
+    def f(x, deltas):
+        return model.apply(p, x, perturb=deltas, logits=True, rules=rules)[0]
+
+    scores, pull = jax.vjp(f, x, zeros)
+    t = common.select_targets(scores, targets)
+    seed = scores
+    if model.binary:  # class 0's score is -z: relevance of z is -(-z) conserved, not the gradient's sign flip
+        seed = scores * jnp.asarray([-1.0, 1.0], scores.dtype)
+    rx, rl = jax.vmap(lambda c: pull(c * seed), in_axes=1, out_axes=1)(
+        jax.nn.one_hot(t, scores.shape[-1], dtype=scores.dtype))
+    # Per pixel: the preprocessing's pullback divided by its slope moves each value's
+    # relevance to its pixel unchanged (a channel reorder included).
+    slope = pre_pull(jnp.ones_like(x))[0]
+    per_pixel = jax.vmap(lambda r: pre_pull(r)[0] / slope, in_axes=1, out_axes=1)(rx)
+    return scores, t, per_pixel, rl
+
+
+def _method(composite: str):
+    def explain(model: Model, params, images, targets, cfg: LRPConfig, keys=None):
+        scores, t, rel, _ = relevance(model, params, images, targets, composite, cfg)
+        return {"attribution": rel, "heatmap": jnp.sum(rel, axis=-1), "targets": t, "logits": scores}
+    explain.__name__ = f"lrp_{composite}"
+    return explain
+
+
+def _check(composite):
+    def check(model, cfg):
+        prop.rule_map(model, composite, overrides=cfg.overrides(), canonize=cfg.canonize,
+                      input_bounds=((0.0,), (1.0,)))
+    return check
+
+
+_DOCS = {
+    "epsilon_plus": "LRP: z+ in convolutions, epsilon in dense layers (zennit's EpsilonPlus)",
+    "epsilon_plus_flat": "LRP: EpsilonPlus with the flat rule in the first layer (zennit's EpsilonPlusFlat)",
+    "epsilon_alpha2_beta1": "LRP: alpha=2 beta=1 in convolutions, epsilon in dense layers",
+    "epsilon_alpha2_beta1_flat": "LRP: EpsilonAlpha2Beta1 with the flat rule in the first layer",
+    "epsilon_gamma_box": "LRP: gamma in convolutions, z-box in the first, epsilon in dense layers",
+}
+
+SPECS = tuple(
+    MethodSpec(f"lrp_{c}", "propagation", LRPConfig, _method(c),
+               (Output("attribution", INPUT_ATTR, "relevance per pixel and channel"),
+                Output("heatmap", INPUT_MAP, "relevance per pixel (channel sum)")),
+               False, _DOCS[c], check=_check(c))
+    for c in prop.COMPOSITES)

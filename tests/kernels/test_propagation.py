@@ -1,0 +1,235 @@
+"""LRP composites: forward values untouched, relevance conserved layer by layer up to the
+share biases and stabilisers absorb (computed here from each layer's own outputs), and
+every composite equal to zennit's on a twin built of ``torch.nn`` modules with the same
+weights (BatchNorm canonized on both sides)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convlens.errors import ConvlensError
+from convlens.kernels import propagation as P
+from convlens.models import propagation as prop
+from tests.kernels.nets import binary_net, bn_residual_net, random_params, with_random_biases
+
+COMPOSITES = tuple(prop.COMPOSITES)
+
+
+@pytest.fixture(scope="module")
+def net():
+    m = bn_residual_net()
+    imgs = jnp.asarray(np.random.default_rng(1).uniform(0, 255, (2, 16, 16, 3)), jnp.float32)
+    return m, random_params(m, 0), imgs
+
+
+@pytest.mark.parametrize("canonize", [True, False])
+def test_rules_leave_the_forward_values(net, canonize):
+    m, params, imgs = net
+    x = m.preprocess(imgs)
+    ref, acts = m.apply(params, x, layers="all", logits=True)
+    for comp in COMPOSITES:
+        cfg = P.LRPConfig(canonize=canonize)
+        rules, p = P.rules_for(m, params, comp, cfg)
+        y, got = m.apply(p, x, layers="all", logits=True, rules=rules)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5, err_msg=comp)
+        folded = dict(prop.foldable(m.graph)) if canonize else {}
+        assert set(folded) == ({"bn2", "bn3"} if canonize else set())
+        for k in acts:
+            # A folded layer outputs what its normalisation did.
+            want = acts[next((b for b, l in folded.items() if l == k), k)]
+            np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-4, err_msg=f"{comp}: {k}")
+
+
+def _stab(z, eps):
+    return z + eps * ((z == 0) + jnp.sign(z))
+
+
+def test_relevance_is_conserved_layer_by_layer_up_to_what_biases_and_epsilon_absorb(net):
+    """Epsilon in every weighted layer (eps = 0.05, so it absorbs visibly), no folding:
+    each layer passes on sum_j R_j (z_j - b_j) / stab(z_j) of its output relevance R,
+    norm layers sum_j R_j z_j / stab(z_j), the others all of it; and the pixels receive
+    the target's logit minus every layer's absorbed share."""
+    m, params, imgs = net
+    eps = 0.05
+    cfg = P.LRPConfig(epsilon=eps, stabilizer=eps, canonize=False, rules="Conv2D:epsilon")
+    names = m.layer_names
+    scores, t, rel, rl = jax.jit(lambda p, i: P.relevance(m, p, i, 1, "epsilon_plus", cfg, layers=names))(
+        params, imgs)
+    x = m.preprocess(imgs)
+    _, acts = m.apply(params, x, layers="all", logits=True)
+    acts[m.graph.input] = x
+    rules = dict(P.rules_for(m, params, "epsilon_plus", cfg)[0])
+    total = lambda a: np.asarray(a[:, 0]).reshape(a.shape[0], -1).sum(1)  # noqa: E731  (target 0)
+    consumers = {}
+    for n in m.graph.nodes:
+        for i in n.inputs:
+            consumers.setdefault(i, []).append(n.name)
+    absorbed_sum = 0.0
+    checked = 0
+    for node in m.graph.nodes:
+        if node.cls == "InputLayer":
+            continue
+        r_out = rl[node.name][:, 0]
+        rule = rules.get(node.name)
+        xs = [acts[i] for i in node.inputs]
+        if rule is None or rule.name in ("pass", "gradient"):
+            passed = total(rl[node.name])
+        else:
+            cfg_lin = dict(node.config, activation="linear") if node.layer_type.activation_key else node.config
+            z = node.layer_type.apply(cfg_lin, params.get(node.name, {}), xs, logits=True)
+            b = params.get(node.name, {}).get("bias", 0.0) if rule.name == "epsilon" else 0.0
+            passed = np.asarray(jnp.sum((r_out * (z - b) / _stab(z, eps)).reshape(len(z), -1), axis=1))
+        absorbed_sum = absorbed_sum + (total(rl[node.name]) - passed)
+        # Where the layer is its input's only consumer, the input holds exactly what it passed.
+        if len(node.inputs) == 1 and node.inputs[0] != m.graph.input and consumers[node.inputs[0]] == [node.name]:
+            np.testing.assert_allclose(total(rl[node.inputs[0]]), passed, rtol=1e-4, atol=1e-5, err_msg=node.name)
+            checked += 1
+    assert checked >= 8
+    logit = np.asarray(jnp.take_along_axis(scores, t, 1)[:, 0])
+    np.testing.assert_allclose(total(rl[m.graph.output]), logit, rtol=1e-6)
+    np.testing.assert_allclose(total(rel), logit - absorbed_sum, rtol=1e-4, atol=1e-4)
+    assert np.all(np.abs(absorbed_sum) > 1e-3), absorbed_sum  # the check above is not trivially 0 = 0
+
+
+def test_a_binary_models_class_zero_gets_the_negated_relevance():
+    m = binary_net("sigmoid")
+    params = with_random_biases(m, 3)
+    imgs = jnp.asarray(np.random.default_rng(2).uniform(0, 255, (2, 16, 16, 3)), jnp.float32)
+    scores, t, rel, _ = P.relevance(m, params, imgs, jnp.asarray([[0, 1], [0, 1]]), "epsilon_plus")
+    np.testing.assert_allclose(rel[:, 0], -rel[:, 1], rtol=1e-6, atol=1e-7)
+    z = np.asarray(scores[:, 1])
+    # z-rule everywhere: conserved up to the biases' share, so near the class score.
+    assert np.all(np.sign(np.asarray(rel[:, 1]).sum((1, 2, 3))) == np.sign(z)) or np.allclose(z, 0)
+
+
+def test_relevance_moves_through_preprocessing_to_its_pixel_channel():
+    """Caffe preprocessing reverses the channels and subtracts means: each pixel channel
+    gets the relevance of the input value it became, unscaled."""
+    from convlens.models.preprocess import Preprocess
+    m0 = bn_residual_net()
+    params = random_params(m0, 4)
+    imgs = jnp.asarray(np.random.default_rng(3).uniform(0, 255, (1, 16, 16, 3)), jnp.float32)
+    m1 = m0.replace(preprocess=Preprocess("caffe"))
+    r1 = P.relevance(m1, params, imgs, 1, "epsilon_plus")
+    # The same network fed the caffe input directly (identity preprocessing).
+    m2 = m0.replace(preprocess=Preprocess("none"))
+    r2 = P.relevance(m2, params, m1.preprocess(imgs), r1[1], "epsilon_plus")
+    np.testing.assert_allclose(r1[2], r2[2][..., ::-1], rtol=1e-5, atol=1e-7)
+
+
+def test_rule_options_are_checked_in_one_line():
+    m = bn_residual_net()
+    with pytest.raises(ConvlensError, match="not LAYER:RULE"):
+        P.LRPConfig(rules="c1=flat")
+    with pytest.raises(ConvlensError, match="not LAYER:RULE"):
+        P.LRPConfig(rules="c1:box")
+    with pytest.raises(ConvlensError, match="'nope', not a layer or layer class"):
+        prop.rule_map(m, "epsilon_plus", overrides={"nope": "flat"})
+    with pytest.raises(ConvlensError, match="needs a layer with weights; p1 is a MaxPooling2D"):
+        prop.rule_map(m, "epsilon_plus", overrides={"p1": "zplus"})
+    with pytest.raises(ConvlensError, match="unknown LRP composite"):
+        prop.rule_map(m, "epsilon_minus")
+    with pytest.raises(ConvlensError, match="alpha - beta = 1"):
+        prop.Rule("alphabeta", alpha=2.0, beta=2.0)
+
+
+def test_rules_by_layer_name_and_class_override_the_composite(net):
+    m, params, _ = net
+    rules, folds = prop.rule_map(m, "epsilon_plus_flat", overrides={"c3": "gamma", "Dense": "zplus"})
+    r = {k: (v if v == prop.IDENTITY else v.name) for k, v in rules}
+    assert r["c1"] == "flat" and r["c2"] == "zplus" and r["c3"] == "gamma" and r["sc"] == "zplus"
+    assert r["d1"] == r["pred"] == "zplus" and r["add"] == r["ap"] == "norm" and r["r2"] == r["r3"] == "pass"
+    assert r["bn2"] == r["bn3"] == prop.IDENTITY and "p1" not in r and "fl" not in r
+    assert folds == {"bn2": "c2", "bn3": "c3"}
+
+
+# ---------------------------------------------------------------- zennit
+
+def _zennit():
+    """torch, with zennit importable (or the test skipped, saying why)."""
+    torch = pytest.importorskip("torch")
+    from tests.zennit_import import zennit
+    try:
+        zennit()
+    except ImportError as e:
+        pytest.skip(f"zennit is not installed: {e}")
+    return torch
+
+
+def zennit_relevance(model, params, imgs, targets, composite, cfg):
+    """zennit's relevance for ``composite`` on the module twin: ``[B, H, W, C]`` at the
+    model's input (after preprocessing)."""
+    torch = _zennit()
+    from zennit import composites as zc
+    from zennit.attribution import Gradient
+
+    from tests.torch_modules import ModuleTwin
+    twin = ModuleTwin(model, {k: {n: np.asarray(a) for n, a in v.items()} for k, v in params.items()}).eval()
+    folds = prop.foldable(model.graph) if cfg.canonize else {}
+    kw = dict(epsilon=cfg.epsilon, stabilizer=cfg.stabilizer, canonizers=[twin.canonizer(folds)] if folds else None)
+    if composite == "epsilon_gamma_box":
+        first = next(n.name for n in model.graph.nodes if n.kind == "conv")
+        lo, hi = P.input_bounds(model, params, first)
+        kw.update(low=torch.tensor(np.asarray(lo)).view(1, -1, 1, 1),
+                  high=torch.tensor(np.asarray(hi)).view(1, -1, 1, 1), gamma=cfg.gamma)
+    name = "".join(w.capitalize() for w in composite.split("_"))  # epsilon_plus_flat: EpsilonPlusFlat
+    comp = getattr(zc, name)(**kw)
+    x = torch.tensor(np.asarray(model.preprocess(imgs))).permute(0, 3, 1, 2).contiguous()
+    k = twin(x).shape[1]
+    hot = torch.nn.functional.one_hot(torch.tensor(np.asarray(targets).astype("int64")), k).float()
+    with Gradient(twin, comp) as attributor:
+        _, rel = attributor(x.clone().requires_grad_(True), lambda o: o * hot)
+    return rel.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+def test_every_composite_equals_zennits(net, composite):
+    m, params, imgs = net
+    cfg = P.LRPConfig()
+    scores, t, rel, _ = jax.jit(lambda p, i: P.relevance(m, p, i, 1, composite, cfg))(params, imgs)
+    ref = zennit_relevance(m, params, imgs, t[:, 0], composite, cfg)
+    # zennit's relevance is at the model's input; convlens's per pixel is the same values
+    # (the preprocessing moves relevance unscaled).
+    np.testing.assert_allclose(np.asarray(rel[:, 0]), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+    assert np.abs(ref).max() > 1e-3
+
+
+def test_the_canonizer_difference_is_zennits_eps(net):
+    """zennit's own MergeBatchNorm keeps a merged normalisation's eps, so its canonized
+    model differs from the model; the twin's canonizer (eps zeroed) is the exact one."""
+    torch = _zennit()
+    from zennit.canonizers import NamedMergeBatchNorm
+
+    from tests.torch_modules import ModuleTwin
+    m, params, imgs = net
+    twin = ModuleTwin(m, {k: {n: np.asarray(a) for n, a in v.items()} for k, v in params.items()}).eval()
+    x = torch.tensor(np.asarray(m.preprocess(imgs))).permute(0, 3, 1, 2).contiguous()
+    ref = twin(x).detach().numpy()
+    folds = prop.foldable(m.graph)
+    for canon, exact in ((twin.canonizer(folds), True),
+                         (NamedMergeBatchNorm([([f"mods.{v}"], f"mods.{k}") for k, v in folds.items()]), False)):
+        handles = canon.apply(twin)
+        y = twin(x).detach().numpy()
+        for h in handles:
+            h.remove()
+        diff = np.abs(y - ref).max() / np.abs(ref).max()
+        assert (diff < 1e-5) == exact, diff
+
+
+def test_lrp_methods_are_declared_and_run_through_explain():
+    from convlens.kernels.registry import METHODS
+    for c in COMPOSITES:
+        spec = METHODS[f"lrp_{c}"]
+        assert spec.family == "propagation" and not spec.stochastic
+        assert dataclasses.is_dataclass(spec.config)
+    m = bn_residual_net()
+    params = random_params(m, 5)
+    imgs = jnp.asarray(np.random.default_rng(6).uniform(0, 255, (2, 16, 16, 3)), jnp.float32)
+    out = METHODS["lrp_epsilon_plus"].explain(m, params, imgs, 2, P.LRPConfig())
+    assert out["attribution"].shape == (2, 2, 16, 16, 3) and out["heatmap"].shape == (2, 2, 16, 16)
+    np.testing.assert_allclose(out["heatmap"], out["attribution"].sum(-1), rtol=1e-6)
+    _, _, rel, _ = P.relevance(m, params, imgs, out["targets"], "epsilon_plus")
+    np.testing.assert_allclose(out["attribution"], rel, rtol=1e-6)
