@@ -25,7 +25,7 @@ def zennit():
         sys.modules["torchvision"].models = sys.modules["torchvision.models"]
         sys.modules["torchvision.models"].resnet = resnet
     import zennit as z
-    import zennit.attribution  # noqa: F401
-    import zennit.canonizers  # noqa: F401
-    import zennit.composites  # noqa: F401
+    import zennit.attribution
+    import zennit.canonizers
+    import zennit.composites
     return z

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from convlens.config import Config, option
 from convlens.errors import OptionError
 from convlens.kernels import common
-from convlens.kernels.spec import INPUT_ATTR, INPUT_MAP, MethodSpec, Output
+from convlens.kernels.spec import INPUT_ATTR, INPUT_MAP, SAMPLE, TARGET, MethodSpec, Output
 from convlens.models import propagation as prop
 from convlens.models.network import Model
 
@@ -82,7 +82,7 @@ def rules_for(model: Model, params, composite: str, cfg: LRPConfig):
     """``(rules, params)``: the composite's rule per layer and the params with the
     normalisations folded (`convlens.models.propagation.rule_map`)."""
     bounds = None
-    conv_rule, dense_rule, first_rule = prop.COMPOSITES[composite]
+    first_rule = prop.COMPOSITES[composite][2]
     overrides = cfg.overrides()
     if first_rule == "zbox" or "zbox" in overrides.values():
         first = next((n.name for n in model.graph.nodes if n.kind == "conv"), None)
@@ -155,7 +155,120 @@ _DOCS = {
     "epsilon_gamma_box": "LRP: gamma in convolutions, z-box in the first, epsilon in dense layers",
 }
 
-SPECS = tuple(
+# ---------------------------------------------------------------- DeepLIFT
+
+@dataclasses.dataclass(frozen=True)
+class DeepLiftConfig(Config):
+    """DeepLIFT with the rescale rule (Shrikumar et al. 2017), as Captum's DeepLift.
+
+    Attributes:
+      baseline: the reference image: a pixel value for every pixel (0 = black), or
+        ``"mean"`` (each image's per-channel mean colour).
+    """
+
+    baseline: float | str = option(0.0, choices=("mean",))
+
+    _owner = "deeplift"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepLiftShapConfig(Config):
+    """DeepLiftShap: DeepLIFT averaged over a set of references (Captum's DeepLiftShap).
+
+    Attributes:
+      background: the references: ``blur`` (the image blurred at ``samples`` widths from
+        1 to 32 pixels, log-spaced), ``noise`` (uniform random images drawn from the
+        image's key) or ``constant`` (grey images from black to white).
+      samples: references per image.
+      chunk: images (references x batch) per forward/backward pass: memory, not results.
+    """
+
+    background: str = option("blur", choices=("blur", "noise", "constant"))
+    samples: int = option(8, min=1)
+    chunk: int = option(16, min=1)
+
+    _owner = "deeplift_shap"
+
+
+def deeplift_with(model: Model, params, images, baselines, targets):
+    """DeepLIFT-rescale of ``images [B, H, W, C]`` against ``baselines`` (same shape).
+
+    Returns ``(logits [B, K], targets [B, T], attribution [B, T, H, W, C],
+    delta [B, T])`` with ``delta = sum(attribution) - (f(x) - f(x0))`` (Captum's
+    convergence delta: 0 up to rounding on networks of the supported layers)."""
+    rules = prop.deeplift_rules(model)
+    b = images.shape[0]
+
+    def f(px):
+        return model.apply(params, model.preprocess(px), logits=True, rules=rules)[0]
+
+    scores, pull = jax.vjp(f, jnp.concatenate([images, baselines]))
+    t = common.select_targets(scores[:b], targets)
+    # One cotangent on both halves, as Captum's (its rules give both the same multipliers).
+    hot = jax.nn.one_hot(jnp.concatenate([t, t]), scores.shape[-1], dtype=scores.dtype)
+    grads = jax.vmap(lambda c: pull(c)[0][:b], in_axes=1, out_axes=1)(hot)
+    attr = grads * (images - baselines)[:, None]
+    fx, f0 = (jnp.take_along_axis(s, t, axis=1) for s in (scores[:b], scores[b:]))
+    return scores[:b], t, attr, jnp.sum(attr, axis=(2, 3, 4)) - (fx - f0)
+
+
+def deeplift(model: Model, params, images, targets, cfg: DeepLiftConfig, keys=None):
+    from convlens.kernels.gradients import baseline_images
+    logits, t, attr, delta = deeplift_with(model, params, images, baseline_images(images, cfg.baseline), targets)
+    return {"attribution": attr, "heatmap": jnp.sum(attr, axis=-1), "delta": delta, "targets": t, "logits": logits}
+
+
+def references(images, keys, background: str, samples: int):
+    """``samples`` references per image ``[S, B, H, W, C]`` (see `DeepLiftShapConfig`)."""
+    import numpy as np
+
+    from convlens.kernels.baselines import gaussian_blur
+    if background == "blur":
+        sigmas = np.geomspace(1.0, 32.0, samples) if samples > 1 else np.asarray([8.0])
+        return jnp.stack([gaussian_blur(images, float(s)) for s in sigmas])
+    if background == "noise":
+        return jax.vmap(lambda s: jax.vmap(lambda k: jax.random.uniform(
+            jax.random.fold_in(k, s), images.shape[1:], maxval=255.0))(keys))(jnp.arange(samples))
+    levels = jnp.linspace(0.0, 255.0, samples) if samples > 1 else jnp.asarray([127.5])
+    return jnp.broadcast_to(levels[:, None, None, None, None], (samples, *images.shape))
+
+
+def deeplift_shap(model: Model, params, images, targets, cfg: DeepLiftShapConfig, keys):
+    """DeepLIFT against each reference, averaged: ``attribution [B, T, H, W, C]``, and
+    ``delta [B, T]`` = sum(attribution) - (f(x) - mean f(references))."""
+    refs = references(images, keys, cfg.background, cfg.samples)
+    logits = common.forward_logits(model, params, images)
+    t = common.select_targets(logits, targets)
+    per = max(1, cfg.chunk // max(images.shape[0], 1))
+
+    def step(s):  # `per` references at once, stacked into the batch
+        n = s.shape[0]
+        r = refs[s].reshape(-1, *images.shape[1:])
+        x = jnp.tile(images, (n, 1, 1, 1))
+        _, _, a, d = deeplift_with(model, params, x, r, jnp.tile(t, (n, 1)))
+        return a.reshape(n, *images.shape[:1], *a.shape[1:]), d.reshape(n, -1, t.shape[1])
+    idx = jnp.arange(-(-cfg.samples // per) * per).reshape(-1, per)
+
+    def body(acc, s):
+        keep = (s < cfg.samples).astype(jnp.float32)
+        a, d = step(jnp.minimum(s, cfg.samples - 1))
+        return (acc[0] + jnp.tensordot(keep, a, 1), acc[1] + jnp.tensordot(keep, d, 1)), None
+    init = (jnp.zeros((*t.shape, *images.shape[1:]), jnp.float32), jnp.zeros(t.shape, jnp.float32))
+    (attr, delta), _ = jax.lax.scan(body, init, idx, unroll=True)
+    attr, delta = attr / cfg.samples, delta / cfg.samples
+    return {"attribution": attr, "heatmap": jnp.sum(attr, axis=-1), "delta": delta, "targets": t, "logits": logits}
+
+
+_DELTA = Output("delta", (SAMPLE, TARGET), "sum(attribution) - (f(x) - f(baseline)): completeness error")
+_ATTR = (Output("attribution", INPUT_ATTR, "contribution per pixel and channel"),
+         Output("heatmap", INPUT_MAP, "contribution per pixel (channel sum)"), _DELTA)
+
+SPECS = (
+    MethodSpec("deeplift", "propagation", DeepLiftConfig, deeplift, _ATTR, False,
+               "DeepLIFT (rescale rule) against a baseline image, as Captum's DeepLift"),
+    MethodSpec("deeplift_shap", "propagation", DeepLiftShapConfig, deeplift_shap, _ATTR, True,
+               "DeepLiftShap: DeepLIFT averaged over references (blurred copies by default)"),
+) + tuple(
     MethodSpec(f"lrp_{c}", "propagation", LRPConfig, _method(c),
                (Output("attribution", INPUT_ATTR, "relevance per pixel and channel"),
                 Output("heatmap", INPUT_MAP, "relevance per pixel (channel sum)")),

@@ -39,6 +39,7 @@ receives none).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +52,9 @@ from convlens.models.layers import _act as activation
 Array = jax.Array
 
 RULES = ("epsilon", "zplus", "alphabeta", "gamma", "flat", "wsquare", "zbox", "norm", "pass", "gradient")
+# DeepLIFT's rescale rule (not an LRP rule: it needs the baseline's activations, see
+# `deeplift_rules`).
+RESCALE = "rescale"
 # Rules that modify a layer's weights (they need a layer with a kernel).
 WEIGHTED_RULES = ("epsilon", "zplus", "alphabeta", "gamma", "flat", "wsquare", "zbox")
 
@@ -78,9 +82,12 @@ class Rule:
     low: Any = ()
     high: Any = ()
     bias: Any = None  # a folded normalisation's shift, for a layer without a bias of its own
+    # The layer's inputs are >= 0 by construction (after a ReLU): the terms of negative
+    # inputs are exactly zero and are not computed.
+    nonneg: bool = False
 
     def __post_init__(self):
-        if self.name not in RULES:
+        if self.name not in RULES and self.name != RESCALE:
             raise ConvlensError(f"unknown relevance rule {self.name!r}: choose one of {', '.join(RULES)}")
         if self.name == "alphabeta" and (self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-9):
             raise ConvlensError(f"the alphabeta rule needs alpha, beta >= 0 and alpha - beta = 1 "
@@ -111,51 +118,68 @@ def _params(v: Mapping[str, Array], fn, zero_bias: bool = False) -> dict[str, Ar
     return {k: (jnp.zeros_like(a) if zero_bias and k == "bias" else fn(a)) for k, a in v.items()}
 
 
-def _basic(lin, v, xs, g, terms, mapper, reducer):
+def _basic(lin, v, xs, g, terms, mapper, reducer, z=None, nonneg=False):
     """zennit's ``BasicHook``: for each term ``(input modifier, parameter modifier)``
     the modified layer's output ``z_k`` and its pullback; ``mapper(g, [z_k])`` gives each
     term's cotangent and ``reducer(inputs, gradients)`` the input relevance. Per input of
-    ``xs``."""
+    ``xs``. ``z``: the layer's own output, reused for the unmodified term; ``nonneg``: the
+    inputs are >= 0, so terms of their negative part (zero input, zero bias) are zero."""
     ins, outs, pulls = [], [], []
     for in_mod, vk in terms:
+        if nonneg and in_mod is _neg:
+            ins.append(None)
+            outs.append(None)
+            pulls.append(None)
+            continue
         xk = [in_mod(x) for x in xs]
-        z, pull = jax.vjp(lambda *a, vk=vk: lin(vk, list(a)), *xk)
+        zk, pull = jax.vjp(lambda *a, vk=vk: lin(vk, list(a)), *xk)
         ins.append(xk)
-        outs.append(z)
+        # The unmodified term is the forward pass's output (its recomputation is then dead).
+        outs.append(z if (z is not None and in_mod is _ident and vk is v) else zk)
         pulls.append(pull)
+    shape = next(o for o in outs if o is not None)
+    outs = [jnp.zeros_like(shape) if o is None else o for o in outs]
     cots = mapper(g, outs)
-    grads = [pull(c) for pull, c in zip(pulls, cots)]
-    return [reducer([i[n] for i in ins], [gr[n] for gr in grads]) for n in range(len(xs))]
+    grads = [None if pull is None else pull(c) for pull, c in zip(pulls, cots)]
+    zero = [jnp.zeros_like(x) for x in xs]
+    return [reducer([zero[n] if i is None else i[n] for i in ins], [zero[n] if gr is None else gr[n] for gr in grads])
+            for n in range(len(xs))]
+
+
+def _ident(a):
+    return a
 
 
 def _ones_like(x):
     return jnp.ones_like(x)
 
 
-def backward(rule: Rule, lin, v, xs, g):
+def backward(rule: Rule, lin, v, xs, g, z=None):
     """Relevance of ``xs`` (a list of the layer's inputs) from the relevance ``g`` of the
-    output ``lin(v, xs)`` of a linear layer, by ``rule``."""
+    output ``z = lin(v, xs)`` of a linear layer, by ``rule``."""
     s = rule.stabilizer
-    ident = lambda a: a  # noqa: E731
+    ident = _ident
+    # Every rule's terms see the forward output and the inputs' sign.
+    basic = functools.partial(_basic, z=z, nonneg=rule.nonneg)
     if rule.name in ("epsilon", "norm"):
         eps = rule.epsilon if rule.name == "epsilon" else s
-        return _basic(lin, v, xs, g, [(ident, v)], lambda g, z: [g / stabilize(z[0], eps)],
+        return basic(lin, v, xs, g, [(ident, v)], lambda g, z: [g / stabilize(z[0], eps)],
                       lambda i, gr: i[0] * gr[0])
     if rule.name == "zplus":
         terms = [(_pos, _params(v, _pos)), (_neg, _params(v, _neg, zero_bias=True))]
-        return _basic(lin, v, xs, g, terms, lambda g, z: [g / stabilize(z[0] + z[1], s)] * 2,
+        return basic(lin, v, xs, g, terms, lambda g, z: [g / stabilize(z[0] + z[1], s)] * 2,
                       lambda i, gr: i[0] * gr[0] + i[1] * gr[1])
     if rule.name == "alphabeta":
         a, b = rule.alpha, rule.beta
         terms = [(_pos, _params(v, _pos)), (_neg, _params(v, _neg, zero_bias=True)),
                  (_pos, _params(v, _neg)), (_neg, _params(v, _pos, zero_bias=True))]
-        return _basic(lin, v, xs, g, terms,
+        return basic(lin, v, xs, g, terms,
                       lambda g, z: [g / stabilize(z[0] + z[1], s)] * 2 + [g / stabilize(z[2] + z[3], s)] * 2,
                       lambda i, gr: a * (i[0] * gr[0] + i[1] * gr[1]) - b * (i[2] * gr[2] + i[3] * gr[3]))
     if rule.name == "gamma":
         gm = rule.gamma
-        up = lambda p: p + gm * _pos(p)  # noqa: E731
-        down = lambda p: p + gm * _neg(p)  # noqa: E731
+        up = lambda p: p + gm * _pos(p)
+        down = lambda p: p + gm * _neg(p)
         terms = [(_pos, _params(v, up)), (_neg, _params(v, down, zero_bias=True)),
                  (_pos, _params(v, down)), (_neg, _params(v, up, zero_bias=True)), (ident, v)]
 
@@ -163,16 +187,16 @@ def backward(rule: Rule, lin, v, xs, g):
             p = (z[4] > 0).astype(g.dtype) * g / stabilize(z[0] + z[1], s)
             n = (z[4] < 0).astype(g.dtype) * g / stabilize(z[2] + z[3], s)
             return [p, p, n, n, jnp.zeros_like(g)]
-        return _basic(lin, v, xs, g, terms, mapper, lambda i, gr: sum(i[k] * gr[k] for k in range(4)))
+        return basic(lin, v, xs, g, terms, mapper, lambda i, gr: sum(i[k] * gr[k] for k in range(4)))
     if rule.name in ("flat", "wsquare"):
         mod = _ones_like if rule.name == "flat" else jnp.square
         terms = [(_ones_like, _params(v, mod, zero_bias=rule.name == "flat"))]
-        return _basic(lin, v, xs, g, terms, lambda g, z: [g / stabilize(z[0], s)], lambda i, gr: gr[0])
+        return basic(lin, v, xs, g, terms, lambda g, z: [g / stabilize(z[0], s)], lambda i, gr: gr[0])
     if rule.name == "zbox":
         lo, hi = jnp.asarray(rule.low, jnp.float32), jnp.asarray(rule.high, jnp.float32)
         terms = [(ident, v), (lambda x: jnp.broadcast_to(lo, x.shape).astype(x.dtype), _params(v, _pos)),
                  (lambda x: jnp.broadcast_to(hi, x.shape).astype(x.dtype), _params(v, _neg))]
-        return _basic(lin, v, xs, g, terms, lambda g, z: [g / stabilize(z[0] - z[1] - z[2], s)] * 3,
+        return basic(lin, v, xs, g, terms, lambda g, z: [g / stabilize(z[0] - z[1] - z[2], s)] * 3,
                       lambda i, gr: i[0] * gr[0] - i[1] * gr[1] - i[2] * gr[2])
     raise ConvlensError(f"rule {rule.name!r} is not a rule of a linear layer")
 
@@ -186,6 +210,8 @@ def apply_with_rule(rule: Rule | str, node, v, xs, logits: bool, relu):
     cfg = node.config
     if getattr(rule, "bias", None) is not None:  # a normalisation folded into a layer without bias
         v, cfg = dict(v, bias=rule.bias), dict(cfg, use_bias=True)
+    if rule.name == RESCALE:
+        return _deeplift_apply(node, cfg, v, xs, logits, relu, rule.epsilon)
     if rule.name == "gradient":
         return lt.apply(cfg, v, xs, logits=logits, relu=relu)
     if rule.name == "pass":
@@ -214,11 +240,12 @@ def _ruled(rule, lin, v, xs):
         return lin(v, xs)
 
     def fwd(v, xs):
-        return lin(v, xs), (v, xs)
+        z = lin(v, xs)
+        return z, (v, xs, z)
 
     def bwd(res, g):
-        v, xs = res
-        return jax.tree.map(jnp.zeros_like, v), backward(rule, lin, v, xs, g)
+        v, xs, z = res
+        return jax.tree.map(jnp.zeros_like, v), backward(rule, lin, v, xs, g, z)
     f.defvjp(fwd, bwd)
     return f(v, list(xs))
 
@@ -268,6 +295,26 @@ COMPOSITES = {
 _BY_CLASS = {"AveragePooling2D": "norm", "GlobalAveragePooling2D": "norm", "Add": "norm", "Subtract": "norm",
              "Average": "norm", "Multiply": "norm", "CustomScaleLayer": "norm"}
 _PASS_KINDS = ("activation", "norm", "scale")
+
+
+_NONNEG_ACTIVATIONS = ("relu", "relu6", "sigmoid", "softmax", "hard_sigmoid", "softplus", "exponential")
+_NONNEG_KEEPING = ("pool", "global_pool", "flatten", "reshape", "pad", "crop", "identity", "container")
+
+
+def nonnegative(graph) -> set[str]:
+    """The layers whose outputs are >= 0 whatever the input: those ending in a ReLU (or
+    another activation with no negative values), and pooling, reshaping, padding and
+    merging (but subtracting) of such outputs."""
+    out: set[str] = set()
+    for n in graph.nodes:
+        key = n.layer_type.activation_key
+        act = n.config.get(key) if key else None
+        if act in _NONNEG_ACTIVATIONS or (n.cls == "ReLU" and not n.config.get("negative_slope")
+                                          and n.config.get("threshold", 0.0) >= 0) or n.inputs and all(i in out for i in n.inputs) and (
+                n.kind in _NONNEG_KEEPING or n.cls in ("Add", "Concatenate", "Maximum", "Minimum", "Average",
+                                                        "Multiply")):
+            out.add(n.name)
+    return out
 
 
 def foldable(graph) -> dict[str, str]:
@@ -338,8 +385,11 @@ def rule_map(model, composite: str, *, epsilon: float = 1e-6, stabilizer: float 
                   if n.kind == "conv" or (n.kind == "dense" and composite != "epsilon_gamma_box")), None)
     low, high = input_bounds if input_bounds is not None else ((), ())
 
-    def make(name):
-        kw = dict(name=name, epsilon=epsilon, stabilizer=stabilizer, gamma=gamma)
+    positive = nonnegative(graph)
+
+    def make(name, node):
+        kw = dict(name=name, epsilon=epsilon, stabilizer=stabilizer, gamma=gamma,
+                  nonneg=all(i in positive for i in node.inputs))
         if name == "alphabeta":
             kw.update(alpha=2.0, beta=1.0)
         if name == "zbox":
@@ -370,5 +420,89 @@ def rule_map(model, composite: str, *, epsilon: float = 1e-6, stabilizer: float 
                 continue  # the gradient
         if name in WEIGHTED_RULES and n.kind not in ("conv", "dense"):
             raise ConvlensError(f"the {name} rule needs a layer with weights; {n.name} is a {n.cls}")
-        out.append((n.name, make(name)))
+        out.append((n.name, make(name, n)))
     return tuple(out), folds
+
+
+# ---------------------------------------------------------------- DeepLIFT
+
+def deeplift_rules(model, eps: float = 1e-10):
+    """DeepLIFT's rescale rule (Shrikumar et al. 2017) on every nonlinearity of ``model``
+    as Captum's ``DeepLift`` applies it: elementwise activations (an activation layer's,
+    or a convolution's or dense layer's fused one; a final softmax or sigmoid is left
+    out where scores are explained before it) and max pooling. Every other layer is
+    linear and keeps its gradient. The model runs on ``[inputs; baselines]`` (twice the
+    batch), the baselines' half supplying the reference activations;
+    ``((layer, Rule("rescale")), ...)``."""
+    out = []
+    for n in model.graph.nodes:
+        act = n.config.get(n.layer_type.activation_key) if n.layer_type.activation_key else None
+        elementwise = n.kind == "activation" and n.cls != "Softmax"
+        if n.cls == "MaxPooling2D" or elementwise or (act and act != "linear"):
+            out.append((n.name, Rule(RESCALE, epsilon=eps)))
+    return tuple(out)
+
+
+def _halves(a):
+    b = a.shape[0] // 2
+    return a[:b], a[b:]
+
+
+def _twice(a):
+    return jnp.concatenate([a, a])
+
+
+def _rescaled(f, z, eps):
+    """``f(z)`` elementwise, on ``z = [inputs; baselines]``; backward, the multiplier
+    ``(f(x) - f(x0)) / (x - x0)`` for both halves (the gradient where ``|x - x0| < eps``)."""
+    @jax.custom_vjp
+    def r(z):
+        return f(z)
+
+    def fwd(z):
+        return f(z), z
+
+    def bwd(z, g):
+        y, pull = jax.vjp(f, z)
+        grad = pull(g)[0]
+        (zx, z0), (yx, y0) = _halves(z), _halves(y)
+        dx, dy = _twice(zx - z0), _twice(yx - y0)
+        small = jnp.abs(dx) < eps
+        return (jnp.where(small, grad, g * dy / jnp.where(small, 1.0, dx)),)
+    r.defvjp(fwd, bwd)
+    return r(z)
+
+
+def _maxpool_rescaled(pool, x, eps):
+    """Captum's DeepLIFT rule of max pooling on ``x = [inputs; baselines]``: the output
+    differences routed back through each half's own maxima, summed, divided by the
+    input differences (the gradient where ``|x - x0| < eps``)."""
+    @jax.custom_vjp
+    def r(x):
+        return pool(x)
+
+    def fwd(x):
+        return pool(x), x
+
+    def bwd(x, g):
+        y, pull = jax.vjp(pool, x)
+        yx, y0 = _halves(y)
+        top = jnp.maximum(yx, y0)
+        routed = pull(g * jnp.concatenate([top - y0, yx - top]))[0]
+        s = _twice(sum(_halves(routed)))
+        dx = _twice(x[: x.shape[0] // 2] - x[x.shape[0] // 2:])
+        small = jnp.abs(dx) < eps
+        return (jnp.where(small, pull(g)[0], s / jnp.where(small, 1.0, dx)),)
+    r.defvjp(fwd, bwd)
+    return r(x)
+
+
+def _deeplift_apply(node, cfg, v, xs, logits, relu, eps):
+    lt = node.layer_type
+    if node.cls == "MaxPooling2D":
+        return _maxpool_rescaled(lambda x: lt.apply(cfg, v, [x]), xs[0], eps)
+    if node.kind == "activation":
+        return _rescaled(lambda x: lt.apply(cfg, v, [x], logits=logits, relu=relu), xs[0], eps)
+    key = lt.activation_key
+    z = lt.apply(dict(cfg, **{key: "linear"}), v, xs)
+    return _rescaled(lambda z: activation(cfg, z, logits, relu), z, eps)

@@ -77,13 +77,13 @@ def binary_net(activation="sigmoid"):
     ], (16, 16, 3))
 
 
-def bn_residual_net(classes=5):
-    """conv -> maxpool -> conv+BN (no bias) -> relu -> [conv s2 + BN | 1x1 conv s2] -> Add
+def bn_residual_net(classes=5, pool="MaxPooling2D"):
+    """conv -> maxpool (or ``pool``) -> conv+BN (no bias) -> relu -> [conv s2 + BN | 1x1 conv s2] -> Add
     -> relu -> avgpool -> flatten -> dense relu -> dense: every layer an LRP composite
     gives a rule (weighted, norm, pass, gradient) and both kinds of BatchNorm fold."""
     return functional("bnresnet", [
         layer("Conv2D", "c1", "img", filters=6, kernel_size=[3, 3], padding="same", activation="relu"),
-        layer("MaxPooling2D", "p1", "c1", pool_size=[2, 2], strides=[2, 2], padding="valid"),
+        layer(pool, "p1", "c1", pool_size=[2, 2], strides=[2, 2], padding="valid"),
         layer("Conv2D", "c2", "p1", filters=8, kernel_size=[3, 3], padding="same", use_bias=False),
         layer("BatchNormalization", "bn2", "c2", epsilon=1e-3),
         layer("Activation", "r2", "bn2", activation="relu"),
