@@ -16,7 +16,7 @@ from tests.kernels.nets import binary_net, gap_net, with_random_biases
 FAST = {"smoothgrad": {"samples": 6}, "integrated_gradients": {"steps": 8}, "occlusion": {"window": 6, "stride": 5},
         "lime": {"samples": 40, "features": 16, "segmentation": "grid"}, "rise": {"samples": 24},
         "kernelshap": {"samples": 200, "features": 16, "segmentation": "grid"},
-        "deeplift_shap": {"samples": 3}, "gradient_shap": {"samples": 4, "references": 3}}
+        "deeplift_shap": {"samples": 2}, "gradient_shap": {"samples": 2, "references": 2}}
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,11 @@ def test_keras_applications_zoo(name, tmp_path):
     names = list(ref)
     grouped = [n for n in model.graph.nodes
                if n.cls in ("DepthwiseConv2D", "SeparableConv2D") or n.config.get("groups", 1) > 1]
-    feeding = [i for n in grouped for i in n.inputs if i != model.graph.input]
+    # Convolutions of few input channels (the first), whose gradient im2col computes.
+    shapes = model.output_shapes()
+    few = [n for n in model.graph.nodes if n.cls == "Conv2D" and n.config.get("groups", 1) == 1
+           and shapes[n.inputs[0]][-1] <= layers.IM2COL_MAX_CHANNELS]
+    feeding = [i for n in grouped + few for i in n.inputs if i != model.graph.input]
     y, acts = jax.jit(lambda p, v: model.apply(p, v, layers=list(dict.fromkeys(names + feeding))))(params, x)
     for layer in names:
         assert_close(acts[layer], ref[layer], f"{name}: {layer}")
@@ -86,8 +90,6 @@ def test_keras_applications_zoo(name, tmp_path):
         assert_close(outs["shifted"], outs["native"], f"{name}: {node.name} in both lowerings")
     # im2col changes the gradient of convolutions of few input channels (the first one):
     # the VJP, for the input and the kernel, in both lowerings.
-    few = [n for n in model.graph.nodes if n.cls == "Conv2D" and n.config.get("groups", 1) == 1
-           and (x if n.inputs[0] == model.graph.input else acts[n.inputs[0]]).shape[-1] <= layers.IM2COL_MAX_CHANNELS]
     assert few, f"{name}: no convolution of few input channels found"
     for node in few:
         xin = x if node.inputs[0] == model.graph.input else acts[node.inputs[0]]
