@@ -176,14 +176,14 @@ class DeepLiftShapConfig(Config):
     """DeepLiftShap: DeepLIFT averaged over a set of references (Captum's DeepLiftShap).
 
     Attributes:
-      background: the references: ``blur`` (the image blurred at ``samples`` widths from
-        1 to 32 pixels, log-spaced), ``noise`` (uniform random images drawn from the
-        image's key) or ``constant`` (grey images from black to white).
+      background: the references: ``noise`` (uniform random images drawn from the
+        image's key), ``blur`` (the image blurred at ``samples`` widths from 1 to 32
+        pixels, log-spaced) or ``constant`` (grey images from black to white).
       samples: references per image.
       chunk: images (references x batch) per forward/backward pass: memory, not results.
     """
 
-    background: str = option("blur", choices=("blur", "noise", "constant"))
+    background: str = option("noise", choices=("noise", "blur", "constant"))
     samples: int = option(8, min=1)
     chunk: int = option(16, min=1)
 
@@ -239,7 +239,7 @@ def deeplift_shap(model: Model, params, images, targets, cfg: DeepLiftShapConfig
     refs = references(images, keys, cfg.background, cfg.samples)
     logits = common.forward_logits(model, params, images)
     t = common.select_targets(logits, targets)
-    per = max(1, cfg.chunk // max(images.shape[0], 1))
+    per = max(1, min(cfg.samples, cfg.chunk // max(images.shape[0], 1)))
 
     def step(s):  # `per` references at once, stacked into the batch
         n = s.shape[0]
@@ -267,7 +267,7 @@ SPECS = (
     MethodSpec("deeplift", "propagation", DeepLiftConfig, deeplift, _ATTR, False,
                "DeepLIFT (rescale rule) against a baseline image, as Captum's DeepLift"),
     MethodSpec("deeplift_shap", "propagation", DeepLiftShapConfig, deeplift_shap, _ATTR, True,
-               "DeepLiftShap: DeepLIFT averaged over references (blurred copies by default)"),
+               "DeepLiftShap: DeepLIFT averaged over references (uniform noise images by default)"),
 ) + tuple(
     MethodSpec(f"lrp_{c}", "propagation", LRPConfig, _method(c),
                (Output("attribution", INPUT_ATTR, "relevance per pixel and channel"),

@@ -5,8 +5,8 @@ for each of ``samples`` draws, a reference ``r`` from a set of references and a 
 ``a`` uniform in [0, 1]; the attribution is the mean of ``(x - r) * grad f(r + a (x - r))``
 over the draws, whose expectation sums to ``f(x) - E[f(r)]``. Draw ``s`` of image ``b``
 takes its reference index and its point from ``fold_in(keys[b], s)``, so the key fixes
-the result, whatever the batch or chunk. The references are DeepLiftShap's (blurred
-copies of the image by default: `convlens.kernels.propagation.references`).
+the result, whatever the batch or chunk. The references are DeepLiftShap's (uniform
+noise images by default: `convlens.kernels.propagation.references`).
 
 KernelSHAP (Lundberg & Lee 2017, as shap's ``KernelExplainer``): the players are LIME's
 superpixels, a coalition shows its superpixels and the baseline elsewhere, and the
@@ -44,7 +44,7 @@ class GradientShapConfig(Config):
 
     Attributes:
       samples: draws (reference, point on the path) per image.
-      background: the references: ``blur``, ``noise`` or ``constant`` (see deeplift_shap).
+      background: the references: ``noise``, ``blur`` or ``constant`` (see deeplift_shap).
       references: how many references the draws choose from.
       noise: standard deviation of Gaussian noise added to the image per draw, as a
         fraction of the pixel range (Captum's ``stdevs``; 0: none).
@@ -52,7 +52,7 @@ class GradientShapConfig(Config):
     """
 
     samples: int = option(16, min=1)
-    background: str = option("blur", choices=("blur", "noise", "constant"))
+    background: str = option("noise", choices=("noise", "blur", "constant"))
     references: int = option(8, min=1)
     noise: float = option(0.0, min=0, max=10)
     chunk: int = option(16, min=1)
@@ -85,7 +85,7 @@ def gradient_shap(model: Model, params, images, targets, cfg: GradientShapConfig
     logits = common.forward_logits(model, params, images)
     t = common.select_targets(logits, targets)
     refs = references(images, keys, cfg.background, cfg.references)  # [R, B, H, W, C]
-    per = max(1, cfg.chunk // max(images.shape[0], 1))
+    per = max(1, min(cfg.samples, cfg.chunk // max(images.shape[0], 1)))
     n = -(-cfg.samples // per) * per
 
     def draw(k, s):
