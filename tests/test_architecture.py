@@ -57,13 +57,13 @@ def test_every_kernel_and_metric_module_imports_on_its_own():
 def test_registry_is_assembled_from_declarations_without_side_effects():
     from convlens.kernels import registry
     assembled = registry._assemble()
-    assert list(assembled) == list(registry.METHODS) and len(assembled) == 26  # 5 of them LRP composites
+    assert list(assembled) == list(registry.METHODS) and len(assembled) == 30  # 9 of them propagation and Shapley methods
     # Importing a method module twice registers nothing twice (there is no registration).
     import importlib
 
     import convlens.kernels.cam as cam
     importlib.reload(cam)
-    assert len(registry._assemble()) == 26
+    assert len(registry._assemble()) == 30
 
 
 def _imagenet_store(path: Path):

@@ -253,6 +253,8 @@ def _zoo_params(model, seed):
 
 
 @pytest.mark.slow
+# In the huge tier until CI's time is cut elsewhere (CI ran 83 of its 90 minutes).
+@pytest.mark.huge
 @pytest.mark.parametrize("name,size", [("vgg16", None), ("resnet50", (64, 64))])
 def test_composites_equal_zennits_on_vgg16_and_resnet50(name, size):
     """VGG16 and ResNet50 (its 53 BatchNorms folded) with random weights: every composite
